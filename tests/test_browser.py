@@ -1,0 +1,49 @@
+"""The app as a person uses it: a real Chromium against `python app.py`."""
+
+import os
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from browser import chromium_page, running_app
+
+pytestmark = pytest.mark.browser
+
+
+def test_type_a_prompt_click_generate_and_an_image_appears(tiny_sd, tmp_path):
+    data = tmp_path / "app-data"
+    env = {"WORKBENCH_DATA": str(data), "WORKBENCH_DEFAULT_MODEL": str(tiny_sd)}
+    with running_app(env) as url, chromium_page() as page:
+        page.goto(url)
+        page.locator("#prompt-box textarea").fill("a red circle above a blue square")
+        page.locator("#generate-button").click()
+        image = page.locator("#generate-gallery img").first
+        image.wait_for(state="visible", timeout=90_000)
+        page.wait_for_function(
+            "() => document.querySelector('#generate-gallery img').naturalWidth > 0", timeout=30_000)
+        assert "image(s)" in page.locator("#generate-status").inner_text()
+        screenshot = os.environ.get("WORKBENCH_SCREENSHOT")
+        page.screenshot(path=screenshot or str(tmp_path / "generate.png"), full_page=True)
+
+        # The images are on disk in the data folder, with their parameters embedded.
+        pngs = list((data / "runs").rglob("*.png"))
+        assert len(pngs) == 4
+        from workbench.generation import read_png_metadata
+        assert read_png_metadata(pngs[0])["prompt"] == "a red circle above a blue square"
+
+        # The Runs tab lists the finished job.
+        page.get_by_role("tab", name="Runs").click()
+        table = page.locator("#runs-table")
+        expect(table).to_contain_text("generate", timeout=20_000)
+        expect(table).to_contain_text("done")
+
+
+def test_a_missing_model_shows_a_clear_message_in_the_page(tmp_path):
+    env = {"WORKBENCH_DATA": str(tmp_path / "d"), "WORKBENCH_DEFAULT_MODEL": "sdxl"}
+    with running_app(env) as url, chromium_page() as page:
+        page.goto(url)
+        page.locator("#prompt-box textarea").fill("a cat")
+        page.locator("#generate-button").click()
+        status = page.locator("#generate-status")
+        status.get_by_text("hf download stabilityai/stable-diffusion-xl-base-1.0").wait_for(timeout=60_000)

@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pytest
+
+from workbench.cli import main as cli_main
+from workbench.errors import InvalidInput, ModelNotAvailable
+from workbench.generation import GenerationRequest, LoraSpec, generate, read_png_metadata, request_from_png
+from workbench.registry import load_pipeline, resolve
+
+FAST = dict(steps=3, width=32, height=32)
+
+
+def pixels(result):
+    return np.asarray(result.image, dtype=np.int16)
+
+
+def test_registry_loads_local_sd_and_sdxl_through_the_same_path(tiny_sd, tiny_sdxl):
+    assert type(load_pipeline(str(tiny_sd))).__name__ == "StableDiffusionPipeline"
+    assert type(load_pipeline(str(tiny_sdxl))).__name__ == "StableDiffusionXLPipeline"
+    assert resolve(str(tiny_sdxl)).family == "sdxl"
+    assert resolve(str(tiny_sd)).default_size == 32, "size defaults to the size the model was built for"
+    assert load_pipeline(str(tiny_sd)) is load_pipeline(str(tiny_sd)), "loaded pipelines are cached"
+
+
+def test_builtin_names_resolve_to_hub_ids():
+    assert resolve("sd15").source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert resolve("sd21").source == "stabilityai/stable-diffusion-2-1"
+    assert resolve("sdxl").source == "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def test_missing_hub_weights_name_the_id_and_the_download_command():
+    with pytest.raises(ModelNotAvailable) as error:
+        load_pipeline("sdxl")
+    message = str(error.value)
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in message
+    assert "download stabilityai/stable-diffusion-xl-base-1.0" in message
+
+
+def test_folder_without_pipeline_is_rejected(tmp_path):
+    with pytest.raises(InvalidInput, match="model_index.json"):
+        resolve(str(tmp_path))
+
+
+def test_same_seed_same_image_and_other_seed_differs(tiny_sd):
+    first = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[3, 4], **FAST))
+    again = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[3], **FAST))
+    assert np.array_equal(pixels(first[0]), pixels(again[0]))
+    assert not np.array_equal(pixels(first[0]), pixels(first[1]))
+
+
+def test_sdxl_generates_at_requested_size(tiny_sdxl):
+    [result] = generate(GenerationRequest("a blue square", model=str(tiny_sdxl), seeds=[0], **FAST))
+    assert result.image.size == (32, 32)
+
+
+def test_lora_with_nonzero_weight_changes_output_and_zero_weight_does_not(tiny_sd, tiny_lora):
+    base = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5], **FAST))[0]
+    with_lora = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5],
+                                           loras=[LoraSpec(str(tiny_lora), 1.0)], **FAST))[0]
+    zero = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5],
+                                      loras=[LoraSpec(str(tiny_lora), 0.0)], **FAST))[0]
+    after = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5], **FAST))[0]
+    assert np.abs(pixels(base) - pixels(with_lora)).max() > 0
+    assert np.abs(pixels(base) - pixels(zero)).max() <= 1
+    assert np.array_equal(pixels(base), pixels(after)), "adapters are switched off when none is asked for"
+
+
+def test_png_metadata_round_trips_to_the_same_image(tiny_sd, tiny_lora, tmp_path):
+    request = GenerationRequest("a green triangle", model=str(tiny_sd), seeds=[11], negative_prompt="blurry",
+                                scheduler="euler", loras=[LoraSpec(str(tiny_lora), 0.7)], **FAST)
+    [original] = generate(request, out_dir=tmp_path / "out")
+    meta = read_png_metadata(original.path)
+    assert meta["seed"] == 11 and meta["model"] == str(tiny_sd) and meta["scheduler"] == "euler"
+    assert meta["loras"] == [{"path": str(tiny_lora), "weight": 0.7}]
+    [again] = generate(request_from_png(original.path))
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(original.path)), np.asarray(again.image))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompt="   "), "prompt is empty"),
+    (dict(prompt="x" * 5000), "limit"),
+    (dict(width=100000), "width"),
+    (dict(height=30), "height"),
+    (dict(steps=0), "Steps"),
+    (dict(steps=10**6), "Steps"),
+    (dict(seeds=[]), "seeds"),
+    (dict(model="no-such-model"), "Unknown model"),
+    (dict(scheduler="warp"), "scheduler"),
+    (dict(loras=[LoraSpec("/nope/adapter")]), "LoRA adapter not found"),
+])
+def test_bad_requests_fail_clearly_and_write_nothing(tiny_sd, tmp_path, change, message):
+    request = GenerationRequest(**{**dict(prompt="a red circle", model=str(tiny_sd), **FAST), **change})
+    with pytest.raises(InvalidInput, match=message):
+        generate(request, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_generate_writes_pngs_and_reports_errors_without_traceback(tiny_sd, tmp_path, capsys):
+    code = cli_main(["generate", "--model", str(tiny_sd), "--prompt", "a red circle", "--seed", "1",
+                     "--seed", "2", "--steps", "2", "--width", "32", "--height", "32", "--out", str(tmp_path)])
+    assert code == 0
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == 2 and all(read_png_metadata(p)["prompt"] == "a red circle" for p in paths)
+
+    code = cli_main(["generate", "--model", "sd15", "--prompt", "a cat", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_request_serialises_to_json_for_jobs(tiny_sd):
+    request = GenerationRequest("a red circle", model=str(tiny_sd), loras=[LoraSpec("/a/b", 0.5)])
+    assert GenerationRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request

@@ -1,0 +1,59 @@
+"""Command line: `python -m workbench <command>`. Errors print one clear line, never a stack trace."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import WorkbenchError
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate images and save them as PNGs with metadata")
+    parser.add_argument("--model", default=None, help="registry name (shapes, sd15, sd21, sdxl), folder or hub id")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--seed", type=int, action="append", help="repeat for several images (default 0)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--scheduler", default="default")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    parser.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .generation import GenerationRequest, LoraSpec, generate
+
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                                seeds=args.seed or [0], steps=args.steps, guidance=args.guidance,
+                                width=args.width, height=args.height, batch_size=args.batch_size,
+                                scheduler=args.scheduler, loras=[LoraSpec.parse(text) for text in args.lora])
+    if args.model:
+        request.model = args.model
+    for result in generate(request, out_dir=args.out):
+        print(result.path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except WorkbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,205 @@
+"""SQLite persistence for jobs, so the run history survives a restart.
+
+One connection shared by all threads, guarded by a lock: the worker thread writes progress
+while Gradio's threads read the table. WAL mode lets another process (the CLI, a second app)
+read the same file while we write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # was queued or running when the process stopped
+
+    @property
+    def is_finished(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    status: JobStatus
+    progress: float = 0.0
+    stage: str = ""
+    log: str = ""
+    error: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds spent running so far (or in total, once finished); None if it never started."""
+        if self.started_at is None:
+            return None
+        end = self.finished_at if self.finished_at is not None else time.time()
+        return max(0.0, end - self.started_at)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    log TEXT NOT NULL DEFAULT '',
+    error TEXT,
+    outputs TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at);
+"""
+
+_ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+class JobStore:
+    def __init__(self, db_path: Path):
+        db_path = Path(db_path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # isolation_level=None: autocommit, every statement below is its own transaction.
+        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._conn.row_factory = sqlite3.Row
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._conn.execute(sql, args)
+
+    def insert(self, job: Job) -> None:
+        self._execute(
+            "INSERT INTO jobs (id, kind, params, status, progress, stage, log, error, outputs,"
+            " created_at, started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.kind,
+                json.dumps(job.params),
+                JobStatus(job.status).value,
+                job.progress,
+                job.stage,
+                job.log,
+                job.error,
+                json.dumps(job.outputs),
+                job.created_at,
+                job.started_at,
+                job.finished_at,
+            ),
+        )
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job_from_row(row) if row else None
+
+    def list_jobs(self, limit: int = 200) -> list[Job]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def claim(self, job_id: str, started_at: float) -> bool:
+        """queued -> running; False if the job was cancelled (or taken) meanwhile."""
+        cursor = self._execute(
+            "UPDATE jobs SET status = ?, started_at = ? WHERE id = ? AND status = ?",
+            (JobStatus.RUNNING.value, started_at, job_id, JobStatus.QUEUED.value),
+        )
+        return cursor.rowcount == 1
+
+    def update_progress(self, job_id: str, progress: float, stage: str, log_append: str) -> None:
+        # Only a running job moves: another runner may have marked it interrupted meanwhile.
+        self._execute(
+            "UPDATE jobs SET progress = ?, stage = ?, log = log || ? WHERE id = ? AND status = ?",
+            (progress, stage, log_append, job_id, JobStatus.RUNNING.value),
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        finished_at: float,
+        progress: float,
+        stage: str,
+        log_append: str,
+        error: str | None = None,
+        outputs: dict[str, Any] | None = None,
+    ) -> bool:
+        cursor = self._execute(
+            "UPDATE jobs SET status = ?, finished_at = ?, progress = ?, stage = ?, log = log || ?,"
+            " error = ?, outputs = ? WHERE id = ? AND status = ?",
+            (
+                status.value,
+                finished_at,
+                progress,
+                stage,
+                log_append,
+                error,
+                json.dumps(outputs or {}),
+                job_id,
+                JobStatus.RUNNING.value,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def cancel_queued(self, job_id: str, finished_at: float) -> bool:
+        cursor = self._execute(
+            "UPDATE jobs SET status = ?, finished_at = ? WHERE id = ? AND status = ?",
+            (JobStatus.CANCELLED.value, finished_at, job_id, JobStatus.QUEUED.value),
+        )
+        return cursor.rowcount == 1
+
+    def interrupt(self, finished_at: float, job_id: str | None = None) -> int:
+        """Mark queued/running jobs interrupted (all of them, or just `job_id`); returns how many."""
+        sql = "UPDATE jobs SET status = ?, finished_at = ? WHERE status IN (?, ?)"
+        args: tuple = (JobStatus.INTERRUPTED.value, finished_at, *_ACTIVE)
+        if job_id is not None:
+            sql += " AND id = ?"
+            args += (job_id,)
+        return self._execute(sql, args).rowcount
+
+
+def _job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        params=json.loads(row["params"]),
+        status=JobStatus(row["status"]),
+        progress=row["progress"],
+        stage=row["stage"],
+        log=row["log"],
+        error=row["error"],
+        outputs=json.loads(row["outputs"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )

@@ -1,0 +1,36 @@
+"""Assemble the Gradio app from one module per tab; tabs only call services and the job runner."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..config import get_settings
+from ..job_kinds import register_all
+from ..jobs import get_runner
+from .generate import build_generate_tab, model_defaults
+from .runs import build_runs_tab
+
+TITLE = "align-workbench"
+INTRO = ("Make text-to-image models follow their prompts: generate, inspect, relabel, fine-tune and "
+         "compare. The default model is the embedded **shapes world**, which runs on a CPU.")
+
+
+def build_app() -> gr.Blocks:
+    runner = get_runner()
+    register_all(runner)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        with gr.Tab("Generate"):
+            model, model_info, sliders = build_generate_tab(runner)
+        with gr.Tab("Runs"):
+            build_runs_tab(runner)
+        demo.load(model_defaults, model, sliders + [model_info])
+    return demo
+
+
+def launch(demo: gr.Blocks) -> None:
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Only the data folder (plus Gradio's own cache) is served; server name and port come from
+    # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, as on Hugging Face Spaces.
+    demo.queue(default_concurrency_limit=4).launch(allowed_paths=[str(settings.data_dir)])

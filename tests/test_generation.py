@@ -113,3 +113,17 @@ def test_cli_generate_writes_pngs_and_reports_errors_without_traceback(tiny_sd, 
 def test_request_serialises_to_json_for_jobs(tiny_sd):
     request = GenerationRequest("a red circle", model=str(tiny_sd), loras=[LoraSpec("/a/b", 0.5)])
     assert GenerationRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+
+
+def test_generate_many_batches_prompts_and_matches_single_generation(tiny_sd):
+    from workbench.generation import generate_many
+
+    requests = [GenerationRequest(prompt, model=str(tiny_sd), seeds=[1, 2], batch_size=4, **FAST)
+                for prompt in ("a red circle", "a blue square", "a green triangle")]
+    results = generate_many(requests)
+    assert [(r.metadata["prompt"], r.seed) for r in results] == [
+        (p, s) for p in ("a red circle", "a blue square", "a green triangle") for s in (1, 2)]
+    alone = generate(GenerationRequest("a blue square", model=str(tiny_sd), seeds=[2], **FAST))[0]
+    assert np.abs(pixels(results[3]) - pixels(alone)).max() <= 2, "batching does not change an image"
+    with pytest.raises(InvalidInput, match="share"):
+        generate_many([requests[0], GenerationRequest("x", model=str(tiny_sd), steps=5)])

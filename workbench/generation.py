@@ -147,21 +147,46 @@ def generate(request: GenerationRequest, out_dir: Path | None = None,
              on_progress: Callable[[float, str], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> list[GeneratedImage]:
     """Generate one image per seed; save them as PNGs with metadata when `out_dir` is given."""
-    request.validate()
-    pipe = load_pipeline(request.model)
+    return generate_many([request], out_dir, on_progress, should_stop)
+
+
+def _sampling_settings(request: GenerationRequest) -> tuple:
+    """What must be equal for requests to share a pipeline call (everything but prompt and seeds)."""
+    return (request.model, request.negative_prompt, request.steps, request.guidance, request.width,
+            request.height, request.scheduler, [(lora.path, lora.weight) for lora in request.loras])
+
+
+def generate_many(requests: list[GenerationRequest], out_dir: Path | None = None,
+                  on_progress: Callable[[float, str], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> list[GeneratedImage]:
+    """Generate (prompt, seed) pairs of several requests, batched across prompts.
+
+    The requests must share their sampling settings; benchmarks use this to fill every batch.
+    Results come back in request order, then seed order.
+    """
+    if not requests:
+        return []
+    for request in requests:
+        request.validate()
+    if any(_sampling_settings(r) != _sampling_settings(requests[0]) for r in requests):
+        raise InvalidInput("Requests generated together must share model, steps, guidance, size, "
+                           "scheduler, negative prompt and adapters.")
+    first = requests[0]
+    pipe = load_pipeline(first.model)
     entry = pipe.workbench_entry
-    steps = request.steps or entry.default_steps
-    guidance = entry.default_guidance if request.guidance is None else request.guidance
-    width = request.width or entry.default_size
-    height = request.height or entry.default_size
-    seeds = list(request.seeds)
-    batches = [seeds[i:i + request.batch_size] for i in range(0, len(seeds), request.batch_size)]
+    steps = first.steps or entry.default_steps
+    guidance = entry.default_guidance if first.guidance is None else first.guidance
+    width = first.width or entry.default_size
+    height = first.height or entry.default_size
+    items = [(request, seed) for request in requests for seed in request.seeds]
+    batch_size = first.batch_size
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     total_steps = steps * len(batches)
     results: list[GeneratedImage] = []
 
     with _pipeline_lock:
-        _set_scheduler(pipe, request.scheduler)
-        _set_adapters(pipe, request.loras)
+        _set_scheduler(pipe, first.scheduler)
+        _set_adapters(pipe, first.loras)
         for batch_index, batch in enumerate(batches):
             def step_end(_pipe, step, _timestep, callback_kwargs, batch_index=batch_index):
                 if should_stop is not None and should_stop():
@@ -172,12 +197,12 @@ def generate(request: GenerationRequest, out_dir: Path | None = None,
                 return callback_kwargs
 
             # CPU generators: the same seed gives the same starting noise on every device.
-            generators = [torch.Generator("cpu").manual_seed(seed) for seed in batch]
-            images = pipe(prompt=[request.prompt] * len(batch),
-                          negative_prompt=[request.negative_prompt] * len(batch) if request.negative_prompt else None,
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+            images = pipe(prompt=[request.prompt for request, _ in batch],
+                          negative_prompt=[first.negative_prompt] * len(batch) if first.negative_prompt else None,
                           num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                           generator=generators, callback_on_step_end=step_end).images
-            for seed, image in zip(batch, images):
+            for (request, seed), image in zip(batch, images):
                 metadata = _image_metadata(request, entry, seed, steps, guidance, width, height)
                 path = save_png(image, metadata, out_dir) if out_dir is not None else None
                 results.append(GeneratedImage(image, seed, path, metadata))

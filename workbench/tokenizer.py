@@ -30,16 +30,34 @@ def build_word_tokenizer(words: Iterable[str], model_max_length: int = 77) -> CL
     for char in BASE_ALPHABET:
         add(char)
         add(char + "</w>")
-    # A chain of merges per word (w o r d</w> -> wo r d</w> -> wor d</w> -> word</w>) makes
-    # BPE emit the whole word as one token.
-    for word in sorted({w.lower() for w in words if w}):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        for char in symbols:
-            add(char)
-        while len(symbols) > 1:
-            merge = (symbols[0], symbols[1])
-            if merge not in merges:
-                merges.append(merge)
-            symbols = [symbols[0] + symbols[1]] + symbols[2:]
-            add(symbols[0])
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted({w.lower() for w in words if w})]
+    for symbols in words:
+        for symbol in symbols:
+            add(symbol)
+    # Learn merges the way BPE training does (most frequent pair first, applied to every word) until
+    # each word is one symbol. Replaying merges in rank order then rebuilds every word whole; a chain
+    # per word would not, since an earlier word's merge can pre-empt a later word's chain.
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in words:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))  # ties: alphabetical, deterministic
+        merges.append(best)
+        add(best[0] + best[1])
+        words = [_apply_merge(symbols, best) for symbols in words]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _apply_merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged

@@ -41,7 +41,7 @@ def model_defaults(model: str):
     try:
         entry = resolve(model)
     except WorkbenchError as error:
-        return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {error}"
+        return gr.update(), gr.update(), gr.update(), gr.update(), f"Cannot generate: {error}"
     return (entry.default_steps, entry.default_guidance, entry.default_size, entry.default_size,
             f"{entry.description}")
 
@@ -98,20 +98,20 @@ def build_generate_tab(runner):
             request = build_request(*inputs)
             request.validate()
         except WorkbenchError as error:
-            yield gr.update(), f"⚠️ {error}"
+            yield gr.update(), f"Cannot generate: {error}"
             return
         job_id = runner.submit("generate", request.to_dict())
         while (job := runner.get(job_id)).status not in FINISHED:
-            yield gr.update(), f"⏳ Job `{job_id}`: {job.status.value} {job.progress:.0%} {job.stage or ''}"
+            yield gr.update(), f"Running job `{job_id}`: {job.status.value} {job.progress:.0%} {job.stage or ''}"
             time.sleep(0.25)
         if job.status == JobStatus.DONE:
             images = job.outputs.get("images", [])
             took = (job.finished_at or 0) - (job.started_at or 0)
-            yield images, f"✅ {len(images)} image(s) in {took:.1f} s (job `{job_id}`)"
+            yield images, f"Done: {len(images)} image(s) in {took:.1f} s (job `{job_id}`)"
         elif job.status == JobStatus.CANCELLED:
             yield gr.update(), f"Job `{job_id}` was cancelled."
         else:
-            yield gr.update(), f"❌ {job.error}"
+            yield gr.update(), f"Failed: {job.error}"
 
     def on_select(images, event: gr.SelectData):
         item = images[event.index]

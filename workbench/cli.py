@@ -40,10 +40,38 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="score a model on ShapesBench or any GenEval-format prompt file")
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]")
+    parser.add_argument("--prompts", default=None, help="GenEval evaluation_metadata.jsonl (default: ShapesBench)")
+    parser.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..N-1)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--detector", default=None, help="detector backend (default: the model's world)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, run_benchmark
+    from .generation import LoraSpec
+
+    config = BenchmarkConfig(model=args.model, loras=[LoraSpec.parse(text) for text in args.lora],
+                             prompts=args.prompts or str(SHAPESBENCH), seeds=args.seeds, steps=args.steps,
+                             guidance=args.guidance, batch_size=args.batch_size, detector=args.detector)
+    summary = run_benchmark(config, args.out)
+    print(format_scores(summary))
+    print(f"wrote {args.out / 'scores.json'} and {args.out / 'verdicts.csv'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    _add_eval(subparsers)
     return parser
 
 

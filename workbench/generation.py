@@ -250,7 +250,7 @@ def _image_metadata(request: GenerationRequest, entry, seed: int, steps: int, gu
     }
 
 
-def save_png(image: Image.Image, metadata: dict, out_dir: Path) -> Path:
+def save_png(image: Image.Image, metadata: dict, out_dir: Path, name: str | None = None) -> Path:
     """Write atomically (temp file, then rename) so a crash never leaves half an image."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +260,7 @@ def save_png(image: Image.Image, metadata: dict, out_dir: Path) -> Path:
                                 f"CFG scale: {metadata['guidance']}, Seed: {metadata['seed']}, "
                                 f"Size: {metadata['width']}x{metadata['height']}, Model: {metadata['model']}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"{stamp}-seed{metadata['seed']}-{uuid.uuid4().hex[:6]}.png"
+    path = out_dir / (name or f"{stamp}-seed{metadata['seed']}-{uuid.uuid4().hex[:6]}.png")
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".png.part")
     with os.fdopen(fd, "wb") as handle:
         image.save(handle, format="PNG", pnginfo=info)

@@ -1,0 +1,59 @@
+import json
+
+import pandas as pd
+from PIL import Image
+
+from workbench.cli import main as cli_main
+from workbench.evaluation import load_prompt_file, score_detections
+from workbench.perception.shapes import ShapesDetector
+
+
+def write_prompts(path, count_per_tag=1):
+    lines = []
+    seen = {}
+    for line in open("assets/prompts/shapesbench.jsonl"):
+        tag = json.loads(line)["tag"]
+        if seen.get(tag, 0) < count_per_tag:
+            seen[tag] = seen.get(tag, 0) + 1
+            lines.append(line)
+    path.write_text("".join(lines))
+    return path
+
+
+def test_eval_writes_images_verdicts_and_scores_that_agree(tiny_sd, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "eval"
+    code = cli_main(["eval", "--model", str(tiny_sd), "--detector", "shapes", "--prompts", str(prompts),
+                     "--seeds", "2", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    records = load_prompt_file(prompts)
+    verdicts = pd.read_csv(out / "verdicts.csv")
+    assert len(verdicts) == len(records) * 2
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["per_tag"]) == {r["tag"] for r in records}
+    assert "overall" in printed and "color_attr" in printed
+    # Every verdict is what the scorer says about the saved image (GenEval layout on disk).
+    detector = ShapesDetector()
+    for row in verdicts.itertuples():
+        record = json.loads((out / "images" / f"{row.index:05d}" / "metadata.jsonl").read_text())
+        assert record["prompt"] == row.prompt
+        image = Image.open(out / row.path).convert("RGB")
+        assert score_detections(record, detector.detect(image)).correct == row.correct
+
+
+def test_eval_rejects_a_malformed_prompt_file_with_its_line_number(tiny_sd, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tag": "colors", "include": [{"class": "circle", "count": 1}], "prompt": "a circle"}\n'
+                   "not json\n")
+    code = cli_main(["eval", "--model", str(tiny_sd), "--detector", "shapes", "--prompts", str(bad),
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "line 2" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_a_real_model_without_its_detector_says_so(tiny_sd, tmp_path, capsys):
+    code = cli_main(["eval", "--model", str(tiny_sd), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "detector" in err and "--detector shapes" in err

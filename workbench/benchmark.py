@@ -1,0 +1,104 @@
+"""Run a GenEval-format prompt set through a model and score every image with a detector.
+
+Writes, under the output folder, GenEval's layout (`images/<prompt index>/<seed>.png`), a per-image
+verdict table (`verdicts.jsonl` and `verdicts.csv`) and `scores.json` (per tag and overall).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ASSETS_DIR
+from .errors import InvalidInput, ModelNotAvailable
+from .evaluation import load_prompt_file, score_detections, summarize
+from .generation import GenerationRequest, LoraSpec, generate_many, save_png
+from .registry import resolve
+
+SHAPESBENCH = ASSETS_DIR / "prompts" / "shapesbench.jsonl"
+
+
+def _shapes_detector():
+    from .perception.shapes import ShapesDetector
+
+    return ShapesDetector()
+
+
+# Detector backends by name; real-model backends (GroundingDINO) register here when they land.
+DETECTORS: dict[str, Callable[[], object]] = {"shapes": _shapes_detector}
+
+
+@dataclass
+class BenchmarkConfig:
+    model: str = "shapes"
+    loras: list[LoraSpec] = field(default_factory=list)
+    prompts: str = str(SHAPESBENCH)
+    seeds: int = 4
+    steps: int | None = None
+    guidance: float | None = None
+    batch_size: int = 16
+    detector: str | None = None  # None: the model's own world (shapes model -> shapes detector)
+
+
+def pick_detector(config: BenchmarkConfig):
+    name = config.detector or ("shapes" if resolve(config.model).name == "shapes" else "groundingdino")
+    if name not in DETECTORS:
+        raise ModelNotAvailable(
+            f"No '{name}' detector backend is installed in this workbench yet, so images of "
+            f"'{config.model}' cannot be scored. Available: {', '.join(DETECTORS)} "
+            f"(pass --detector shapes to score shapes-world prompts).")
+    return DETECTORS[name]()
+
+
+def run_benchmark(config: BenchmarkConfig, out_dir: Path,
+                  on_progress: Callable[[float, str], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> dict:
+    records = load_prompt_file(config.prompts)
+    if not 1 <= config.seeds <= 16:
+        raise InvalidInput(f"Seeds per prompt must be between 1 and 16 (got {config.seeds}).")
+    detector = pick_detector(config)
+    requests = [GenerationRequest(record["prompt"], model=config.model, seeds=list(range(config.seeds)),
+                                  steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
+                                  loras=config.loras) for record in records]
+    started = time.time()
+    results = generate_many(requests, on_progress=on_progress, should_stop=should_stop)
+
+    out_dir = Path(out_dir)
+    rows = []
+    for index, record in enumerate(records):
+        folder = out_dir / "images" / f"{index:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+        for result in results[index * config.seeds:(index + 1) * config.seeds]:
+            path = save_png(result.image, result.metadata, folder, name=f"{result.seed:04d}.png")
+            verdict = score_detections(record, detector.detect(result.image))
+            rows.append({"index": index, "tag": record["tag"], "prompt": record["prompt"], "seed": result.seed,
+                         "path": str(path.relative_to(out_dir)), "correct": verdict.correct,
+                         "reasons": "; ".join(verdict.reasons), **{f"ok_{key}": value for key, value in
+                                                                     verdict.requirements.items()}})
+    summary = summarize(rows)
+    summary["config"] = {**config.__dict__, "loras": [lora.__dict__ for lora in config.loras],
+                         "seconds": round(time.time() - started, 1)}
+    _write_outputs(out_dir, rows, summary)
+    return summary
+
+
+def _write_outputs(out_dir: Path, rows: list[dict], summary: dict) -> None:
+    import pandas as pd
+
+    with open(out_dir / "verdicts.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    pd.DataFrame(rows).to_csv(out_dir / "verdicts.csv", index=False)
+    (out_dir / "scores.json").write_text(json.dumps(summary, indent=2))
+
+
+def format_scores(summary: dict) -> str:
+    lines = [f"{'tag':<14} {'correct':>9} {'accuracy':>9}"]
+    for tag, stats in summary["per_tag"].items():
+        lines.append(f"{tag:<14} {stats['correct']:>4}/{stats['total']:<4} {stats['accuracy']:>9.1%}")
+    lines.append(f"{'overall':<14} {'':>9} {summary['overall']:>9.1%}   ({summary['images']} images, "
+                 f"{summary['config']['seconds']} s)")
+    return "\n".join(lines)

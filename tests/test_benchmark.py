@@ -57,3 +57,21 @@ def test_eval_of_a_real_model_without_its_detector_says_so(tiny_sd, tmp_path, ca
     code = cli_main(["eval", "--model", str(tiny_sd), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "detector" in err and "--detector shapes" in err
+
+
+def test_eval_runs_as_a_background_job_with_per_tag_outputs(tiny_sd, tmp_path):
+    from workbench.job_kinds import register_all
+    from workbench.jobs import JobRunner, JobStatus
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    runner = JobRunner(tmp_path / "db.sqlite", tmp_path / "runs")
+    register_all(runner)
+    try:
+        job_id = runner.submit("eval", {"model": str(tiny_sd), "detector": "shapes", "prompts": str(prompts),
+                                        "seeds": 1, "steps": 2, "loras": []})
+        job = runner.wait(job_id, timeout=120)
+        assert job.status == JobStatus.DONE, job.error
+        assert set(job.outputs["per_tag"]) == {r["tag"] for r in load_prompt_file(prompts)}
+        assert (tmp_path / "runs" / job_id / "scores.json").is_file()
+    finally:
+        runner.shutdown()

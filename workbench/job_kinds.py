@@ -6,7 +6,8 @@ files under ctx.run_dir and returns JSON outputs. Later issues add training, eva
 
 from __future__ import annotations
 
-from .generation import GenerationRequest, generate
+from .benchmark import BenchmarkConfig, format_scores, run_benchmark
+from .generation import GenerationRequest, LoraSpec, generate
 
 
 def run_generate_job(params: dict, ctx) -> dict:
@@ -18,8 +19,18 @@ def run_generate_job(params: dict, ctx) -> dict:
     return {"images": [str(result.path) for result in results]}
 
 
+def run_eval_job(params: dict, ctx) -> dict:
+    config = BenchmarkConfig(**{**params, "loras": [LoraSpec(**lora) for lora in params.get("loras", [])]})
+    ctx.log(f"evaluating {config.model} on {config.prompts} with {config.seeds} seed(s) per prompt")
+    summary = run_benchmark(config, ctx.run_dir, on_progress=lambda fraction, stage: ctx.progress(fraction, stage),
+                            should_stop=lambda: ctx.cancelled)
+    ctx.log("\n" + format_scores(summary))
+    return {"scores": str(ctx.run_dir / "scores.json"), "per_tag": summary["per_tag"], "overall": summary["overall"]}
+
+
 JOB_KINDS = {
     "generate": run_generate_job,
+    "eval": run_eval_job,
 }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..benchmark import BenchmarkConfig, pick_detector
 from ..config import ASSETS_DIR, get_settings
 from ..errors import WorkbenchError
 from ..generation import SCHEDULERS, GenerationRequest, LoraSpec, read_png_metadata
@@ -81,6 +82,12 @@ def build_generate_tab(runner):
                                              allow_custom_value=True)
                 loras = gr.Textbox(label="Adapters, one per line: PATH[:WEIGHT]", lines=3)
             run_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            with gr.Accordion("Evaluate on ShapesBench", open=False):
+                eval_seeds = gr.Slider(1, 4, value=4, step=1, label="Seeds per prompt")
+                eval_button = gr.Button("Evaluate this model (background job)", elem_id="eval-button")
+                eval_status = gr.Markdown(elem_id="eval-status")
+                eval_table = gr.Dataframe(headers=["tag", "correct", "total", "accuracy"], interactive=False,
+                                          elem_id="eval-table")
         with gr.Column(scale=3):
             status = gr.Markdown(elem_id="generate-status")
             gallery = gr.Gallery(label="Images", columns=4, height="auto", elem_id="generate-gallery",
@@ -121,6 +128,28 @@ def build_generate_tab(runner):
             return read_png_metadata(Path(path))
         except (WorkbenchError, TypeError):
             return None
+
+    def on_evaluate(model_name, seeds, steps_value, guidance_value, loras_text):
+        config = BenchmarkConfig(model=model_name, seeds=int(seeds), steps=int(steps_value),
+                                 guidance=float(guidance_value), loras=parse_loras(loras_text))
+        try:
+            pick_detector(config)
+        except WorkbenchError as error:
+            yield gr.update(), f"Cannot evaluate: {error}"
+            return
+        job_id = runner.submit("eval", {**config.__dict__, "loras": [lora.__dict__ for lora in config.loras]})
+        while (job := runner.get(job_id)).status not in FINISHED:
+            yield gr.update(), f"Running job `{job_id}`: {job.progress:.0%} {job.stage or ''}"
+            time.sleep(1.0)
+        if job.status != JobStatus.DONE:
+            yield gr.update(), f"Evaluation {job.status.value}: {job.error or ''}"
+            return
+        rows = [[tag, s["correct"], s["total"], round(100 * s["accuracy"], 1)]
+                for tag, s in job.outputs["per_tag"].items()]
+        rows.append(["overall", "", "", round(100 * job.outputs["overall"], 1)])
+        yield rows, f"Done (job `{job_id}`); images and verdicts are in the run folder."
+
+    eval_button.click(on_evaluate, [model, eval_seeds, steps, guidance, loras], [eval_table, eval_status])
 
     inputs = [model, prompt, negative, seed, count, steps, guidance, width, height, scheduler, loras]
     model.change(model_defaults, model, [steps, guidance, width, height, model_info])

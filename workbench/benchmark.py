@@ -42,6 +42,14 @@ class BenchmarkConfig:
     batch_size: int = 16
     detector: str | None = None  # None: the model's own world (shapes model -> shapes detector)
 
+    def to_dict(self) -> dict:
+        """JSON form, for job parameters and scores.json."""
+        return {**self.__dict__, "loras": [lora.__dict__ for lora in self.loras]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BenchmarkConfig":
+        return cls(**{**data, "loras": [LoraSpec(**lora) for lora in data.get("loras", [])]})
+
 
 def pick_detector(config: BenchmarkConfig):
     name = config.detector or ("shapes" if resolve(config.model).name == "shapes" else "groundingdino")
@@ -80,8 +88,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path,
                          "reasons": "; ".join(verdict.reasons), **{f"ok_{key}": value for key, value in
                                                                      verdict.requirements.items()}})
     summary = summarize(rows)
-    summary["config"] = {**config.__dict__, "loras": [lora.__dict__ for lora in config.loras],
-                         "seconds": round(time.time() - started, 1)}
+    summary["config"] = {**config.to_dict(), "seconds": round(time.time() - started, 1)}
     _write_outputs(out_dir, rows, summary)
     return summary
 

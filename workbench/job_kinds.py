@@ -7,7 +7,7 @@ files under ctx.run_dir and returns JSON outputs. Later issues add training, eva
 from __future__ import annotations
 
 from .benchmark import BenchmarkConfig, format_scores, run_benchmark
-from .generation import GenerationRequest, LoraSpec, generate
+from .generation import GenerationRequest, generate
 
 
 def run_generate_job(params: dict, ctx) -> dict:
@@ -20,7 +20,7 @@ def run_generate_job(params: dict, ctx) -> dict:
 
 
 def run_eval_job(params: dict, ctx) -> dict:
-    config = BenchmarkConfig(**{**params, "loras": [LoraSpec(**lora) for lora in params.get("loras", [])]})
+    config = BenchmarkConfig.from_dict(params)
     ctx.log(f"evaluating {config.model} on {config.prompts} with {config.seeds} seed(s) per prompt")
     summary = run_benchmark(config, ctx.run_dir, on_progress=lambda fraction, stage: ctx.progress(fraction, stage),
                             should_stop=lambda: ctx.cancelled)

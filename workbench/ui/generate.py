@@ -42,9 +42,20 @@ def model_defaults(model: str):
     try:
         entry = resolve(model)
     except WorkbenchError as error:
-        return gr.update(), gr.update(), gr.update(), gr.update(), f"Cannot generate: {error}"
+        return gr.update(), gr.update(), gr.update(), gr.update(), str(error)
     return (entry.default_steps, entry.default_guidance, entry.default_size, entry.default_size,
             f"{entry.description}")
+
+
+def follow_job(runner, job_id: str, interval: float):
+    """Yield (unchanged output, status line) while the job runs; return the finished job.
+
+    Handlers call it with `job = yield from follow_job(...)`.
+    """
+    while (job := runner.get(job_id)).status not in FINISHED:
+        yield gr.update(), f"Running job `{job_id}`: {job.status.value} {job.progress:.0%} {job.stage or ''}"
+        time.sleep(interval)
+    return job
 
 
 def build_request(model, prompt, negative, seed, count, steps, guidance, width, height, scheduler,
@@ -108,9 +119,7 @@ def build_generate_tab(runner):
             yield gr.update(), f"Cannot generate: {error}"
             return
         job_id = runner.submit("generate", request.to_dict())
-        while (job := runner.get(job_id)).status not in FINISHED:
-            yield gr.update(), f"Running job `{job_id}`: {job.status.value} {job.progress:.0%} {job.stage or ''}"
-            time.sleep(0.25)
+        job = yield from follow_job(runner, job_id, 0.25)
         if job.status == JobStatus.DONE:
             images = job.outputs.get("images", [])
             took = (job.finished_at or 0) - (job.started_at or 0)
@@ -137,10 +146,8 @@ def build_generate_tab(runner):
         except WorkbenchError as error:
             yield gr.update(), f"Cannot evaluate: {error}"
             return
-        job_id = runner.submit("eval", {**config.__dict__, "loras": [lora.__dict__ for lora in config.loras]})
-        while (job := runner.get(job_id)).status not in FINISHED:
-            yield gr.update(), f"Running job `{job_id}`: {job.progress:.0%} {job.stage or ''}"
-            time.sleep(1.0)
+        job_id = runner.submit("eval", config.to_dict())
+        job = yield from follow_job(runner, job_id, 1.0)
         if job.status != JobStatus.DONE:
             yield gr.update(), f"Evaluation {job.status.value}: {job.error or ''}"
             return

@@ -91,3 +91,67 @@ def build_tiny_lora(pipeline_folder: Path, out_folder: Path, rank: int = 4, seed
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(out_folder, unet_lora_layers=layers, safe_serialization=True)
     return Path(out_folder)
+
+
+# --- tiny perception models (GroundingDINO, SAM): random weights saved as the released files are ---
+
+TINY_BERT_WORDS = ["a", "cat", "dog", "person", "car", "red", "blue", "traffic", "light", "circle", "square"]
+
+
+def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A 1-layer BERT with a WordPiece vocabulary of a few words, saved like bert-base-uncased."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?"]
+    (folder / "vocab.txt").write_text("\n".join(special + TINY_BERT_WORDS) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(vocab_size=len(special) + len(TINY_BERT_WORDS), hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=512)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_groundingdino(folder: Path, seed: int = 0) -> tuple[Path, Path, Path]:
+    """(config .py, checkpoint .pth, BERT folder) of a random GroundingDINO with 1 encoder/decoder layer.
+
+    The backbone stays Swin-T (the smallest groundingdino-py builds) and the hidden size 256 (its text
+    position embedding is fixed at 256); layers, feed-forward width and queries shrink. The checkpoint
+    is written as the released one is: {"model": state_dict}.
+    """
+    from workbench.perception.groundingdino import build_model, load_text_encoder, packaged_config
+
+    folder = Path(folder)
+    bert = build_tiny_bert(folder / "bert", seed)
+    config = folder / "GroundingDINO_tiny.py"
+    config.write_text(packaged_config().read_text() + "\n# tiny test model\nenc_layers = 1\ndec_layers = 1\n"
+                      "dim_feedforward = 64\nnum_queries = 20\n")
+    torch.manual_seed(seed)
+    model = build_model(config, *load_text_encoder(str(bert)))
+    checkpoint = folder / "groundingdino_tiny.pth"
+    torch.save({"model": model.state_dict()}, checkpoint)
+    return config, checkpoint, bert
+
+
+def tiny_sam_architecture():
+    """A SAM with a 2-block 32-wide ViT on 64x64 inputs (the released ones: 1024x1024, 768+ wide)."""
+    from workbench.perception.sam import SamArchitecture
+
+    return SamArchitecture(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
+                           image_size=64, patch_size=16, window_size=2, prompt_embed_dim=32, decoder_depth=1,
+                           decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+
+
+def build_tiny_sam(folder: Path, seed: int = 0) -> Path:
+    """A random tiny SAM's state_dict saved as the released checkpoints are (a plain state_dict)."""
+    from workbench.perception.sam import build_sam
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / "sam_tiny.pth"
+    torch.save(build_sam(tiny_sam_architecture()).state_dict(), checkpoint)
+    return checkpoint

@@ -1,0 +1,148 @@
+"""Perception backends by name: `get_detector("groundingdino")`, `get_segmenter("sam")`, ...
+
+Each kind has a table of name -> factory; the rest of the workbench asks for a name and never
+branches on which backend it got. Real backends read their settings from the environment, and
+keyword options given to `get_*` override them:
+
+| variable | default |
+| --- | --- |
+| WORKBENCH_GROUNDINGDINO_CONFIG | the Swin-T config shipped inside groundingdino-py |
+| WORKBENCH_GROUNDINGDINO_CHECKPOINT | $WORKBENCH_DATA/weights/groundingdino/groundingdino_swint_ogc.pth |
+| WORKBENCH_GROUNDINGDINO_TEXT_ENCODER | bert-base-uncased (hub id in the HF cache, or a local folder) |
+| WORKBENCH_SAM_CHECKPOINT | $WORKBENCH_DATA/weights/sam/<released file of the model type> |
+| WORKBENCH_SAM_MODEL_TYPE | vit_b |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from workbench.config import get_settings
+from workbench.errors import InvalidInput
+
+
+def weights_dir() -> Path:
+    """Where real-model weights live by default: $WORKBENCH_DATA/weights."""
+    return get_settings().data_dir / "weights"
+
+
+def groundingdino_settings() -> dict:
+    from workbench.perception.groundingdino import CHECKPOINT_NAME, packaged_config
+
+    default_checkpoint = weights_dir() / "groundingdino" / CHECKPOINT_NAME
+    return {
+        "config_path": os.environ.get("WORKBENCH_GROUNDINGDINO_CONFIG") or packaged_config(),
+        "checkpoint_path": os.environ.get("WORKBENCH_GROUNDINGDINO_CHECKPOINT") or default_checkpoint,
+        "text_encoder": os.environ.get("WORKBENCH_GROUNDINGDINO_TEXT_ENCODER") or "bert-base-uncased",
+    }
+
+
+def sam_settings() -> dict:
+    from workbench.perception.sam import CHECKPOINT_NAMES
+
+    model_type = os.environ.get("WORKBENCH_SAM_MODEL_TYPE") or "vit_b"
+    default_checkpoint = weights_dir() / "sam" / CHECKPOINT_NAMES.get(model_type, f"sam_{model_type}.pth")
+    return {"checkpoint_path": os.environ.get("WORKBENCH_SAM_CHECKPOINT") or default_checkpoint,
+            "model_type": model_type}
+
+
+def _shapes_detector(**options):
+    from workbench.perception.shapes import ShapesDetector
+
+    return ShapesDetector(**options)
+
+
+def _shapes_segmenter(**options):
+    from workbench.perception.shapes import ShapesSegmenter
+
+    return ShapesSegmenter(**options)
+
+
+def _shapes_tagger(**options):
+    from workbench.perception.shapes import ShapesTagger
+
+    return ShapesTagger(**options)
+
+
+def _shapes_captioner(**options):
+    from workbench.perception.shapes import ShapesCaptioner
+
+    return ShapesCaptioner(**options)
+
+
+def _groundingdino(**options):
+    from workbench.perception.groundingdino import GroundingDinoDetector
+
+    return GroundingDinoDetector(**{**groundingdino_settings(), **options})
+
+
+def _sam(**options):
+    from workbench.perception.sam import SamSegmenter
+
+    return SamSegmenter(**{**sam_settings(), **options})
+
+
+DETECTORS: dict[str, Callable[..., object]] = {"shapes": _shapes_detector, "groundingdino": _groundingdino}
+SEGMENTERS: dict[str, Callable[..., object]] = {"shapes": _shapes_segmenter, "sam": _sam}
+TAGGERS: dict[str, Callable[..., object]] = {"shapes": _shapes_tagger}
+CAPTIONERS: dict[str, Callable[..., object]] = {"shapes": _shapes_captioner}
+
+
+def _get(kind: str, table: dict[str, Callable[..., object]], name: str, options: dict):
+    if name not in table:
+        raise InvalidInput(f"Unknown {kind} backend '{name}'. Available: {', '.join(table)}.")
+    return table[name](**options)
+
+
+def get_detector(name: str, **options):
+    return _get("detector", DETECTORS, name, options)
+
+
+def get_segmenter(name: str, **options):
+    return _get("segmenter", SEGMENTERS, name, options)
+
+
+def get_tagger(name: str, **options):
+    return _get("tagger", TAGGERS, name, options)
+
+
+def get_captioner(name: str, **options):
+    return _get("captioner", CAPTIONERS, name, options)
+
+
+def _check_groundingdino(**options) -> None:
+    from workbench.perception.groundingdino import check_files
+
+    settings = {**groundingdino_settings(), **options}
+    check_files(settings["config_path"], settings["checkpoint_path"], settings["text_encoder"])
+
+
+def _check_sam(**options) -> None:
+    from workbench.perception.sam import check_files
+
+    settings = {**sam_settings(), **options}
+    check_files(settings["checkpoint_path"], settings["model_type"], settings.get("architecture") is not None)
+
+
+# Cheap availability checks (files only, nothing loaded); backends without one are always available.
+CHECKS: dict[str, Callable[..., None]] = {"groundingdino": _check_groundingdino, "sam": _check_sam}
+
+
+def check_backend(kind: str, name: str, **options) -> None:
+    """Raise what `get_<kind>(name)` would raise for a missing name or missing weights, without loading.
+
+    For a quick answer in the UI before a job is queued; `kind` is detector, segmenter, tagger or captioner.
+    """
+    tables = {"detector": DETECTORS, "segmenter": SEGMENTERS, "tagger": TAGGERS, "captioner": CAPTIONERS}
+    if name not in tables[kind]:
+        raise InvalidInput(f"Unknown {kind} backend '{name}'. Available: {', '.join(tables[kind])}.")
+    CHECKS.get(name, lambda **_: None)(**options)
+
+
+def get_grounded_sam(detector: str = "groundingdino", segmenter: str = "sam"):
+    """Grounded-SAM from backend names (settings from the environment)."""
+    from workbench.perception.grounded_sam import GroundedSam
+
+    return GroundedSam(get_detector(detector), get_segmenter(segmenter))

@@ -21,14 +21,22 @@ from .registry import resolve
 SHAPESBENCH = ASSETS_DIR / "prompts" / "shapesbench.jsonl"
 
 
-def _shapes_detector():
-    from .perception.shapes import ShapesDetector
+def _backend_detector(name: str) -> Callable[[], object]:
+    """A factory for a perception backend (workbench.perception.backends), settings from the environment."""
 
-    return ShapesDetector()
+    def build():
+        from .perception.backends import get_detector
+
+        try:
+            return get_detector(name)
+        except ModelNotAvailable as error:
+            raise ModelNotAvailable(f"{error}\n(To score shapes-world prompts without it, pass --detector shapes.)") from None
+
+    return build
 
 
-# Detector backends by name; real-model backends (GroundingDINO) register here when they land.
-DETECTORS: dict[str, Callable[[], object]] = {"shapes": _shapes_detector}
+# Detector backends by name, as the perception backends table names them.
+DETECTORS: dict[str, Callable[[], object]] = {name: _backend_detector(name) for name in ("shapes", "groundingdino")}
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -67,11 +68,58 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _vocabulary(args):
+    from .prompt_parser import default_vocabulary
+
+    return default_vocabulary().extend(args.add_class) if args.add_class else None
+
+
+def _add_parse(subparsers) -> None:
+    parser = subparsers.add_parser("parse", help="read a prompt into a GenEval-style scene spec (JSON)")
+    parser.add_argument("prompt")
+    parser.add_argument("--add-class", action="append", default=[], metavar="NAME",
+                        help="a class the default vocabulary (shapes and COCO's 80) lacks; repeat for more")
+    parser.set_defaults(run=_run_parse)
+
+
+def _run_parse(args) -> int:
+    from .prompt_parser import parse_prompt
+
+    print(json.dumps(parse_prompt(args.prompt, _vocabulary(args)), indent=2))
+    return 0
+
+
+def _add_relabel(subparsers) -> None:
+    parser = subparsers.add_parser("relabel", help="rewrite a prompt to what an image's detections show (IPR)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--detections", type=Path, required=True, metavar="FILE.json",
+                        help='JSON list of {"label", "box": [x0, y0, x1, y1] in pixels, "score", "color"?}')
+    parser.add_argument("--width", type=int, required=True, help="image width in pixels")
+    parser.add_argument("--height", type=int, required=True, help="image height in pixels")
+    parser.add_argument("--box-threshold", type=float, default=0.3, help="drop detections scoring at or below this")
+    parser.add_argument("--split-colors", action="store_true",
+                        help="write a class of mixed colours as one clause per colour (GenEval's scorer cannot check that)")
+    parser.add_argument("--add-class", action="append", default=[], metavar="NAME",
+                        help="a class the default vocabulary lacks; repeat for more")
+    parser.set_defaults(run=_run_relabel)
+
+
+def _run_relabel(args) -> int:
+    from .relabel import load_detections, relabel
+
+    result = relabel(args.prompt, load_detections(args.detections), args.width, args.height,
+                     box_threshold=args.box_threshold, vocabulary=_vocabulary(args), split_colors=args.split_colors)
+    print(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_eval(subparsers)
+    _add_parse(subparsers)
+    _add_relabel(subparsers)
     return parser
 
 

@@ -149,7 +149,15 @@ class _Clause:
 
 
 def _asked_classes(spec: dict) -> list[str]:
-    return list(dict.fromkeys(clause["class"] for clause in spec["include"]))
+    """The prompt's classes in the order it says them (a spec lists a relation's target first)."""
+    include = spec["include"]
+    subject_of = {clause["position"][1]: k for k, clause in enumerate(include) if "position" in clause}
+    said: list[str] = []
+    for k, clause in enumerate(include):
+        if k in subject_of:
+            said.append(include[subject_of[k]]["class"])
+        said.append(clause["class"])
+    return list(dict.fromkeys(said))
 
 
 def _classes_to_write(spec: dict, found: dict[str, list[Detection]], vocabulary: Vocabulary) -> list[str]:

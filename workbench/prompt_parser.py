@@ -29,7 +29,7 @@ in canonical form (one clause per class and colour, each relation target just be
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Iterable, Mapping
 
@@ -156,7 +156,7 @@ class Vocabulary:
     classes: tuple[str, ...]
     colors: tuple[str, ...] = ()
     aliases: tuple[tuple[str, str], ...] = ()
-    plurals: tuple[tuple[str, str], ...] = field(default=())
+    plurals: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         def names(values, what):

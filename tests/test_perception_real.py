@@ -88,6 +88,34 @@ def test_groundingdino_loads_the_checkpoint_and_detects_the_given_labels(tiny_gd
     assert len(detections) <= 20  # one per query of the tiny model at most
 
 
+def test_groundingdino_reads_labels_scores_and_pixel_boxes_off_the_model_output(detector, monkeypatch):
+    """Post-processing on a scripted model output: caption "cat . dog ." is [CLS] cat . dog . [SEP]."""
+    raw = torch.full((1, 5, 256), float("-inf"))
+    raw[0, :, :6] = -10.0
+    raw[0, 0, 3] = 2.0  # query 0 matches "dog" (score 0.88)
+    raw[0, 1, 1] = 0.0  # query 1 matches "cat" (score 0.5)
+    raw[0, 2, 2] = 5.0  # query 2 matches only the "." separator: no label
+    raw[0, 3, 1] = -2.0  # query 3 matches "cat" below the box threshold (0.12 < 0.35)
+    raw[0, 4, 3] = 1.0  # query 4: "dog" near the right edge, its box runs past it
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.25, 0.5, 0.2, 0.4], [0.5, 0.5, 0.1, 0.1],
+                           [0.5, 0.5, 0.1, 0.1], [0.95, 0.5, 0.3, 0.2]]])
+    captions = []
+
+    def scripted(pixels, captions_arg):
+        captions.append(captions_arg)
+        return {"pred_logits": raw, "pred_boxes": boxes}
+
+    monkeypatch.setattr(detector, "model", lambda pixels, captions: scripted(pixels, captions))
+    monkeypatch.setattr(detector, "box_threshold", 0.35)
+    monkeypatch.setattr(detector, "text_threshold", 0.25)
+    found = detector.detect(noise_image(100, 50), ["Cat", "dog."])
+    assert captions == [["cat . dog ."]]
+    assert [(d.label, round(d.score, 3)) for d in found] == [("dog.", 0.881), ("dog.", 0.731), ("Cat", 0.5)]
+    assert found[0].box == pytest.approx((25.0, 12.5, 75.0, 37.5))
+    assert found[1].box == pytest.approx((80.0, 20.0, 100.0, 30.0))  # clamped to the image
+    assert found[2].box == pytest.approx((15.0, 15.0, 35.0, 35.0))
+
+
 def test_groundingdino_defaults_to_the_coco_classes(detector):
     assert len(COCO_CLASSES) == 80 and "traffic light" in COCO_CLASSES
     assert_valid_detections(detector.detect(noise_image(seed=1)), 72, 48, set(COCO_CLASSES))

@@ -296,7 +296,9 @@ class GroundingDinoDetector:
                 token = tokenized.char_to_token(char)
                 if token is not None and token < logits.shape[1]:
                     owner[index, token] = True
-        per_label = (logits[:, None, :] * owner[None]).amax(dim=-1)  # (queries, labels)
+        # A query's match with a label: its best score over that label's tokens. (queries, labels)
+        per_label = torch.stack([logits[:, tokens].amax(dim=1) if tokens.any() else torch.zeros(len(logits))
+                                 for tokens in owner], dim=1)
         scores, label_index = per_label.max(dim=-1)
         keep = (scores > self.box_threshold) & (scores > self.text_threshold)
 

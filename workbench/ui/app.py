@@ -8,6 +8,8 @@ from ..config import get_settings
 from ..job_kinds import register_all
 from ..jobs import get_runner
 from .generate import build_generate_tab, model_defaults
+from .inspect import build_inspect_tab
+from .review import build_review_tab, run_choices
 from .runs import build_runs_tab
 
 TITLE = "align-workbench"
@@ -22,9 +24,15 @@ def build_app() -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Tab("Generate"):
             model, model_info, sliders = build_generate_tab(runner)
+        with gr.Tab("Inspect & Relabel"):
+            build_inspect_tab()
+        with gr.Tab("Review"):
+            review_run = build_review_tab()
         with gr.Tab("Runs"):
             build_runs_tab(runner)
         demo.load(model_defaults, model, sliders + [model_info])
+        # Runs started since the app was built appear when the page is (re)loaded.
+        demo.load(lambda: gr.update(choices=run_choices()), None, review_run)
     return demo
 
 

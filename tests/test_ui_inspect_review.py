@@ -1,0 +1,190 @@
+"""The Inspect & Relabel and Review tabs' handlers, called as the page calls them (no browser)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from test_reviews import FAKE_SAMPLES, make_fake_run
+from workbench.perception.base import Detection
+from workbench.reviews import ReviewStore
+from workbench.shapes.render import render
+from workbench.shapes.scene import Scene, ShapeObject
+from workbench.ui import inspect, review
+
+IDS = [sample[0] for sample in FAKE_SAMPLES]
+
+
+# --- Inspect & Relabel ---------------------------------------------------------------------------
+
+
+def scene_image(*objects) -> Image.Image:
+    return render(Scene(tuple(ShapeObject(shape, color, cx, cy, 16.0) for shape, color, cx, cy in objects)))
+
+
+def readable(tokens, keep=(None, "added")) -> str:
+    return " ".join("".join(text for text, category in tokens if category in keep).split())
+
+
+def test_word_diff_marks_only_the_changed_words():
+    tokens = inspect.word_diff("two blue squares above a red circle", "a green square above a red circle")
+    assert [text for text, category in tokens if category == "removed"] == ["two blue squares"]
+    assert [text for text, category in tokens if category == "added"] == ["a green square"]
+    assert readable(tokens) == "a green square above a red circle"
+    assert readable(tokens, keep=(None, "removed")) == "two blue squares above a red circle"
+    assert all(category is None for _, category in inspect.word_diff("a red circle", "a red circle"))
+
+
+def test_annotations_enlarge_small_images_and_label_each_box():
+    image = scene_image(("circle", "red", 20, 32))
+    det = Detection("circle", (12.0, 24.0, 28.0, 40.0), 0.98, "red")
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[26:38, 14:26] = True
+    big, layers = inspect.annotated(image, [det, Detection("square", (40, 40, 50, 50), 0.1, "blue")],
+                                    [mask, None], threshold=0.3)
+    assert big.size == (384, 384)
+    assert [label for _, label in layers] == ["red circle 0.98", "blue square 0.10 (ignored)"]
+    layer = layers[0][0]
+    assert layer.shape == (384, 384)
+    assert layer[24 * 6, 20 * 6] == 1.0  # top edge of the box, scaled 6x
+    assert 0 < layer[32 * 6, 20 * 6] < 1  # inside the mask: shaded
+    assert layer[5, 5] == 0
+
+
+def test_inspect_without_an_image_or_with_a_non_image_says_so(tmp_path):
+    *values, message = inspect.inspect_image(None, "a red circle", "shapes")
+    assert message.startswith("Cannot inspect: No image yet")
+    assert values[0] is None
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    message = inspect.inspect_image(str(not_an_image), "a red circle", "shapes")[-1]
+    assert "'notes.png' is not an image file" in message
+    message = inspect.inspect_image(scene_image(("circle", "red", 32, 32)), "  ", "shapes")[-1]
+    assert "Give the prompt" in message
+
+
+def test_a_wrong_prompt_is_relabeled_to_what_the_image_shows():
+    image = scene_image(("square", "green", 32, 32))
+    shown, parsed, detected, diff, relabeled, verdict, message = inspect.inspect_image(
+        image, "a blue square", "shapes", "auto", 0.3)
+    assert relabeled != "a blue square" and "green" in relabeled
+    assert ("blue", "removed") in diff and any(cat == "added" and "green" in text for text, cat in diff)
+    assert parsed["include"][0]["color"] == "blue"
+    assert detected["include"][0]["color"] == "green"
+    assert "Changed" in verdict
+    big, layers = shown
+    assert big.size == (384, 384)
+    assert [label.rsplit(" ", 1)[0] for _, label in layers] == ["green square"]
+    assert layers[0][0].max() == 1.0 and (layers[0][0] == inspect.MASK_ALPHA).any()  # box and mask
+    assert "1 detection(s) with `shapes`" in message
+
+
+def test_a_right_prompt_stays_as_it_is():
+    image = scene_image(("circle", "red", 20, 32), ("square", "blue", 44, 32))
+    *_, diff, relabeled, verdict, _message = inspect.inspect_image(
+        image, "a red circle to the left of a blue square", "shapes")
+    assert "Unchanged" in verdict
+    assert all(category is None for _, category in diff)
+
+
+def test_a_missing_detector_backend_is_a_message_not_an_exception():
+    message = inspect.inspect_image(scene_image(("circle", "red", 32, 32)), "a red circle", "sd15",
+                                    "groundingdino")[-1]
+    assert message.startswith("Cannot inspect:") and "groundingdino" in message.lower()
+
+
+def test_generate_reports_a_missing_model_or_bad_input_as_text():
+    image, message = inspect.generate_image("sdxl", "a cat", 0)
+    assert not isinstance(image, Image.Image)
+    assert "hf download stabilityai/stable-diffusion-xl-base-1.0" in message
+    _, message = inspect.generate_image("sdxl", "", 0)
+    assert "The prompt is empty" in message
+
+
+def test_generate_gives_one_image_to_inspect(tiny_sd):
+    image, message = inspect.generate_image(str(tiny_sd), "a red circle", 3)
+    assert isinstance(image, Image.Image) and "seed 3" in message
+
+
+# --- Review --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(data_dir):
+    make_fake_run(data_dir / "runs")
+    store = ReviewStore(data_dir / "workbench.db")
+    yield store
+    store.close()
+
+
+def test_no_run_chosen_gives_an_empty_table_and_a_hint(store):
+    table, summary = review.show_table(store, None)
+    assert table.empty and "Choose an IPR run first" in summary
+    assert review.record_verdict(store, None, IDS[0], "accepted").startswith("Not saved: Choose an IPR run")
+    assert "Not exported: Choose an IPR run" in review.export_run(store, "")
+    assert "is not a run id" in review.show_table(store, "../runs")[1]
+
+
+def test_filters_choose_the_rows(store):
+    assert review.run_choices() == ["ipr-test"]
+    assert review.iteration_choices("ipr-test") == ["all", "0", "1"]
+    table, summary = review.show_table(store, "ipr-test")
+    assert table["id"].tolist() == IDS and summary == "4 samples (4 pending); 4 shown."
+    assert review.show_table(store, "ipr-test", iteration="1")[0]["id"].tolist() == [IDS[3]]
+    assert review.show_table(store, "ipr-test", changed_only=True)[0]["id"].tolist() == IDS[1:]
+    store.set("ipr-test", IDS[1], "rejected")
+    table, summary = review.show_table(store, "ipr-test", status="pending")
+    assert table["id"].tolist() == [IDS[0], IDS[2], IDS[3]]
+    assert summary == "4 samples (3 pending, 1 rejected); 3 shown."
+
+
+def test_selecting_a_sample_shows_its_boxes_and_prefills_its_prompt(store):
+    (big, layers), prompt, details, diff = review.sample_view(store, "ipr-test", IDS[1])
+    assert big.size == (384, 384)
+    assert [label for _, label in layers] == ["green square 0.98"]
+    assert prompt == "a green square"
+    assert "original: a blue square" in details and "status **pending**" in details
+    assert ("blue", "removed") in diff
+    assert review.sample_view(store, "ipr-test", "") == (None, "", "", None)
+
+
+def test_save_edit_accept_and_reject_are_written_at_once(store, data_dir):
+    message = review.record_verdict(store, "ipr-test", IDS[2], "edited", "   ")
+    assert message.startswith("Not saved") and "empty" in message
+    assert store.get_all("ipr-test") == {}
+
+    assert "Saved the edit" in review.record_verdict(store, "ipr-test", IDS[2], "edited", "one yellow triangle")
+    assert "rejected" in review.record_verdict(store, "ipr-test", IDS[1], "rejected")
+    message = review.record_verdict(store, "ipr-test", IDS[0], "accepted", "a red circle, typed over")
+    assert "use Save edit" in message  # accepting keeps the relabel, not the typed text
+
+    # What another process (a restarted app, the IPR loop) reads from the same file.
+    reopened = ReviewStore(data_dir / "workbench.db")
+    assert {k: (r.status, r.prompt) for k, r in reopened.get_all("ipr-test").items()} == {
+        IDS[0]: ("accepted", None), IDS[1]: ("rejected", None), IDS[2]: ("edited", "one yellow triangle")}
+    reopened.close()
+    table, _ = review.show_table(store, "ipr-test")
+    row = table[table["id"] == IDS[2]].iloc[0]
+    assert (row["status"], row["edit"]) == ("edited", "one yellow triangle")
+    _, prompt, details, _ = review.sample_view(store, "ipr-test", IDS[2])
+    assert prompt == "one yellow triangle" and "status **edited**" in details
+    assert "not in run" in review.record_verdict(store, "ipr-test", "nope", "accepted")
+
+
+def test_accept_all_shown_accepts_only_the_pending_rows_shown(store):
+    store.set("ipr-test", IDS[1], "edited", "a green square")
+    table, _ = review.show_table(store, "ipr-test", iteration="0")
+    message = review.accept_shown(store, "ipr-test", table)
+    assert message.startswith("Accepted 2 pending sample(s) of the 3 shown")
+    statuses = {k: r.status for k, r in store.get_all("ipr-test").items()}
+    assert statuses == {IDS[0]: "accepted", IDS[1]: "edited", IDS[2]: "accepted"}  # iteration 1 untouched
+    empty = pd.DataFrame([], columns=review.TABLE_COLUMNS)
+    assert "No samples are shown" in review.accept_shown(store, "ipr-test", empty)
+
+
+def test_export_writes_the_imagefolder_under_the_run(store, data_dir):
+    store.set("ipr-test", IDS[2], "rejected")
+    message = review.export_run(store, "ipr-test")
+    out = data_dir / "runs" / "ipr-test" / "export"
+    assert f"Exported 2 image(s) with their prompts to `{out}`" in message
+    assert (out / "metadata.jsonl").read_text().count("\n") == 2

@@ -1,0 +1,217 @@
+"""Inspect & Relabel tab: one image, what the detector sees in it, and the prompt IPR would train on.
+
+Generate an image (or upload one) with its prompt, run the detector and segmenter, and compare the
+scene the prompt asks for with the scene detected; the relabeled prompt is shown as a word diff
+against the original. Handlers are plain functions so they are tested without a browser.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..config import get_settings
+from ..errors import InvalidInput, WorkbenchError
+from ..generation import GenerationRequest, generate
+from ..perception.backends import get_detector, get_segmenter
+from ..perception.base import Detection
+from ..prompt_parser import parse_prompt
+from ..registry import model_names, resolve
+from ..relabel import relabel
+
+DETECTOR_CHOICES = ["auto", "shapes", "groundingdino"]
+DIFF_COLORS = {"removed": "#f87171", "added": "#4ade80"}
+# Shapes images are 64 px: they are enlarged (nearest neighbour) so boxes and masks stay readable.
+DISPLAY_SIDE = 384
+BOX_BORDER = 2  # pixels of the enlarged image
+MASK_ALPHA = 0.45  # masks shade the object; the box outline stays opaque
+
+
+# --- perception backends -------------------------------------------------------------------------
+
+
+def detector_for(model: str, choice: str = "auto") -> str:
+    """The detector backend name: the chosen one, or the model's own world (shapes -> shapes)."""
+    if choice and choice != "auto":
+        return choice
+    return "shapes" if resolve(model).name == "shapes" else "groundingdino"
+
+
+SEGMENTER_FOR = {"shapes": "shapes", "groundingdino": "sam"}
+
+
+# --- display helpers -----------------------------------------------------------------------------
+
+
+def as_image(value) -> Image.Image:
+    """An RGB PIL image from what a Gradio image input or a caller gives; InvalidInput otherwise."""
+    if value is None:
+        raise InvalidInput("No image yet: generate one or upload an image first.")
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, np.ndarray):
+        try:
+            return Image.fromarray(value.astype(np.uint8)).convert("RGB")
+        except (TypeError, ValueError) as error:
+            raise InvalidInput(f"That array is not an image ({error}).") from None
+    if isinstance(value, (str, Path)):
+        try:
+            with Image.open(value) as image:
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError):
+            raise InvalidInput(f"'{Path(value).name}' is not an image file the workbench can read "
+                               f"(PNG, JPEG or WebP).") from None
+    raise InvalidInput(f"Expected an image, got {type(value).__name__}.")
+
+
+def detection_label(det: Detection) -> str:
+    """"red circle 0.98": what the legend and the box say."""
+    return " ".join(part for part in (det.color, det.label, f"{det.score:.2f}") if part)
+
+
+def annotated(image: Image.Image, detections: list[Detection], masks: list[np.ndarray] | None = None,
+              threshold: float | None = None) -> tuple[Image.Image, list[tuple[np.ndarray, str]]]:
+    """The value of a gr.AnnotatedImage: the image enlarged, one layer per detection with its box
+    outline and (when given) its mask. Detections under `threshold` are labelled "(ignored)"."""
+    scale = max(1, math.ceil(DISPLAY_SIDE / max(image.size)))
+    big = image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+    height, width = big.height, big.width
+    layers = []
+    for index, det in enumerate(detections):
+        layer = np.zeros((height, width), dtype=np.float32)
+        if masks is not None and index < len(masks) and masks[index] is not None:
+            mask = np.asarray(masks[index], dtype=bool)
+            layer[np.kron(mask, np.ones((scale, scale), dtype=bool))[:height, :width]] = MASK_ALPHA
+        x0, y0, x1, y1 = (int(round(v * scale)) for v in det.box)
+        x0, x1 = sorted((min(max(x0, 0), width - 1), min(max(x1, 1), width)))
+        y0, y1 = sorted((min(max(y0, 0), height - 1), min(max(y1, 1), height)))
+        layer[y0:y1, x0:x0 + BOX_BORDER] = layer[y0:y1, x1 - BOX_BORDER:x1] = 1.0
+        layer[y0:y0 + BOX_BORDER, x0:x1] = layer[y1 - BOX_BORDER:y1, x0:x1] = 1.0
+        label = detection_label(det)
+        if threshold is not None and det.score < threshold:
+            label += " (ignored)"
+        layers.append((layer, label))
+    return big, layers
+
+
+def word_diff(original: str, relabeled: str) -> list[tuple[str, str | None]]:
+    """gr.HighlightedText tokens: words only in the original are "removed", only in the relabel
+    "added", shared ones unmarked; reading the unmarked and "added" words gives the relabel."""
+    old, new = (original or "").split(), (relabeled or "").split()
+    tokens: list[tuple[str, str | None]] = []
+    for op, i0, i1, j0, j1 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if op == "equal":
+            tokens.append((" ".join(old[i0:i1]), None))
+            continue
+        if i1 > i0:
+            tokens.append((" ".join(old[i0:i1]), "removed"))
+        if j1 > j0:
+            tokens.append((" ".join(new[j0:j1]), "added"))
+    spaced: list[tuple[str, str | None]] = []
+    for index, token in enumerate(tokens):
+        if index:
+            spaced.append((" ", None))
+        spaced.append(token)
+    return spaced
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+
+def generate_image(model: str, prompt: str, seed):
+    """One image for (model, prompt, seed); a missing model or bad input comes back as the message
+    (and the image already shown stays)."""
+    try:
+        seed_value = int(seed) if seed is not None else 0
+        request = GenerationRequest(prompt=prompt or "", model=model, seeds=[seed_value])
+        result = generate(request)[0]
+    except WorkbenchError as error:
+        return gr.update(), f"Cannot generate: {error}"
+    return result.image, f"Generated with `{model}`, seed {seed_value}. Press **Detect & relabel** next."
+
+
+def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto", box_threshold: float = 0.3):
+    """Detect, segment and relabel; returns the values of the tab's outputs, in order:
+    annotated image, parsed scene, detected scene, word diff, relabeled prompt, verdict, message."""
+    empty = (None, None, None, None, "", "")
+    try:
+        picture = as_image(image)
+        if not prompt or not prompt.strip():
+            raise InvalidInput("Give the prompt the image was made for: the relabel rewrites it.")
+        name = detector_for(model, detector_choice)
+        detector = get_detector(name)
+        spec = parse_prompt(prompt)
+        # The shapes detector sees everything; open-vocabulary detectors need the names to look for.
+        labels = None if name == "shapes" else _classes(spec)
+        detections = list(detector.detect(picture, labels))
+        result = relabel(prompt, [d.to_dict() for d in detections], picture.width, picture.height,
+                         box_threshold=float(box_threshold))
+    except WorkbenchError as error:
+        return (*empty, f"Cannot inspect: {error}")
+
+    notes = []
+    masks = None
+    try:
+        segmenter = get_segmenter(SEGMENTER_FOR.get(name, "sam"))
+        masks = segmenter.segment(picture, [d.box for d in detections]) if detections else []
+    except WorkbenchError as error:
+        notes.append(f"No masks: {error}")
+    shown = annotated(picture, detections, masks, threshold=float(box_threshold))
+    kept = sum(d.score >= box_threshold for d in detections)
+    verdict = "\n".join([
+        f"**{'Changed' if result.changed else 'Unchanged'}**, "
+        f"{'kept for training' if result.keep else 'not kept for training'}.",
+        *(f"- {reason}" for reason in result.reasons),
+    ])
+    message = f"{len(detections)} detection(s) with `{name}`, {kept} at or above {box_threshold:.2f}."
+    if notes:
+        message += " " + " ".join(notes)
+    return (shown, result.spec, result.detected_spec, word_diff(prompt, result.prompt), result.prompt, verdict,
+            message)
+
+
+def _classes(spec: dict) -> list[str]:
+    names = [clause["class"] for key in ("include", "exclude") for clause in spec.get(key, [])]
+    return list(dict.fromkeys(names))
+
+
+# --- layout --------------------------------------------------------------------------------------
+
+
+def build_inspect_tab() -> None:
+    """Create the tab's components inside the current Gradio context."""
+    with gr.Row():
+        with gr.Column(scale=2):
+            model = gr.Dropdown(model_names(), value=get_settings().default_model, label="Model",
+                                allow_custom_value=True, elem_id="inspect-model")
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="two red circles above a blue square",
+                                elem_id="inspect-prompt")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                generate_button = gr.Button("Generate one image", elem_id="inspect-generate")
+            image = gr.Image(type="pil", label="Image (generated, or upload your own)", sources=["upload", "clipboard"],
+                             height=320, elem_id="inspect-image")
+            with gr.Row():
+                detector = gr.Dropdown(DETECTOR_CHOICES, value="auto", label="Detector",
+                                       info="auto: shapes for the shapes model, GroundingDINO otherwise")
+                threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Box threshold")
+            inspect_button = gr.Button("Detect & relabel", variant="primary", elem_id="inspect-button")
+            message = gr.Markdown(elem_id="inspect-status")
+        with gr.Column(scale=3):
+            boxes = gr.AnnotatedImage(label="Detections and masks", height=384, elem_id="inspect-annotated")
+            diff = gr.HighlightedText(label="Original → relabeled prompt", color_map=DIFF_COLORS,
+                                      show_legend=True, combine_adjacent=False, elem_id="inspect-diff")
+            relabeled = gr.Textbox(label="Relabeled prompt", interactive=False, elem_id="inspect-relabeled")
+            verdict = gr.Markdown(elem_id="inspect-verdict")
+            with gr.Row():
+                parsed = gr.JSON(label="Scene the prompt asks for")
+                detected = gr.JSON(label="Scene detected")
+
+    generate_button.click(generate_image, [model, prompt, seed], [image, message], api_name="inspect_generate")
+    inspect_button.click(inspect_image, [image, prompt, model, detector, threshold],
+                         [boxes, parsed, detected, diff, relabeled, verdict, message], api_name="inspect_relabel")

@@ -93,6 +93,18 @@ def test_a_missing_detector_backend_is_a_message_not_an_exception():
     assert message.startswith("Cannot inspect:") and "groundingdino" in message.lower()
 
 
+def test_an_uploaded_workbench_png_fills_in_its_prompt_and_model(tmp_path):
+    from workbench.generation import save_png
+
+    metadata = {"prompt": "two red circles", "model": "sd15", "steps": 20, "guidance": 7.5, "seed": 4,
+                "width": 64, "height": 64}
+    path = save_png(scene_image(("circle", "red", 20, 32)), metadata, tmp_path, name="made.png")
+    with Image.open(path) as uploaded:
+        assert inspect.fill_from_metadata(uploaded) == ("two red circles", "sd15")
+    prompt, model = inspect.fill_from_metadata(scene_image(("circle", "red", 20, 32)))
+    assert prompt == model == {"__type__": "update"}  # a plain image leaves the fields as they are
+
+
 def test_generate_reports_a_missing_model_or_bad_input_as_text():
     image, message = inspect.generate_image("sdxl", "a cat", 0)
     assert not isinstance(image, Image.Image)

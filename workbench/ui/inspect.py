@@ -8,6 +8,8 @@ against the original. Handlers are plain functions so they are tested without a 
 from __future__ import annotations
 
 import difflib
+import functools
+import json
 import math
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
-from ..generation import GenerationRequest, generate
+from ..generation import METADATA_KEY, GenerationRequest, generate
 from ..perception.backends import get_detector, get_segmenter
 from ..perception.base import Detection
 from ..prompt_parser import parse_prompt
@@ -43,6 +45,18 @@ def detector_for(model: str, choice: str = "auto") -> str:
 
 
 SEGMENTER_FOR = {"shapes": "shapes", "groundingdino": "sam"}
+
+
+# Real backends load hundreds of MB of weights: build each once per process. A backend whose
+# weights are missing raises, and failures are not cached, so it works once they are downloaded.
+@functools.lru_cache(maxsize=4)
+def _detector(name: str):
+    return get_detector(name)
+
+
+@functools.lru_cache(maxsize=4)
+def _segmenter(name: str):
+    return get_segmenter(name)
 
 
 # --- display helpers -----------------------------------------------------------------------------
@@ -135,6 +149,15 @@ def generate_image(model: str, prompt: str, seed):
     return result.image, f"Generated with `{model}`, seed {seed_value}. Press **Detect & relabel** next."
 
 
+def fill_from_metadata(image):
+    """An uploaded workbench PNG carries its prompt and model: fill them in (else leave both)."""
+    try:
+        metadata = json.loads(image.info[METADATA_KEY])
+        return metadata["prompt"], metadata["model"]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return gr.update(), gr.update()
+
+
 def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto", box_threshold: float = 0.3):
     """Detect, segment and relabel; returns the values of the tab's outputs, in order:
     annotated image, parsed scene, detected scene, word diff, relabeled prompt, verdict, message."""
@@ -144,7 +167,7 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
         if not prompt or not prompt.strip():
             raise InvalidInput("Give the prompt the image was made for: the relabel rewrites it.")
         name = detector_for(model, detector_choice)
-        detector = get_detector(name)
+        detector = _detector(name)
         spec = parse_prompt(prompt)
         # The shapes detector sees everything; open-vocabulary detectors need the names to look for.
         labels = None if name == "shapes" else _classes(spec)
@@ -157,7 +180,7 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
     notes = []
     masks = None
     try:
-        segmenter = get_segmenter(SEGMENTER_FOR.get(name, "sam"))
+        segmenter = _segmenter(SEGMENTER_FOR.get(name, "sam"))
         masks = segmenter.segment(picture, [d.box for d in detections]) if detections else []
     except WorkbenchError as error:
         notes.append(f"No masks: {error}")
@@ -213,5 +236,6 @@ def build_inspect_tab() -> None:
                 detected = gr.JSON(label="Scene detected")
 
     generate_button.click(generate_image, [model, prompt, seed], [image, message], api_name="inspect_generate")
+    image.upload(fill_from_metadata, image, [prompt, model])
     inspect_button.click(inspect_image, [image, prompt, model, detector, threshold],
                          [boxes, parsed, detected, diff, relabeled, verdict, message], api_name="inspect_relabel")

@@ -30,7 +30,6 @@ DETECTOR_CHOICES = ["auto", "shapes", "groundingdino"]
 DIFF_COLORS = {"removed": "#f87171", "added": "#4ade80"}
 # Shapes images are 64 px: they are enlarged (nearest neighbour) so boxes and masks stay readable.
 DISPLAY_SIDE = 384
-BOX_BORDER = 2  # pixels of the enlarged image
 MASK_ALPHA = 0.45  # masks shade the object; the box outline stays opaque
 
 
@@ -95,6 +94,7 @@ def annotated(image: Image.Image, detections: list[Detection], masks: list[np.nd
     scale = max(1, math.ceil(DISPLAY_SIDE / max(image.size)))
     big = image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
     height, width = big.height, big.width
+    border = max(2, round(max(width, height) / 192))  # still visible once the page shrinks the image
     layers = []
     for index, det in enumerate(detections):
         layer = np.zeros((height, width), dtype=np.float32)
@@ -104,8 +104,8 @@ def annotated(image: Image.Image, detections: list[Detection], masks: list[np.nd
         x0, y0, x1, y1 = (int(round(v * scale)) for v in det.box)
         x0, x1 = sorted((min(max(x0, 0), width - 1), min(max(x1, 1), width)))
         y0, y1 = sorted((min(max(y0, 0), height - 1), min(max(y1, 1), height)))
-        layer[y0:y1, x0:x0 + BOX_BORDER] = layer[y0:y1, x1 - BOX_BORDER:x1] = 1.0
-        layer[y0:y0 + BOX_BORDER, x0:x1] = layer[y1 - BOX_BORDER:y1, x0:x1] = 1.0
+        layer[y0:y1, x0:x0 + border] = layer[y0:y1, x1 - border:x1] = 1.0
+        layer[y0:y0 + border, x0:x1] = layer[y1 - border:y1, x0:x1] = 1.0
         label = detection_label(det)
         if threshold is not None and det.score < threshold:
             label += " (ignored)"

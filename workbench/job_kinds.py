@@ -6,6 +6,8 @@ files under ctx.run_dir and returns JSON outputs. Later issues add training, eva
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .benchmark import BenchmarkConfig, format_scores, run_benchmark
 from .generation import GenerationRequest, generate
 
@@ -28,9 +30,23 @@ def run_eval_job(params: dict, ctx) -> dict:
     return {"scores": str(ctx.run_dir / "scores.json"), "per_tag": summary["per_tag"], "overall": summary["overall"]}
 
 
+def run_ipr_job(params: dict, ctx) -> dict:
+    """An IPR run in the job's folder, or, with `resume_dir`, the continuation of an earlier one."""
+    from pipelines.ipr import IPRConfig, load_config, mark_reviewed, paused_iteration, run_ipr
+
+    out = Path(params["resume_dir"]) if params.get("resume_dir") else ctx.run_dir
+    config = load_config(out) if params.get("resume_dir") else IPRConfig.from_dict(params)
+    if params.get("reviewed"):
+        mark_reviewed(out, paused_iteration(out))
+    ctx.log(f"IPR on {config.model}: {config.iterations} iteration(s), run folder {out}")
+    return run_ipr(config, out, on_progress=lambda fraction, stage: ctx.progress(fraction, stage),
+                   should_stop=lambda: ctx.cancelled, log=ctx.log)
+
+
 JOB_KINDS = {
     "generate": run_generate_job,
     "eval": run_eval_job,
+    "ipr": run_ipr_job,
 }
 
 

@@ -11,6 +11,7 @@ from .generate import build_generate_tab, model_defaults
 from .inspect import build_inspect_tab
 from .review import build_review_tab, run_choices
 from .runs import build_runs_tab
+from .train import build_train_tab, ipr_runs
 
 TITLE = "align-workbench"
 INTRO = ("Make text-to-image models follow their prompts: generate, inspect, relabel, fine-tune and "
@@ -28,11 +29,14 @@ def build_app() -> gr.Blocks:
             build_inspect_tab()
         with gr.Tab("Review"):
             review_run = build_review_tab()
+        with gr.Tab("Train"):
+            train_run = build_train_tab(runner)
         with gr.Tab("Runs"):
             build_runs_tab(runner)
         demo.load(model_defaults, model, sliders + [model_info])
         # Runs started since the app was built appear when the page is (re)loaded.
         demo.load(lambda: gr.update(choices=run_choices()), None, review_run)
+        demo.load(lambda: gr.update(choices=ipr_runs()), None, train_run)
     return demo
 
 

@@ -1,0 +1,426 @@
+"""IPR, Iterative Prompt Relabeling (Chen et al., "Learning from Mistakes: Iterative Prompt Relabeling
+for Text-to-Image Diffusion Model Training", arXiv 2312.16204).
+
+    python -m pipelines.ipr --model shapes --iterations 2 --lora --out DIR
+
+For each iteration k (the method of the paper's Sec. 3, read top to bottom in `run_ipr`):
+
+1. sample: draw `samples_per_prompt` images for every training prompt with the current model
+   (the base model, plus the adapter of iteration k-1);
+2. detect and relabel: find what each image really shows and rewrite its prompt to that
+   (`workbench.relabel`): images that already satisfy their prompt keep it, the others get the
+   prompt they do satisfy, and images showing nothing that was asked for are dropped;
+3. review (optional, `review=True`): stop so that a person can accept, edit or reject relabels in
+   the Review tab; calling `run_ipr` again on the folder continues once `mark_reviewed` was called;
+4. fine-tune on the pairs of iterations 0..k (training sets accumulate) with the detection-based
+   loss re-scaling below, continuing the adapter of iteration k-1;
+5. evaluate on ShapesBench (or any GenEval-format prompt file).
+
+Every stage writes its result under the run folder before the next starts and is skipped when
+that result exists, so calling `run_ipr` again continues a crashed, cancelled or reviewed run (the
+trainer resumes from its own checkpoints). Folder layout:
+
+    config.json  metrics.jsonl  eval-base/
+    iteration-<k>/images/  samples.jsonl  reviewed  train/metadata.jsonl  adapter/  eval/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, pick_detector, run_benchmark
+from workbench.config import get_settings
+from workbench.errors import InvalidInput, WorkbenchError
+from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
+from workbench.relabel import relabel
+from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
+from workbench.shapes.bench_prompts import training_prompts
+
+# Detection-based loss re-scaling. The authors' released training script weights a sample's
+# denoising loss by 1.0 when the image already matched its prompt and by 0.5 when its prompt was
+# relabeled (a relabeled pair is right, but it was not what the model was asked for); the
+# alternative scales that factor by how sure the detector was of the objects the new prompt names.
+WEIGHTINGS = ("relabel", "detector")
+MATCHED_WEIGHT = 1.0
+RELABELED_WEIGHT = 0.5
+
+
+@dataclass
+class IPRConfig:
+    model: str = "shapes"
+    iterations: int = 2
+    prompts: int = 300  # training prompts, from the shapes grammar (disjoint from ShapesBench)
+    samples_per_prompt: int = 4
+    prompt_seed: int = 0
+    detector: str | None = None  # None: the model's own world (shapes model -> shapes detector)
+    box_threshold: float = 0.3
+    weighting: str = "relabel"  # see WEIGHTINGS
+    review: bool = False  # pause after relabeling each iteration for a manual review
+    # Fine-tuning (pipelines.trainer).
+    lora: bool = True
+    rank: int = 8
+    alpha: float = 8.0
+    train_text_encoder: bool = False
+    steps: int = 600  # per iteration
+    batch_size: int = 32
+    lr: float = 5e-4
+    seed: int = 0
+    # Sampling and evaluation.
+    sample_steps: int | None = None  # None: the model's default
+    guidance: float | None = None
+    eval_prompts: str = str(SHAPESBENCH)
+    eval_seeds: int = 4  # 0: skip evaluation
+
+    def validate(self) -> None:
+        if not 1 <= self.iterations <= 20:
+            raise InvalidInput(f"Iterations must be between 1 and 20 (got {self.iterations}).")
+        if self.prompts < 1 or self.samples_per_prompt < 1:
+            raise InvalidInput("Give at least one training prompt and one sample per prompt.")
+        if self.weighting not in WEIGHTINGS:
+            raise InvalidInput(f"Unknown weighting '{self.weighting}'; use one of {', '.join(WEIGHTINGS)}.")
+        if not 0 <= self.box_threshold < 1:
+            raise InvalidInput(f"The box threshold must be in [0, 1) (got {self.box_threshold}).")
+        if self.steps < 1 or self.batch_size < 1:
+            raise InvalidInput("Training needs at least one step and a batch of at least one.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IPRConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass
+class Stages:
+    """Progress over the whole run: each stage owns a slice of [0, 1]."""
+
+    report: Callable[[float, str], None] | None
+    iterations: int
+    evaluate: bool
+    weights: dict = field(default_factory=lambda: {"sample": 0.2, "relabel": 0.05, "train": 0.55, "eval": 0.2})
+
+    def __call__(self, iteration: int | None, stage: str, fraction: float, message: str) -> None:
+        if self.report is None:
+            return
+        per_iteration = dict(self.weights)
+        if not self.evaluate:
+            per_iteration.pop("eval")
+        total = sum(per_iteration.values())
+        base = per_iteration.get("eval", 0.0) if self.evaluate else 0.0  # the base model's evaluation
+        span = base + self.iterations * total
+        if iteration is None:
+            done = fraction * base
+        else:
+            order = list(per_iteration)
+            before = sum(per_iteration[s] for s in order[:order.index(stage)])
+            done = base + iteration * total + before + fraction * per_iteration[stage]
+        where = "base model" if iteration is None else f"iteration {iteration + 1}/{self.iterations}"
+        self.report(done / span, f"{where}: {stage}: {message}")
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str], None] | None = None,
+            should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or continue) an IPR run in `out_dir`; returns the per-iteration metrics.
+
+    Returns early with `{"status": "awaiting_review", ...}` when `config.review` is set and an
+    iteration's relabels wait for a person.
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(config, out_dir)
+    stages = Stages(on_progress, config.iterations, evaluate=config.eval_seeds > 0)
+    detector = pick_detector(BenchmarkConfig(model=config.model, detector=config.detector))
+    records = training_prompts(config.prompts, seed=config.prompt_seed)
+    started = time.time()
+
+    if config.eval_seeds:
+        evaluate(config, None, out_dir / "eval-base", stages, should_stop, log)
+
+    adapter: Path | None = None
+    for k in range(config.iterations):
+        folder = out_dir / f"iteration-{k}"
+        samples_file = folder / "samples.jsonl"
+        if not samples_file.exists():
+            images = sample(config, records, k, adapter, folder, stages, should_stop)
+            samples = annotate(config, images, k, detector, out_dir, stages)
+            _write_jsonl(samples_file, samples)
+            log(f"iteration {k + 1}: {relabel_summary(samples)}")
+        if config.review and not (folder / "reviewed").exists():
+            log(f"iteration {k + 1}: relabels wait for review (Review tab), then continue the run")
+            return {"status": "awaiting_review", "iteration": k, "run": str(out_dir)}
+
+        rows = accumulated_training_rows(out_dir, k)
+        next_adapter = folder / "adapter"
+        if lora_weights_file(str(next_adapter)) is None or not (next_adapter / "done").exists():
+            train_iteration(config, rows, folder, adapter, stages, k, should_stop)
+            (next_adapter / "done").write_text("")
+        adapter = next_adapter
+        scores = evaluate(config, adapter, folder / "eval", stages, should_stop, log, k) if config.eval_seeds else None
+        _record_metrics(out_dir, k, samples_file, rows, scores)
+
+    return {"status": "done", "run": str(out_dir), "adapter": str(adapter), "seconds": round(time.time() - started, 1),
+            "metrics": read_metrics(out_dir)}
+
+
+def sample(config: IPRConfig, records: list[dict], k: int, adapter: Path | None, folder: Path, stages: Stages,
+           should_stop) -> list[dict]:
+    """Stage 1: draw images of every training prompt with the current model, saved as PNGs."""
+    n = config.samples_per_prompt
+    seeds = [k * n + j for j in range(n)]  # fresh images each iteration, same prompts
+    loras = [LoraSpec(str(adapter), 1.0)] if adapter is not None else []
+    requests = [GenerationRequest(r["prompt"], model=config.model, seeds=seeds, steps=config.sample_steps,
+                                  guidance=config.guidance, batch_size=16, loras=loras) for r in records]
+    results = generate_many(requests, on_progress=lambda f, m: stages(k, "sample", f, m), should_stop=should_stop)
+    images_dir = folder / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for index, record in enumerate(records):
+        for result in results[index * n:(index + 1) * n]:
+            name = f"p{index:05d}_s{result.seed:04d}.png"
+            save_png(result.image, result.metadata, images_dir, name=name)
+            out.append({"id": f"i{k}-p{index:05d}-s{result.seed:04d}", "iteration": k,
+                        "image": f"{folder.name}/images/{name}", "prompt": record["prompt"], "seed": result.seed,
+                        "pil": result.image})
+    return out
+
+
+def annotate(config: IPRConfig, images: list[dict], k: int, detector, out_dir: Path, stages: Stages) -> list[dict]:
+    """Stage 2: detect, relabel and weight every sample."""
+    samples = []
+    for i, item in enumerate(images):
+        image = item.pop("pil")
+        detections = [d.to_dict() for d in detector.detect(image)]
+        result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold)
+        samples.append({**item, "spec": result.spec, "detections": detections, "relabeled": result.prompt,
+                        "changed": result.changed, "keep": result.keep, "reasons": result.reasons,
+                        "weight": sample_weight(config.weighting, result.changed, result.prompt, detections,
+                                                config.box_threshold)})
+        if i % 64 == 0:
+            stages(k, "relabel", i / len(images), f"{i}/{len(images)} images")
+    return samples
+
+
+def sample_weight(weighting: str, changed: bool, relabeled_prompt: str, detections: list[dict],
+                  box_threshold: float) -> float:
+    """IPR's loss factor for one sample (see MATCHED_WEIGHT / RELABELED_WEIGHT above)."""
+    factor = RELABELED_WEIGHT if changed else MATCHED_WEIGHT
+    if weighting == "relabel":
+        return factor
+    # "detector": scale by the mean confidence of the kept detections the new prompt is built on.
+    scores = [d["score"] for d in detections if d["score"] >= box_threshold]
+    return factor * (sum(scores) / len(scores) if scores else 0.0)
+
+
+def accumulated_training_rows(out_dir: Path, k: int) -> list[dict]:
+    """Training pairs of iterations 0..k, with the manual reviews applied (rejected ones dropped,
+    edited prompts used)."""
+    reviews = ReviewStore(get_settings().db_path).get_all(run_id(out_dir))
+    rows = []
+    for j in range(k + 1):
+        samples = load_samples(out_dir, iteration=j)
+        rows += training_rows(with_reviews(samples, reviews))
+    if not rows:
+        raise InvalidInput(f"Iterations 1..{k + 1} of {out_dir} left no training pairs: every sample was "
+                           f"rejected or showed nothing the prompt asked for.")
+    return rows
+
+
+def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adapter: Path | None, stages: Stages,
+                    k: int, should_stop) -> dict:
+    """Stage 4: fine-tune on the accumulated pairs, continuing the previous iteration's adapter."""
+    from pipelines.trainer import TrainConfig, train
+
+    data_dir = folder / "train"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    run_root = folder.parent
+    _write_jsonl(data_dir / "metadata.jsonl",
+                 [{"file_name": str((run_root / row["file_name"]).resolve()), "text": row["text"],
+                   "weight": row["weight"]} for row in rows])
+    train_config = TrainConfig(model=config.model, data=[str(data_dir)], out=str(folder / "adapter"),
+                               lora=config.lora, rank=config.rank, alpha=config.alpha,
+                               train_text_encoder=config.train_text_encoder,
+                               init_lora=str(init_adapter) if init_adapter is not None else None,
+                               steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                               seed=config.seed + k)
+    result = train(train_config, on_progress=lambda f, m: stages(k, "train", f, m), should_stop=should_stop)
+    if result.get("stopped"):
+        from workbench.jobs import JobCancelled
+
+        raise JobCancelled(f"training of iteration {k + 1} was stopped; resume the run to continue it")
+    return result
+
+
+def evaluate(config: IPRConfig, adapter: Path | None, out: Path, stages: Stages, should_stop, log,
+             k: int | None = None) -> dict:
+    """Stage 5: the GenEval-style benchmark with the current adapter (skipped when already scored)."""
+    scores_file = out / "scores.json"
+    if scores_file.exists():
+        return json.loads(scores_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    bench = BenchmarkConfig(model=config.model, prompts=config.eval_prompts, seeds=config.eval_seeds,
+                            detector=config.detector,
+                            loras=[LoraSpec(str(adapter), 1.0)] if adapter is not None else [])
+    summary = run_benchmark(bench, out, on_progress=lambda f, m: stages(k, "eval", f, m), should_stop=should_stop)
+    log(("base model" if k is None else f"iteration {k + 1}") + ":\n" + format_scores(summary))
+    return summary
+
+
+# --- bookkeeping ------------------------------------------------------------------------------------
+
+
+def run_id(out_dir: Path) -> str:
+    """Reviews are keyed by the run folder's name (the job id for runs started from the app)."""
+    return Path(out_dir).resolve().name
+
+
+def mark_reviewed(out_dir: Path, iteration: int) -> None:
+    """Let a paused run continue past `iteration`'s relabels (the reviews are read at training)."""
+    folder = Path(out_dir) / f"iteration-{iteration}"
+    if not (folder / "samples.jsonl").exists():
+        raise InvalidInput(f"{folder} has no relabeled samples to review yet.")
+    (folder / "reviewed").write_text(json.dumps({"time": time.time()}))
+
+
+def paused_iteration(out_dir: Path) -> int:
+    """The first iteration whose relabels exist but were not marked reviewed."""
+    for folder in sorted(Path(out_dir).glob("iteration-*"), key=lambda p: int(p.name.split("-")[1])):
+        if (folder / "samples.jsonl").exists() and not (folder / "reviewed").exists():
+            return int(folder.name.split("-")[1])
+    raise InvalidInput(f"{out_dir} has no iteration waiting for review.")
+
+
+def relabel_summary(samples: list[dict]) -> str:
+    changed = sum(s["changed"] for s in samples)
+    dropped = sum(not s["keep"] for s in samples)
+    return (f"{len(samples)} samples, {len(samples) - changed} matched their prompt, {changed - dropped} "
+            f"relabeled, {dropped} dropped (nothing asked for was found)")
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    base = Path(out_dir) / "eval-base" / "scores.json"
+    if base.exists():
+        scores = json.loads(base.read_text())
+        metrics.insert(0, {"iteration": 0, "label": "base", "overall": scores["overall"],
+                           "per_tag": {t: s["accuracy"] for t, s in scores["per_tag"].items()}})
+    return metrics
+
+
+def _record_metrics(out_dir: Path, k: int, samples_file: Path, rows: list[dict], scores: dict | None) -> None:
+    existing = [m for m in read_metrics(out_dir) if m.get("label") != "base"]
+    if any(m["iteration"] == k + 1 for m in existing):
+        return
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    entry = {"iteration": k + 1, "label": f"iteration {k + 1}", "samples": len(samples),
+             "matched": sum(not s["changed"] for s in samples),
+             "relabeled": sum(s["changed"] and s["keep"] for s in samples),
+             "dropped": sum(not s["keep"] for s in samples), "training_pairs": len(rows)}
+    if scores is not None:
+        entry["overall"] = scores["overall"]
+        entry["per_tag"] = {t: s["accuracy"] for t, s in scores["per_tag"].items()}
+    with open(out_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _check_same_config(config: IPRConfig, out_dir: Path) -> None:
+    """A run folder belongs to one configuration: continuing it with another would mix results."""
+    path = out_dir / "config.json"
+    current = {"kind": "ipr", **asdict(config)}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        # Review is a way of running, not part of the result; the rest must match.
+        differing = sorted(k for k in current if k != "review" and saved.get(k) != current[k])
+        if differing:
+            raise InvalidInput(f"{out_dir} holds an IPR run with other settings ({', '.join(differing)}); "
+                               f"continue it with the same settings or choose a new output folder.")
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2))
+    os.replace(tmp, path)
+
+
+def load_config(out_dir: Path) -> IPRConfig:
+    path = Path(out_dir) / "config.json"
+    if not path.exists():
+        raise InvalidInput(f"{out_dir} is not an IPR run (no config.json).")
+    return IPRConfig.from_dict(json.loads(path.read_text()))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = IPRConfig()
+    parser = argparse.ArgumentParser(description="Iterative Prompt Relabeling (IPR) fine-tuning.")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (created; reused with --resume)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    parser.add_argument("--reviewed", action="store_true",
+                        help="with --resume: the paused iteration's relabels were reviewed; train on them")
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--iterations", type=int, default=defaults.iterations)
+    parser.add_argument("--prompts", type=int, default=defaults.prompts, help="training prompts per iteration")
+    parser.add_argument("--samples-per-prompt", type=int, default=defaults.samples_per_prompt)
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--lora", action="store_true", default=True, help="train a LoRA adapter (default)")
+    kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--train-text-encoder", action="store_true")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per iteration")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default=defaults.weighting)
+    parser.add_argument("--box-threshold", type=float, default=defaults.box_threshold)
+    parser.add_argument("--detector", default=None)
+    parser.add_argument("--review", action="store_true", help="pause after each relabeling for a manual review")
+    parser.add_argument("--eval-prompts", default=defaults.eval_prompts)
+    parser.add_argument("--eval-seeds", type=int, default=defaults.eval_seeds)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.resume:
+            config = load_config(args.out)
+            config.review = args.review
+            if args.reviewed:
+                mark_reviewed(args.out, paused_iteration(args.out))
+        else:
+            config = IPRConfig(model=args.model, iterations=args.iterations, prompts=args.prompts,
+                               samples_per_prompt=args.samples_per_prompt, lora=not args.full, rank=args.rank,
+                               alpha=float(args.rank), train_text_encoder=args.train_text_encoder, steps=args.steps,
+                               batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
+                               box_threshold=args.box_threshold, detector=args.detector, review=args.review,
+                               eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds, seed=args.seed)
+        result = run_ipr(config, args.out, log=lambda m: print(m, flush=True))
+    except WorkbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result["status"] == "awaiting_review":
+        print(f"Paused for review of iteration {result['iteration'] + 1}: review it in the app's Review tab, "
+              f"then run `python -m pipelines.ipr --out {args.out} --resume --reviewed`.")
+    else:
+        print(f"done: adapter {result['adapter']} ({result['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

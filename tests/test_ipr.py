@@ -1,0 +1,152 @@
+"""The IPR loop end to end on the tiny random model, with a scripted detector (the tiny model draws
+noise, so what it "shows" is decided here): folders, relabels, weights, accumulation, adapters,
+metrics, cancel and resume, and the manual review pause."""
+
+import json
+
+import pytest
+
+from pipelines.ipr import IPRConfig, main as ipr_main, mark_reviewed, run_ipr, sample_weight
+from workbench.benchmark import DETECTORS
+from workbench.config import get_settings
+from workbench.generation import lora_weights_file, read_png_metadata
+from workbench.jobs import JobCancelled
+from workbench.perception.base import Detection
+from workbench.reviews import ReviewStore
+
+
+class ScriptedDetector:
+    """Sees one red circle on the left and one blue square on the right in every (32x32) image."""
+
+    def detect(self, image, labels=None):
+        return [Detection("circle", (1.0, 12.0, 9.0, 20.0), 0.9, "red"),
+                Detection("square", (22.0, 12.0, 30.0, 20.0), 0.6, "blue")]
+
+
+@pytest.fixture(autouse=True)
+def scripted_detector(monkeypatch):
+    monkeypatch.setitem(DETECTORS, "scripted", ScriptedDetector)
+
+
+@pytest.fixture
+def eval_prompts(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+                                "prompt": "a circle"}) + "\n")
+    return str(path)
+
+
+def config(tiny_sd, eval_prompts, **overrides) -> IPRConfig:
+    settings = dict(model=str(tiny_sd), iterations=2, prompts=8, samples_per_prompt=2, detector="scripted",
+                    steps=2, batch_size=2, sample_steps=2, eval_prompts=eval_prompts, eval_seeds=1)
+    return IPRConfig(**{**settings, **overrides})
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_iterations_relabel_accumulate_and_continue_the_adapter(tiny_sd, eval_prompts, tmp_path):
+    out = tmp_path / "run"
+    result = run_ipr(config(tiny_sd, eval_prompts), out, log=lambda m: None)
+    assert result["status"] == "done"
+
+    kept_so_far = 0
+    for k in range(2):
+        folder = out / f"iteration-{k}"
+        samples = read_jsonl(folder / "samples.jsonl")
+        assert len(samples) == 8 * 2
+        for s in samples:
+            assert (out / s["image"]).is_file()
+            # IPR's loss re-scaling: matched pairs count fully, relabeled ones half.
+            assert s["weight"] == (0.5 if s["changed"] else 1.0)
+            if s["changed"] and s["keep"]:
+                assert s["relabeled"] != s["prompt"] and s["reasons"]
+        assert any(s["changed"] for s in samples)
+        kept_so_far += sum(s["keep"] for s in samples)
+        # Training sets accumulate: iteration k trains on the kept pairs of iterations 0..k.
+        rows = read_jsonl(folder / "train" / "metadata.jsonl")
+        assert len(rows) == kept_so_far
+        assert lora_weights_file(str(folder / "adapter")) is not None
+        assert (folder / "eval" / "scores.json").is_file()
+
+    # Iteration 2 samples with iteration 1's adapter, and continues training it.
+    first_image = out / read_jsonl(out / "iteration-1" / "samples.jsonl")[0]["image"]
+    loras = read_png_metadata(first_image)["loras"]
+    assert [lora["path"] for lora in loras] == [str(out / "iteration-0" / "adapter")]
+    train_config = json.loads((out / "iteration-1" / "adapter" / "train_config.json").read_text())
+    assert train_config["init_lora"] == str(out / "iteration-0" / "adapter")
+
+    metrics = result["metrics"]
+    assert [m["label"] for m in metrics] == ["base", "iteration 1", "iteration 2"]
+    assert all("single_object" in m["per_tag"] for m in metrics)
+
+
+def test_a_cancelled_run_continues_without_redoing_finished_stages(tiny_sd, eval_prompts, tmp_path):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+
+    def stop_during_training():
+        calls["n"] += 1
+        return (out / "iteration-0" / "train").exists()  # stop once training has started
+
+    with pytest.raises(JobCancelled):
+        run_ipr(config(tiny_sd, eval_prompts, iterations=1), out, should_stop=stop_during_training,
+                log=lambda m: None)
+    samples_file = out / "iteration-0" / "samples.jsonl"
+    written = samples_file.stat().st_mtime_ns
+    assert lora_weights_file(str(out / "iteration-0" / "adapter")) is None or \
+        not (out / "iteration-0" / "adapter" / "done").exists()
+
+    result = run_ipr(config(tiny_sd, eval_prompts, iterations=1), out, log=lambda m: None)
+    assert result["status"] == "done"
+    assert samples_file.stat().st_mtime_ns == written  # sampling and relabeling were not redone
+    assert (out / "iteration-0" / "adapter" / "done").exists()
+
+
+def test_review_pause_uses_rejections_and_edits(tiny_sd, eval_prompts, tmp_path):
+    out = get_settings().runs_dir / "review-run"
+    cfg = config(tiny_sd, eval_prompts, iterations=1, review=True)
+    paused = run_ipr(cfg, out, log=lambda m: None)
+    assert paused["status"] == "awaiting_review"
+    assert not (out / "iteration-0" / "train").exists()
+
+    samples = [s for s in read_jsonl(out / "iteration-0" / "samples.jsonl") if s["keep"]]
+    rejected, edited = samples[0], samples[1]
+    store = ReviewStore(get_settings().db_path)
+    store.set("review-run", rejected["id"], "rejected")
+    store.set("review-run", edited["id"], "edited", prompt="a red circle to the left of a blue square")
+
+    # Without the review mark the run stays paused; with it, training reads the reviews.
+    assert run_ipr(cfg, out, log=lambda m: None)["status"] == "awaiting_review"
+    mark_reviewed(out, 0)
+    assert run_ipr(cfg, out, log=lambda m: None)["status"] == "done"
+    rows = read_jsonl(out / "iteration-0" / "train" / "metadata.jsonl")
+    texts = {row["text"] for row in rows}
+    assert len(rows) == len(samples) - 1
+    assert "a red circle to the left of a blue square" in texts
+    assert str((out / rejected["image"]).resolve()) not in {row["file_name"] for row in rows}
+
+
+def test_detector_weighting_scales_by_confidence():
+    detections = [{"label": "circle", "box": [0, 0, 4, 4], "score": 0.9},
+                  {"label": "square", "box": [8, 8, 12, 12], "score": 0.5},
+                  {"label": "square", "box": [8, 8, 12, 12], "score": 0.1}]  # under the threshold
+    assert sample_weight("relabel", False, "p", detections, 0.3) == 1.0
+    assert sample_weight("relabel", True, "p", detections, 0.3) == 0.5
+    assert sample_weight("detector", False, "p", detections, 0.3) == pytest.approx(0.7)
+    assert sample_weight("detector", True, "p", detections, 0.3) == pytest.approx(0.35)
+
+
+def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, iterations=1, eval_seeds=0), out, log=lambda m: None)
+    from workbench.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="other settings"):
+        run_ipr(config(tiny_sd, eval_prompts, iterations=1, eval_seeds=0, lr=1.0), out, log=lambda m: None)
+
+
+def test_cli_explains_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert ipr_main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "is not an IPR run" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""Train tab handlers and the 'ipr' job kind: start, follow, cancel, continue, metrics."""
+
+import json
+import time
+
+import pytest
+
+from workbench.benchmark import DETECTORS
+from workbench.config import get_settings
+from workbench.job_kinds import register_all
+from workbench.jobs import JobRunner, JobStatus
+from workbench.ui import train as tab
+
+from test_ipr import ScriptedDetector
+
+
+@pytest.fixture
+def runner(monkeypatch, tmp_path):
+    monkeypatch.setitem(DETECTORS, "scripted", ScriptedDetector)
+    settings = get_settings()
+    runner = JobRunner(settings.db_path, settings.runs_dir)
+    register_all(runner)
+    yield runner
+    runner.shutdown()
+
+
+def tiny_params(tiny_sd, tmp_path, **overrides):
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+                                   "prompt": "a circle"}) + "\n")
+    return {"model": str(tiny_sd), "iterations": 1, "prompts": 4, "samples_per_prompt": 2, "detector": "scripted",
+            "steps": 2, "batch_size": 2, "sample_steps": 2, "eval_prompts": str(prompts), "eval_seeds": 1,
+            **overrides}
+
+
+def test_bad_settings_are_refused_with_a_message(runner):
+    run, job, message = tab.start_run(runner, "shapes", 0, 300, 4, "LoRA", 8, 600, 32, 5e-4, "relabel", False, 4)
+    assert job is None
+    assert "Not started" in message and "Iterations" in message
+
+
+def test_an_ipr_job_runs_lists_its_run_and_plots_its_metrics(runner, tiny_sd, tmp_path):
+    job_id = runner.submit("ipr", tiny_params(tiny_sd, tmp_path))
+    job = runner.wait(job_id, timeout=300)
+    assert job.status is JobStatus.DONE, job.log
+    assert job_id in tab.ipr_runs()
+
+    status, log, frame, table = tab.run_status(runner, job_id, None)
+    assert "done" in status and "IPR" in log
+    assert set(frame["iteration"]) == {0, 1}  # the base model and iteration 1
+    assert "overall" in set(frame["tag"])
+    assert list(table["iteration"]) == [0, 1]
+
+
+def test_a_cancelled_run_continues_in_its_own_folder(runner, tiny_sd, tmp_path):
+    job_id = runner.submit("ipr", tiny_params(tiny_sd, tmp_path, steps=400))
+    folder = get_settings().runs_dir / job_id
+    # Cancel once training has started; the samples stay on disk.
+    for _ in range(600):
+        if (folder / "iteration-0" / "train").exists():
+            break
+        time.sleep(0.5)
+    assert runner.cancel(job_id)
+    assert runner.wait(job_id, timeout=120).status is JobStatus.CANCELLED
+    samples = (folder / "iteration-0" / "samples.jsonl").read_text()
+
+    # "Continue" resumes the same folder with its saved settings.
+    resumed, message = tab.continue_run(runner, job_id, reviewed=False)
+    assert resumed and job_id in message
+    job = runner.wait(resumed, timeout=600)
+    assert job.status is JobStatus.DONE, job.log
+    assert (folder / "iteration-0" / "samples.jsonl").read_text() == samples
+    assert (folder / "iteration-0" / "adapter" / "done").exists()
+    # The tab follows the newest job of the run.
+    assert tab.latest_job_for(runner, job_id, None).id == resumed
+
+
+def test_continue_needs_a_run():
+    assert tab.continue_run(None, None, reviewed=False) == (None, "Choose a run to continue.")
+
+
+def test_run_names_cannot_leave_the_runs_folder(tmp_path):
+    assert tab.run_folder("../../etc") is None
+    assert tab.run_folder(None) is None

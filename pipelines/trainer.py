@@ -420,6 +420,8 @@ def train(config: TrainConfig, on_progress: Callable[[float, str], None] | None 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
                               cpu=cpu)
     try:
+        if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            raise InvalidInput("fp16 mixed precision needs a GPU; on the CPU use bf16 or no.")
         return _train(config, rows, entry, out, accelerator, on_progress, should_stop, resume)
     finally:
         if accelerator.num_processes == 1:

@@ -69,15 +69,16 @@ def test_lora_training_writes_an_adapter_the_generation_service_loads(tiny_sd, s
     from workbench.generation import LoraSpec
 
     out = tmp_path / "run"
+    extra = make_imagefolder(tmp_path / "extra", 3, seed=5, weight=0.5)
     progress = []
-    result = train(tiny_config(tiny_sd, [shapes_data], out, log_every=2),
+    result = train(tiny_config(tiny_sd, [shapes_data, extra], out, log_every=2),
                    on_progress=lambda fraction, message: progress.append(fraction))
 
     assert result["steps"] == 4 and result["stopped"] is False and np.isfinite(result["loss"])
     assert result["lora"] == str(out / "pytorch_lora_weights.safetensors") and Path(result["lora"]).is_file()
     assert progress[-1] == 1.0
     config = json.loads((out / "train_config.json").read_text())
-    assert config["model"] == str(tiny_sd) and config["rows"] == 5 and config["resolution_used"] == 32
+    assert config["model"] == str(tiny_sd) and config["rows"] == 5 + 3 and config["resolution_used"] == 32
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     assert set(records[0]) == {"step", "loss", "lr", "seconds"} and records[-1]["loss"] == pytest.approx(result["loss"])
@@ -268,3 +269,22 @@ def test_accelerate_launch_with_two_processes_keeps_replicas_in_sync(tiny_sd, sh
     info = json.loads((out / "train_config.json").read_text())
     assert info["num_processes"] == 2 and info["global_batch"] == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be no, fp16 or bf16"),
+    ({"lora": False, "init_lora": "x"}, "init_lora continues a LoRA"),
+    ({"model": "no-such-model"}, "Unknown model"),
+])
+def test_bad_settings_fail_before_any_work(tiny_sd, shapes_data, tmp_path, overrides, expected):
+    config = tiny_config(tiny_sd, [shapes_data], tmp_path / "out")
+    with pytest.raises(InvalidInput, match=expected):
+        train(replace(config, **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on the CPU only")
+def test_fp16_on_the_cpu_is_refused_with_a_hint(tiny_sd, shapes_data, tmp_path):
+    with pytest.raises(InvalidInput, match="bf16"):
+        train(tiny_config(tiny_sd, [shapes_data], tmp_path / "out", mixed_precision="fp16"))

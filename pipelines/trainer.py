@@ -106,7 +106,8 @@ class TrainConfig:
              f"mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})."),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1) (got {self.ema_decay})."),
             (self.snr_gamma is None or self.snr_gamma > 0, f"snr_gamma must be positive (got {self.snr_gamma})."),
-            (self.resolution is None or self.resolution >= 8, f"resolution must be at least 8 (got {self.resolution})."),
+            (self.resolution is None or self.resolution >= 8,
+             f"resolution must be at least 8 (got {self.resolution})."),
             (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1 (got {self.checkpoint_every})."),
             (self.log_every >= 1, f"log_every must be at least 1 (got {self.log_every})."),
             (self.init_lora is None or self.lora, "init_lora continues a LoRA: it needs lora=True (drop --full)."),
@@ -295,11 +296,13 @@ def save_lora(folder: Path | str, unet, text_encoder=None) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    def layers(model) -> dict:
+        # save_embedding_layers=False: no adapter targets embeddings, and "auto" would query the hub.
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+
     has_te = text_encoder is not None and "default" in getattr(text_encoder, "peft_config", {})
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, save_embedding_layers=False)),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder, save_embedding_layers=False))
-        if has_te else None,
+        folder, unet_lora_layers=layers(unet), text_encoder_lora_layers=layers(text_encoder) if has_te else None,
         unet_lora_adapter_metadata=lora_metadata(unet),
         text_encoder_lora_adapter_metadata=lora_metadata(text_encoder) if has_te else None,
         safe_serialization=True)
@@ -383,6 +386,26 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _resumable_checkpoint(config: TrainConfig, out: Path) -> tuple[Path, dict] | None:
+    """The last complete checkpoint and its trainer state, after checking it continues this very run."""
+    checkpoints = _checkpoints(out)
+    if not checkpoints:
+        return None
+    step, folder = checkpoints[-1]
+    state = json.loads((folder / "trainer_state.json").read_text())
+    saved, current = state["config"], json.loads(json.dumps(asdict(config)))
+    changed = [k for k in RUN_IDENTITY if saved.get(k) != current[k]]
+    if (saved.get("ema_decay") is None) != (config.ema_decay is None):
+        changed.append("ema_decay")
+    if changed:
+        raise InvalidInput(f"{folder} is from a run with other settings ({', '.join(changed)}): resume with the "
+                           f"same settings, or start afresh (resume=False / --no-resume).")
+    if step > config.steps:
+        raise InvalidInput(f"{folder} is already past steps={config.steps}: ask for at least {step} steps, or "
+                           f"start afresh (resume=False / --no-resume).")
+    return folder, state
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
@@ -394,9 +417,19 @@ def train(config: TrainConfig, on_progress: Callable[[float, str], None] | None 
           should_stop: Callable[[], bool] | None = None, resume: bool = True) -> dict:
     """Fine-tune and write the result under config.out; see the module docstring.
 
-    resume=True continues from the last checkpoint in out/checkpoints when there is one; resume=False
-    starts afresh and removes earlier checkpoints. should_stop() is polled after every optimizer step:
-    True saves a checkpoint and returns with "stopped": True (single-process use).
+    Writes out/train_config.json, out/log.jsonl (step, loss, lr, seconds every log_every steps) and
+    out/checkpoints/step-N (the last 2), then the result: with LoRA out/pytorch_lora_weights.safetensors
+    (diffusers format, for `pipe.load_lora_weights(out)`), else out/unet (and out/text_encoder) plus
+    out/pipeline, the source pipeline with the trained parts, loadable as a local model.
+
+    Returns {"out", "steps", "loss" (mean of the last log_every steps), "seconds" (training loop time,
+    summed over resumes), "lora" (the weights file or None), "stopped"}, plus "unet" and "pipeline"
+    for a full fine-tune and "checkpoint" when stopped.
+
+    resume=True continues from the last checkpoint in out/checkpoints when there is one (a run with
+    other settings is refused); resume=False starts afresh and removes earlier checkpoints.
+    should_stop() is polled after every optimizer step: True saves a checkpoint and returns with
+    "stopped": True (in-process, single-process use; under accelerate launch pass nothing).
     """
     import diffusers
     import transformers
@@ -437,6 +470,7 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
 
     main = accelerator.is_main_process
     device = accelerator.device
+    resume_from = _resumable_checkpoint(config, out) if resume else None
     # Frozen parts in the compute dtype; what is trained stays in float32 (diffusers' recipe).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     full_te = not config.lora and config.train_text_encoder
@@ -509,19 +543,12 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
         accelerator.register_save_state_pre_hook(save_model_hook)
         accelerator.register_load_state_pre_hook(load_model_hook)
 
-    # Resume from the last complete checkpoint, or start afresh.
+    # Resume from the last complete checkpoint (checked before any work above), or start afresh.
     start, elapsed_before, losses = 0, 0.0, []
-    checkpoints = _checkpoints(out)
-    if resume and checkpoints:
-        step, folder = checkpoints[-1]
-        state = json.loads((folder / "trainer_state.json").read_text())
-        current = json.loads(json.dumps(asdict(config)))
-        changed = [k for k in RUN_IDENTITY if state["config"].get(k) != current[k]]
-        if changed or (state["config"].get("ema_decay") is None) != (config.ema_decay is None):
-            raise InvalidInput(f"{folder} is from a run with other settings ({', '.join(changed) or 'ema_decay'}): "
-                               f"resume with the same settings, or start afresh (resume=False / --no-resume).")
+    if resume_from is not None:
+        folder, state = resume_from
         accelerator.load_state(str(folder))
-        start, elapsed_before, losses = step, state["seconds"], state.get("losses", [])
+        start, elapsed_before, losses = state["step"], state["seconds"], state.get("losses", [])
         if main:
             _log(f"trainer: resuming from {folder} (step {start}/{config.steps})")
     elif main and (out / "checkpoints").exists():

@@ -147,8 +147,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights_as_a_straight_run(tiny_s
     assert log_steps(tmp_path / "resumed") == [1, 2, 3, 4, 5]  # no step logged twice after the resume
     assert second["loss"] == pytest.approx(straight["loss"], rel=1e-5)
 
-    with pytest.raises(InvalidInput, match="other settings"):
+    with pytest.raises(InvalidInput, match=r"other settings \(rank\)"):
         train(replace(resumed, rank=2), resume=True)
+    with pytest.raises(InvalidInput, match="already past steps=4"):
+        train(replace(resumed, steps=4), resume=True)
 
 
 def test_zero_loss_weights_leave_an_init_lora_untouched(tiny_sd, tiny_lora, tmp_path):

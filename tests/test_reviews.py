@@ -153,6 +153,11 @@ def test_final_prompts_and_training_rows_follow_the_verdicts(run_dir, store):
     rows = training_rows(with_reviews(load_samples(run_dir), store.get_all("ipr-test")))
     assert rows[1]["text"] == "a dark green square" and rows[1]["weight"] == 0.5
 
+    # A person's edit of a sample the loop dropped (keep=False) makes it a training pair.
+    store.set("ipr-test", ids[3], "edited", "a purple square")
+    rows = training_rows(with_reviews(load_samples(run_dir), store.get_all("ipr-test")))
+    assert rows[-1]["id"] == ids[3] and rows[-1]["text"] == "a purple square" and rows[-1]["weight"] == 0.5
+
 
 def test_export_is_an_imagefolder_with_text_and_weight(run_dir, store):
     ids = [s[0] for s in FAKE_SAMPLES]

@@ -59,14 +59,32 @@ class BenchmarkConfig:
         return cls(**{**data, "loras": [LoraSpec(**lora) for lora in data.get("loras", [])]})
 
 
-def pick_detector(config: BenchmarkConfig):
+def detector_name(config: BenchmarkConfig) -> str:
+    """The detector backend that scores this model's images: the model's own world by default."""
     name = config.detector or ("shapes" if resolve(config.model).name == "shapes" else "groundingdino")
     if name not in DETECTORS:
         raise ModelNotAvailable(
             f"No '{name}' detector backend is installed in this workbench yet, so images of "
             f"'{config.model}' cannot be scored. Available: {', '.join(DETECTORS)} "
             f"(pass --detector shapes to score shapes-world prompts).")
-    return DETECTORS[name]()
+    return name
+
+
+def pick_detector(config: BenchmarkConfig):
+    return DETECTORS[detector_name(config)]()
+
+
+def check_detector(config: BenchmarkConfig) -> None:
+    """Raise what pick_detector would (unknown backend, missing weights) without loading a model,
+    so the UI can answer at once instead of after a large detector is read."""
+    from .perception.backends import CHECKS
+
+    name = detector_name(config)
+    if name in CHECKS:
+        try:
+            CHECKS[name]()
+        except ModelNotAvailable as error:
+            raise ModelNotAvailable(f"{error}\n(To score shapes-world prompts without it, pass --detector shapes.)") from None
 
 
 def run_benchmark(config: BenchmarkConfig, out_dir: Path,

@@ -206,19 +206,27 @@ def _same_prompt(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
+# A person's prompt for an image the loop dropped counts like any relabeled pair (IPR's factor).
+HUMAN_RELABEL_WEIGHT = 0.5
+
+
 def training_rows(reviewed_samples: list[dict]) -> list[dict]:
-    """Rows to fine-tune on: rejected samples and samples the loop marked keep=False are dropped.
+    """Rows to fine-tune on: rejected samples and samples the loop marked keep=False are dropped,
+    unless a person wrote a prompt for them (an edit is a label someone checked against the image).
 
     Weights are the IPR loop's; only an edit back to the original prompt gets 1.0, since the image
     then matches what was asked for.
     """
     rows = []
     for sample in reviewed_samples:
-        if sample.get("status") == "rejected" or not sample.get("keep", True):
+        edited = sample.get("status") == "edited"
+        if sample.get("status") == "rejected" or not (sample.get("keep", True) or edited):
             continue
         weight = float(sample.get("weight", 1.0))
-        if sample.get("status") == "edited" and _same_prompt(sample["final_prompt"], sample["prompt"]):
+        if edited and _same_prompt(sample["final_prompt"], sample["prompt"]):
             weight = 1.0
+        elif edited and not sample.get("keep", True):
+            weight = HUMAN_RELABEL_WEIGHT  # the loop gave it no weight of its own
         rows.append({"file_name": sample["image"], "text": sample["final_prompt"], "weight": weight,
                      "id": str(sample["id"])})
     return rows

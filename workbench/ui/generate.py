@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..benchmark import BenchmarkConfig, pick_detector
+from ..benchmark import BenchmarkConfig, check_detector
 from ..config import ASSETS_DIR, get_settings
 from ..errors import WorkbenchError
 from ..generation import SCHEDULERS, GenerationRequest, LoraSpec, read_png_metadata
@@ -142,7 +142,7 @@ def build_generate_tab(runner):
         config = BenchmarkConfig(model=model_name, seeds=int(seeds), steps=int(steps_value),
                                  guidance=float(guidance_value), loras=parse_loras(loras_text))
         try:
-            pick_detector(config)
+            check_detector(config)
         except WorkbenchError as error:
             yield gr.update(), f"Cannot evaluate: {error}"
             return

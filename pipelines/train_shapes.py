@@ -638,12 +638,34 @@ Measured by the training script with the embedded detector (`workbench.perceptio
 * single objects ("a red circle", every colour x shape, {f["eval_seeds"]} seeds each): **{f["single_acc"]}**
 * compositional probes (counts, two colours, positions; {len(COMPOSITION_PROBES)} prompts x {f["eval_seeds"]} seeds): **{f["comp_acc"]}**
 
-## ShapesBench scores
+{SCORES_HEADING}
 
-_To be filled in by `python -m workbench eval --model shapes` (not computed by the training script;
-retraining rewrites this card, so re-run the evaluation after a retrain)._
+_To be filled in: `python -m workbench eval --model shapes --out DIR`, then
+`python -m pipelines.train_shapes --out {out} --card-scores DIR/scores.json` (retraining rewrites
+this card, so re-run the evaluation after a retrain)._
 """
     (out / "README.md").write_text(card)
+
+
+SCORES_HEADING = "## ShapesBench scores"
+
+
+def write_card_scores(out: Path, scores_file: Path) -> None:
+    """Replace the model card's ShapesBench section with the per-tag table of a `workbench eval` run."""
+    summary = json.loads(Path(scores_file).read_text())
+    config = summary.get("config", {})
+    rows = "\n".join(f"| `{tag}` | {s['correct']}/{s['total']} | {s['accuracy']:.1%} |"
+                      for tag, s in summary["per_tag"].items())
+    section = (f"{SCORES_HEADING}\n\nGenEval's rules, scored by the embedded detector: "
+               f"`python -m workbench eval --model shapes` ({config.get('seeds', '?')} seeds per prompt, "
+               f"{summary['images']} images, {config.get('seconds', '?')} s).\n\n"
+               f"| tag | correct | accuracy |\n|---|---|---|\n{rows}\n| **overall** (mean of tags) | | "
+               f"**{summary['overall']:.1%}** |\n")
+    card_path = out / "README.md"
+    card = card_path.read_text()
+    if SCORES_HEADING not in card:
+        raise SystemExit(f"{card_path} has no '{SCORES_HEADING}' section to fill.")
+    card_path.write_text(card[:card.index(SCORES_HEADING)] + section)
 
 
 def export(pipe, out: Path, facts: dict, cfg: Config) -> dict:
@@ -748,7 +770,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="total wall-clock budget; the diffusion step count is fitted to it")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work-dir")
     parser.add_argument("--work-dir", type=Path, default=Path("data/train_shapes"))
+    parser.add_argument("--card-scores", type=Path, default=None,
+                        help="only write this scores.json (from `workbench eval`) into the model card in --out")
     args = parser.parse_args(argv)
+    if args.card_scores is not None:
+        write_card_scores(args.out, args.card_scores)
+        return
     command = "python -m pipelines.train_shapes " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume")
     train(args.out, args.work_dir, args.seed, Config(), args.steps, args.minutes, args.resume, command)

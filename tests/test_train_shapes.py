@@ -1,5 +1,6 @@
 """The shapes-model training script, on a config that trains in seconds."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -66,3 +67,19 @@ def test_a_killed_run_resumes_to_the_same_weights_as_a_straight_run(tmp_path, mo
     for a, b in zip(straight["ema"], resumed["ema"]):
         torch.testing.assert_close(a, b)
     assert (tmp_path / "model" / "model_index.json").exists()
+
+
+def test_card_scores_replace_the_shapesbench_section(tmp_path):
+    from pipelines.train_shapes import main
+
+    (tmp_path / "README.md").write_text("# card\n\nfacts\n\n## ShapesBench scores\n\n_To be filled in._\n")
+    scores = {"per_tag": {"single_object": {"correct": 190, "total": 200, "accuracy": 0.95},
+                          "position": {"correct": 40, "total": 200, "accuracy": 0.2}},
+              "overall": 0.575, "images": 400, "config": {"seeds": 4, "seconds": 60.0}}
+    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    main(["--out", str(tmp_path), "--card-scores", str(tmp_path / "scores.json")])
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# card\n\nfacts\n")
+    assert "To be filled in" not in card
+    assert "| `single_object` | 190/200 | 95.0% |" in card and "| `position` | 40/200 | 20.0% |" in card
+    assert "**57.5%**" in card

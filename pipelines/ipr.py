@@ -56,8 +56,8 @@ RELABELED_WEIGHT = 0.5
 class IPRConfig:
     model: str = "shapes"
     iterations: int = 2
-    prompts: int = 300  # training prompts, from the shapes grammar (disjoint from ShapesBench)
-    samples_per_prompt: int = 4
+    prompts: int = 500  # training prompts, from the shapes grammar (disjoint from ShapesBench)
+    samples_per_prompt: int = 3
     prompt_seed: int = 0
     detector: str | None = None  # None: the model's own world (shapes model -> shapes detector)
     box_threshold: float = 0.3
@@ -68,7 +68,7 @@ class IPRConfig:
     rank: int = 8
     alpha: float = 8.0
     train_text_encoder: bool = False
-    steps: int = 600  # per iteration
+    steps: int = 800  # per iteration
     batch_size: int = 32
     lr: float = 5e-4
     seed: int = 0

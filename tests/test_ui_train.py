@@ -34,7 +34,7 @@ def tiny_params(tiny_sd, tmp_path, **overrides):
 
 
 def test_bad_settings_are_refused_with_a_message(runner):
-    run, job, message = tab.start_run(runner, "shapes", 0, 300, 4, "LoRA", 8, 600, 32, 5e-4, "relabel", False, 4)
+    run, job, message = tab.start_run(runner, "shapes", 0, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4)
     assert job is None
     assert "Not started" in message and "Iterations" in message
 

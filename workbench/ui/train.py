@@ -133,12 +133,12 @@ def build_train_tab(runner: JobRunner) -> gr.Dropdown:
             model = gr.Dropdown(model_names(), value=get_settings().default_model, label="Model",
                                 allow_custom_value=True)
             iterations = gr.Slider(1, 5, value=2, step=1, label="Iterations")
-            prompts = gr.Number(300, label="Training prompts", precision=0)
-            samples = gr.Number(4, label="Images per prompt", precision=0)
+            prompts = gr.Number(500, label="Training prompts", precision=0)
+            samples = gr.Number(3, label="Images per prompt", precision=0)
             method = gr.Radio(["LoRA", "Full"], value="LoRA", label="Fine-tuning")
             rank = gr.Number(8, label="LoRA rank", precision=0)
         with gr.Column():
-            steps = gr.Number(600, label="Training steps per iteration", precision=0)
+            steps = gr.Number(800, label="Training steps per iteration", precision=0)
             batch = gr.Number(32, label="Batch size", precision=0)
             lr = gr.Number(5e-4, label="Learning rate")
             weighting = gr.Radio(["relabel", "detector"], value="relabel", label="Loss re-scaling",

@@ -116,6 +116,9 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path,
     summary = summarize(rows)
     summary["config"] = {**config.to_dict(), "seconds": round(time.time() - started, 1)}
     _write_outputs(out_dir, rows, summary)
+    from .history import record_evaluation
+
+    record_evaluation(config, summary, out_dir)  # the Results tab's history (never fails the run)
     return summary
 
 

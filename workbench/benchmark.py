@@ -36,7 +36,8 @@ def _backend_detector(name: str) -> Callable[[], object]:
 
 
 # Detector backends by name, as the perception backends table names them.
-DETECTORS: dict[str, Callable[[], object]] = {name: _backend_detector(name) for name in ("shapes", "groundingdino")}
+DETECTORS: dict[str, Callable[[], object]] = {name: _backend_detector(name)
+                                              for name in ("shapes", "groundingdino", "groundingdino+clip")}
 
 
 @dataclass
@@ -59,9 +60,23 @@ class BenchmarkConfig:
         return cls(**{**data, "loras": [LoraSpec(**lora) for lora in data.get("loras", [])]})
 
 
+def _asks_for_colour(prompts: str) -> bool:
+    return any("color" in clause for record in load_prompt_file(prompts) for clause in record.get("include", []))
+
+
 def detector_name(config: BenchmarkConfig) -> str:
-    """The detector backend that scores this model's images: the model's own world by default."""
-    name = config.detector or ("shapes" if resolve(config.model).name == "shapes" else "groundingdino")
+    """The detector backend that scores this model's images: the model's own world by default.
+
+    The shapes model gets the exact shapes detector. Other models get GroundingDINO, with GenEval's CLIP
+    colour classifier on each box ("groundingdino+clip") when the prompt set asks for any colour, since
+    GroundingDINO alone reports none; without colour clauses the CLIP weights are not needed.
+    """
+    if config.detector:
+        name = config.detector
+    elif resolve(config.model).name == "shapes":
+        name = "shapes"
+    else:
+        name = "groundingdino+clip" if _asks_for_colour(config.prompts) else "groundingdino"
     if name not in DETECTORS:
         raise ModelNotAvailable(
             f"No '{name}' detector backend is installed in this workbench yet, so images of "

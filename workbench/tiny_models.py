@@ -155,3 +155,28 @@ def build_tiny_sam(folder: Path, seed: int = 0) -> Path:
     checkpoint = folder / "sam_tiny.pth"
     torch.save(build_sam(tiny_sam_architecture()).state_dict(), checkpoint)
     return checkpoint
+
+
+# --- tiny CLIP (evaluation metrics: GenEval's colour classifier, CLIPScore) ----------------------
+
+TINY_CLIP_WORDS = ["a", "photo", "of", "colored", "object", "red", "orange", "yellow", "green", "blue", "purple",
+                   "pink", "brown", "black", "white", "circle", "square", "triangle", "cat", "dog", "car"]
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer CLIPModel on 32x32 images, with its tokenizer and image processor, saved like
+    openai/clip-vit-large-patch14 is (config.json, model.safetensors, tokenizer and preprocessor files)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer(TINY_CLIP_WORDS, model_max_length=77)
+    text = _clip_config(len(tokenizer), max_position_embeddings=77)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              image_size=32, patch_size=8, layer_norm_eps=1e-05)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

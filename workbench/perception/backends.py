@@ -11,6 +11,10 @@ keyword options given to `get_*` override them:
 | WORKBENCH_GROUNDINGDINO_TEXT_ENCODER | bert-base-uncased (hub id in the HF cache, or a local folder) |
 | WORKBENCH_SAM_CHECKPOINT | $WORKBENCH_DATA/weights/sam/<released file of the model type> |
 | WORKBENCH_SAM_MODEL_TYPE | vit_b |
+| WORKBENCH_CLIP_MODEL | openai/clip-vit-large-patch14 (hub id in the HF cache, or a local folder) |
+
+Detector "groundingdino+clip" is GroundingDINO with GenEval's CLIP colour classifier on each box
+(`clip_metrics.py`), for scoring colour prompts of real models; "groundingdino" alone gives no colours.
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ def sam_settings() -> dict:
             "model_type": model_type}
 
 
+def clip_settings() -> dict:
+    from workbench.perception.clip_metrics import clip_model_name
+
+    return {"model": clip_model_name()}
+
+
+def get_colour_classifier(model: str | None = None, colours=None, device: str | None = None):
+    """GenEval's CLIP colour classifier (ViT-L/14 by default, or $WORKBENCH_CLIP_MODEL), loaded from disk."""
+    from workbench.perception.clip_metrics import COLOUR_METRIC, GENEVAL_COLORS, ColourClassifier, load_clip
+
+    clip = load_clip(model or clip_settings()["model"], COLOUR_METRIC, device=device)
+    return ColourClassifier(clip, colours or GENEVAL_COLORS)
+
+
 def _shapes_detector(**options):
     from workbench.perception.shapes import ShapesDetector
 
@@ -78,13 +96,24 @@ def _groundingdino(**options):
     return GroundingDinoDetector(**{**groundingdino_settings(), **options})
 
 
+def _groundingdino_clip(clip_model: str | None = None, colours=None, **options):
+    """GroundingDINO whose detections carry CLIP's colour; `clip_model`/`colours` go to the classifier,
+    every other option to GroundingDINO. Both sets of weights are checked before either is loaded."""
+    from workbench.perception.clip_metrics import ColourDetector
+
+    _check_groundingdino_clip(clip_model=clip_model, **options)
+    return ColourDetector(_groundingdino(**options),
+                          get_colour_classifier(clip_model, colours, device=options.get("device")))
+
+
 def _sam(**options):
     from workbench.perception.sam import SamSegmenter
 
     return SamSegmenter(**{**sam_settings(), **options})
 
 
-DETECTORS: dict[str, Callable[..., object]] = {"shapes": _shapes_detector, "groundingdino": _groundingdino}
+DETECTORS: dict[str, Callable[..., object]] = {"shapes": _shapes_detector, "groundingdino": _groundingdino,
+                                               "groundingdino+clip": _groundingdino_clip}
 SEGMENTERS: dict[str, Callable[..., object]] = {"shapes": _shapes_segmenter, "sam": _sam}
 TAGGERS: dict[str, Callable[..., object]] = {"shapes": _shapes_tagger}
 CAPTIONERS: dict[str, Callable[..., object]] = {"shapes": _shapes_captioner}
@@ -126,8 +155,25 @@ def _check_sam(**options) -> None:
     check_files(settings["checkpoint_path"], settings["model_type"], settings.get("architecture") is not None)
 
 
+def _check_groundingdino_clip(clip_model: str | None = None, colours=None, **options) -> None:
+    """One message naming everything missing: GroundingDINO's files and the CLIP model."""
+    from workbench.errors import ModelNotAvailable
+    from workbench.perception.clip_metrics import COLOUR_METRIC, check_clip
+
+    problems = []
+    for check in (lambda: _check_groundingdino(**options),
+                  lambda: check_clip(clip_model or clip_settings()["model"], COLOUR_METRIC)):
+        try:
+            check()
+        except ModelNotAvailable as error:
+            problems.append(str(error))
+    if problems:
+        raise ModelNotAvailable("\n".join(problems))
+
+
 # Cheap availability checks (files only, nothing loaded); backends without one are always available.
-CHECKS: dict[str, Callable[..., None]] = {"groundingdino": _check_groundingdino, "sam": _check_sam}
+CHECKS: dict[str, Callable[..., None]] = {"groundingdino": _check_groundingdino, "sam": _check_sam,
+                                          "groundingdino+clip": _check_groundingdino_clip}
 
 
 def check_backend(kind: str, name: str, **options) -> None:

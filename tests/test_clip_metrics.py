@@ -265,3 +265,106 @@ def test_real_models_get_colours_only_when_the_prompts_ask_for_them(tmp_path):
     assert detector_name(BenchmarkConfig(model="sd15", detector="groundingdino")) == "groundingdino"
     with pytest.raises(InvalidInput, match="does not exist"):
         detector_name(BenchmarkConfig(model="sd15", prompts=str(tmp_path / "nope.jsonl")))
+
+
+# --- CLIPScore -----------------------------------------------------------------------------------
+
+
+class AngleClip:
+    """Embeddings on a circle: a prompt "at N degrees" and an image whose red channel is N sit at angle N."""
+
+    name = "angle-clip"
+
+    @staticmethod
+    def _unit(degrees):
+        radians = torch.tensor(float(degrees)) * torch.pi / 180
+        return torch.stack([torch.cos(radians), torch.sin(radians)])
+
+    def embed_texts(self, texts, batch_size=64):
+        return torch.stack([self._unit(text.split()[1]) for text in texts])
+
+    def embed_images(self, images, batch_size=16):
+        return torch.stack([self._unit(image.getpixel((0, 0))[0]) for image in images])
+
+
+def angle_image(degrees):
+    return Image.new("RGB", (8, 8), (degrees, 0, 0))
+
+
+def test_clip_score_is_100_times_the_positive_cosine():
+    from workbench.clipscore import clip_score
+
+    images = [angle_image(30), angle_image(0), angle_image(0), angle_image(0)]
+    prompts = ["at 30 degrees", "at 60 degrees", "at 90 degrees", "at 135 degrees"]
+    assert clip_score(images, prompts, AngleClip()) == pytest.approx([100.0, 50.0, 0.0, 0.0], abs=1e-4)
+    assert clip_score([], [], AngleClip()) == []
+    with pytest.raises(InvalidInput, match="one prompt per image"):
+        clip_score(images, prompts[:2], AngleClip())
+
+
+def test_clip_score_with_tiny_clip_is_bounded_repeatable_and_batch_independent(tiny_clip, tiny_clip_folder):
+    from workbench.clipscore import clip_score
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 30), (64, 64), (20, 50)]]
+    images += [images[0]]
+    prompts = ["a photo of a red car", "a blue dog", "three green triangles above a purple circle", "a photo of a red car"]
+    batched = clip_score(images, prompts, tiny_clip, batch_size=4)
+    one_by_one = [clip_score([image], [prompt], tiny_clip)[0] for image, prompt in zip(images, prompts)]
+    assert all(0.0 <= score <= 100.0 for score in batched)
+    assert batched == pytest.approx(one_by_one, abs=1e-3)
+    assert batched[0] == pytest.approx(batched[3], abs=1e-4)  # same image and prompt, same score
+    assert clip_score(images[:2], prompts[:2], str(tiny_clip_folder), device="cpu") == pytest.approx(batched[:2], abs=1e-4)
+    assert len(set(round(s, 3) for s in batched[:3])) > 1  # the scores do depend on the pair
+
+
+def test_clip_score_without_the_model_says_what_to_download(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from workbench.clipscore import clip_score
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("WORKBENCH_CLIP_MODEL", raising=False)
+    with pytest.raises(ModelNotAvailable) as caught:
+        clip_score([angle_image(0)], ["a prompt"])
+    message = str(caught.value)
+    assert message.startswith("CLIPScore needs the CLIP model 'openai/clip-vit-large-patch14'")
+    assert "`hf download openai/clip-vit-large-patch14`" in message and "WORKBENCH_CLIP_MODEL" in message
+
+
+def write_eval_folder(folder, rows):
+    """A `workbench eval` output folder: images/<index>/<seed>.png and verdicts.jsonl."""
+    lines = []
+    for index, (tag, prompt, degrees) in enumerate(rows):
+        path = f"images/{index:05d}/0000.png"
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        angle_image(degrees).save(folder / path)
+        lines.append(json.dumps({"index": index, "tag": tag, "prompt": prompt, "seed": 0, "path": path, "correct": True}))
+    (folder / "verdicts.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_clip_score_for_an_eval_run_writes_the_mean_and_per_tag_table(tmp_path):
+    from workbench.clipscore import clip_score_for_run
+
+    write_eval_folder(tmp_path, [("colors", "at 0 degrees", 0), ("position", "at 60 degrees", 0),
+                                 ("colors", "at 90 degrees", 0), ("position", "at 10 degrees", 10)])
+    summary = clip_score_for_run(tmp_path, AngleClip(), batch_size=3)
+    assert summary == json.loads((tmp_path / "clipscore.json").read_text())
+    assert summary["model"] == "angle-clip" and summary["images"] == 4 and "100 * max(cos" in summary["formula"]
+    assert summary["mean"] == pytest.approx((100 + 50 + 0 + 100) / 4, abs=1e-3)
+    assert list(summary["per_tag"]) == ["colors", "position"]
+    assert summary["per_tag"]["colors"] == {"mean": pytest.approx(50.0, abs=1e-3), "images": 2}
+    assert summary["per_tag"]["position"] == {"mean": pytest.approx(75.0, abs=1e-3), "images": 2}
+    assert [item["path"] for item in summary["per_image"]][1] == "images/00001/0000.png"
+
+
+def test_clip_score_for_a_folder_that_is_not_an_eval_run_says_so(tmp_path):
+    from workbench.clipscore import clip_score_for_run
+
+    with pytest.raises(InvalidInput, match="has no verdicts.jsonl"):
+        clip_score_for_run(tmp_path, AngleClip())
+    write_eval_folder(tmp_path, [("colors", "at 0 degrees", 0)])
+    (tmp_path / "images/00000/0000.png").unlink()
+    with pytest.raises(InvalidInput, match="0000.png is missing"):
+        clip_score_for_run(tmp_path, AngleClip())
+    assert not (tmp_path / "clipscore.json").exists()

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from workbench.benchmark import BenchmarkConfig, check_detector, detector_name
+from workbench.clipscore import clip_score, clip_score_for_run
 from workbench.errors import InvalidInput, ModelNotAvailable
 from workbench.evaluation import score_detections
 from workbench.perception.backends import check_backend, get_colour_classifier, get_detector
@@ -253,6 +254,21 @@ def test_missing_weights_for_groundingdino_clip_are_named_together(tmp_path, mon
     assert "openai/clip-vit-large-patch14" in str(eval_check.value) and "--detector shapes" in str(eval_check.value)
 
 
+def test_eval_of_a_real_model_names_every_missing_file_before_generating(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    from workbench.cli import main as cli_main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for name in ("WORKBENCH_CLIP_MODEL", "WORKBENCH_GROUNDINGDINO_CHECKPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    code = cli_main(["eval", "--model", "sd15", "--out", str(tmp_path / "out")])  # ShapesBench asks for colours
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "groundingdino_swint_ogc.pth" in err and "hf download openai/clip-vit-large-patch14" in err
+    assert "--detector shapes" in err and not (tmp_path / "out").exists()
+
+
 def test_real_models_get_colours_only_when_the_prompts_ask_for_them(tmp_path):
     colour = {"tag": "colors", "prompt": "a red car", "include": [{"class": "car", "count": 1, "color": "red"}]}
     plain = {"tag": "single_object", "prompt": "a car", "include": [{"class": "car", "count": 1}]}
@@ -292,8 +308,6 @@ def angle_image(degrees):
 
 
 def test_clip_score_is_100_times_the_positive_cosine():
-    from workbench.clipscore import clip_score
-
     images = [angle_image(30), angle_image(0), angle_image(0), angle_image(0)]
     prompts = ["at 30 degrees", "at 60 degrees", "at 90 degrees", "at 135 degrees"]
     assert clip_score(images, prompts, AngleClip()) == pytest.approx([100.0, 50.0, 0.0, 0.0], abs=1e-4)
@@ -303,8 +317,6 @@ def test_clip_score_is_100_times_the_positive_cosine():
 
 
 def test_clip_score_with_tiny_clip_is_bounded_repeatable_and_batch_independent(tiny_clip, tiny_clip_folder):
-    from workbench.clipscore import clip_score
-
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 30), (64, 64), (20, 50)]]
     images += [images[0]]
@@ -320,8 +332,6 @@ def test_clip_score_with_tiny_clip_is_bounded_repeatable_and_batch_independent(t
 
 def test_clip_score_without_the_model_says_what_to_download(tmp_path, monkeypatch):
     import huggingface_hub.constants
-
-    from workbench.clipscore import clip_score
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("WORKBENCH_CLIP_MODEL", raising=False)
@@ -344,8 +354,6 @@ def write_eval_folder(folder, rows):
 
 
 def test_clip_score_for_an_eval_run_writes_the_mean_and_per_tag_table(tmp_path):
-    from workbench.clipscore import clip_score_for_run
-
     write_eval_folder(tmp_path, [("colors", "at 0 degrees", 0), ("position", "at 60 degrees", 0),
                                  ("colors", "at 90 degrees", 0), ("position", "at 10 degrees", 10)])
     summary = clip_score_for_run(tmp_path, AngleClip(), batch_size=3)
@@ -359,8 +367,6 @@ def test_clip_score_for_an_eval_run_writes_the_mean_and_per_tag_table(tmp_path):
 
 
 def test_clip_score_for_a_folder_that_is_not_an_eval_run_says_so(tmp_path):
-    from workbench.clipscore import clip_score_for_run
-
     with pytest.raises(InvalidInput, match="has no verdicts.jsonl"):
         clip_score_for_run(tmp_path, AngleClip())
     write_eval_folder(tmp_path, [("colors", "at 0 degrees", 0)])

@@ -49,7 +49,8 @@ def clip_score(images: Sequence[Image.Image], prompts: Sequence[str], model=None
     for start in range(0, len(images), batch_size):
         image_emb = clip.embed_images(list(images[start:start + batch_size]), batch_size=batch_size).float()
         text_emb = clip.embed_texts(list(prompts[start:start + batch_size])).float()
-        cosine = (torch.nn.functional.normalize(image_emb, dim=-1) * torch.nn.functional.normalize(text_emb, dim=-1)).sum(-1)
+        unit = torch.nn.functional.normalize
+        cosine = (unit(image_emb, dim=-1) * unit(text_emb, dim=-1)).sum(-1)
         scores += (100.0 * cosine.clamp(min=0.0)).tolist()
     return scores
 

@@ -61,7 +61,8 @@ def _missing_message(metric: str, name: str, where: str) -> str:
     else:
         fetch = (f"Download it once with `hf download {name}` (it goes to the Hugging Face cache, "
                  f"~/.cache/huggingface/hub or $HF_HOME), or set {CLIP_MODEL_ENV} to a local folder holding a "
-                 f"CLIP model saved by transformers (config.json, model.safetensors, tokenizer and preprocessor files).")
+                 f"CLIP model saved by transformers (config.json, model.safetensors, tokenizer and preprocessor "
+                 f"files).")
     return f"{metric} needs the CLIP model '{name}', which is not on this machine ({where}). {fetch}"
 
 

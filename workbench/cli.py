@@ -113,6 +113,23 @@ def _run_relabel(args) -> int:
     return 0
 
 
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="write a self-contained HTML report of a comparison, eval or IPR run")
+    parser.add_argument("run_id", metavar="RUN_OR_EVAL_ID", help="a folder, or the name of a run under the data folder's runs/")
+    parser.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    parser.add_argument("--max-side", type=int, default=256, help="shrink larger images to this many pixels (0: keep)")
+    parser.add_argument("--per-tag", type=int, default=None, help="show only the first N prompts of each tag in the grid")
+    parser.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from .report import write_report
+
+    out = write_report(args.run_id, args.out, max_side=args.max_side or None, per_tag=args.per_tag)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_parse(subparsers)
     _add_relabel(subparsers)
+    _add_report(subparsers)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .benchmark import BenchmarkConfig, format_scores, run_benchmark
+from .compare import run_compare_job
 from .generation import GenerationRequest, generate
 
 
@@ -47,6 +48,7 @@ JOB_KINDS = {
     "generate": run_generate_job,
     "eval": run_eval_job,
     "ipr": run_ipr_job,
+    "compare": run_compare_job,
 }
 
 

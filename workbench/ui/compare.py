@@ -1,0 +1,203 @@
+"""Compare tab: the base model and aligned variants side by side on the same prompts and seeds.
+
+The comparison runs as a background job ('compare'); the grid (one column per variant, each image
+marked with its verdict), the per-tag accuracy table and its bar chart are read back from the run
+folder, so an earlier comparison can be shown again and written as an HTML report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from ..benchmark import DETECTORS, SHAPESBENCH, check_detector
+from ..compare import CompareConfig, Variant, accuracy_table, prompt_tags, prompts_from_tag, prompts_from_text
+from ..config import get_settings
+from ..errors import InvalidInput, WorkbenchError
+from ..evaluation import load_prompt_file
+from ..generation import LoraSpec
+from ..jobs import JobRunner, JobStatus
+from ..registry import model_names, resolve
+from ..report import STYLE, grid_html, load_comparison, write_report
+from .generate import discover_adapters, follow_job
+
+SOURCES = ["ShapesBench tag", "Text", "File"]
+BAR_COLUMNS = ["tag / variant", "accuracy", "variant"]
+GRID_IMAGE_SIDE = 128  # the tab shows thumbnails; the report keeps more detail
+
+
+def variants_from_text(text: str) -> list[Variant]:
+    """The base model, then one variant per line: 'PATH[:WEIGHT]', several joined by '+'."""
+    variants = [Variant("base")]
+    for line in (text or "").splitlines():
+        if line.strip():
+            variants.append(Variant.of([LoraSpec.parse(part) for part in line.split("+") if part.strip()]))
+    return variants
+
+
+def collect_prompts(source: str, text: str, tag: str, count, upload) -> tuple[list[dict], str]:
+    """(GenEval records, name of the prompt set) from the chosen source; InvalidInput says what is wrong."""
+    if source == "Text":
+        return prompts_from_text(text), "typed prompts"
+    if source == "File":
+        if not upload:
+            raise InvalidInput("Choose File, then upload a GenEval-format .jsonl prompt file (one JSON record a line).")
+        path = Path(upload)
+        return load_prompt_file(path), path.name
+    return prompts_from_tag(tag, int(count)), f"{SHAPESBENCH.name}:{tag}"
+
+
+def build_config(model, variants_text, source, text, tag, count, upload, seeds, steps, detector) -> CompareConfig:
+    prompts, prompt_set = collect_prompts(source, text, tag, count, upload)
+    config = CompareConfig(model=model, variants=variants_from_text(variants_text), prompts=prompts,
+                           prompt_set=prompt_set, seeds=int(seeds), steps=int(steps),
+                           detector=None if detector in (None, "", "auto") else detector)
+    config.validate()
+    return config
+
+
+def compare_runs() -> list[str]:
+    """Comparison folders under the data folder, newest first."""
+    runs_dir = get_settings().runs_dir
+    found = list(runs_dir.glob("*/compare.json")) if runs_dir.is_dir() else []
+    return [path.parent.name for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def bar_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """Long form for the bar chart: one bar per (tag, variant), coloured by variant.
+
+    Gradio's bar plot stacks bars of one x value, so each (tag, variant) pair gets its own x."""
+    rows = [[f"{row['tag']} · {label}", row[label], label] for _, row in table.iterrows() for label in table.columns[1:]]
+    return pd.DataFrame(rows, columns=BAR_COLUMNS)
+
+
+def show_result(run: str | None):
+    """(grid HTML, accuracy table, bar chart) of a finished comparison folder under runs/."""
+    if not run:
+        return "", pd.DataFrame(), gr.update(value=pd.DataFrame(columns=BAR_COLUMNS))
+    folder = get_settings().runs_dir / Path(run).name
+    comparison = load_comparison(folder)
+    table = accuracy_table(comparison["variants"])
+    bars = bar_frame(table)
+    # The report's grid and style, at thumbnail size; the table and chart are Gradio's own.
+    grid = (f'<style>{STYLE}</style><div class="wb-report" id="compare-grid-table">'
+            f'{grid_html(comparison, folder, GRID_IMAGE_SIDE)}</div>')
+    return grid, table, gr.update(value=bars, sort=list(bars["tag / variant"]))
+
+
+def run_comparison(runner: JobRunner, *inputs):
+    """Submit the comparison and follow it; yields (status, grid, table, chart, run picker)."""
+    keep = (gr.update(),) * 4
+    try:
+        config = build_config(*inputs)
+        check_detector(config.benchmark())
+    except WorkbenchError as error:
+        yield (f"Cannot compare: {error}",) + keep
+        return
+    job_id = runner.submit("compare", config.to_dict())
+    follow = follow_job(runner, job_id, 0.5)
+    while True:
+        try:
+            _, line = next(follow)
+        except StopIteration as stop:
+            job = stop.value
+            break
+        yield (line,) + keep
+    if job.status != JobStatus.DONE:
+        yield (f"Comparison {job.status.value}: {job.error or ''}",) + keep
+        return
+    grid, table, bars = show_result(job_id)
+    took = (job.finished_at or 0) - (job.started_at or 0)
+    images = len(config.prompts) * config.seeds
+    yield (f"Done: {len(config.variants)} variant(s) x {images} image(s) in {took:.1f} s (run `{job_id}`).",
+           grid, table, bars, gr.update(choices=compare_runs(), value=job_id))
+
+
+def report_file(run: str | None):
+    """Write the chosen comparison's HTML report into its folder and offer it for download."""
+    if not run:
+        return None, "Choose a comparison first."
+    folder = get_settings().runs_dir / Path(run).name
+    try:
+        path = write_report(folder, folder / "report.html")
+    except WorkbenchError as error:
+        return None, f"No report: {error}"
+    return str(path), f"Report written to `{path}`."
+
+
+def default_steps(model: str) -> int | None:
+    """The model's own number of steps; None when the model name is not usable (yet)."""
+    try:
+        return resolve(model).default_steps
+    except WorkbenchError:
+        return None
+
+
+def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
+    """Create the tab inside the current Gradio context; returns the comparison picker (refreshed on load)."""
+    default_model = get_settings().default_model
+    gr.Markdown("Same prompts, same seeds: the base model in the first column, each variant next to it. "
+                "✓ the image meets its prompt; ✗ names what it misses (objects, counts, colors, position).")
+    with gr.Row():
+        with gr.Column():
+            model = gr.Dropdown(model_names(), value=default_model, label="Model", allow_custom_value=True)
+            with gr.Row():
+                adapter_picker = gr.Dropdown(discover_adapters(), value=None, label="Add a variant (LoRA adapter)",
+                                             allow_custom_value=True, scale=3, elem_id="compare-adapter")
+                weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight", scale=1)
+            variants = gr.Textbox(label="Variants after the base model, one per line: PATH[:WEIGHT] (join adapters "
+                                        "with +)", lines=3, elem_id="compare-variants")
+        with gr.Column():
+            source = gr.Radio(SOURCES, value=SOURCES[0], label="Prompts from", elem_id="compare-source")
+            with gr.Row():
+                tag = gr.Dropdown(["all"] + prompt_tags(), value="all", label="ShapesBench tag")
+                count = gr.Number(4, precision=0, label="Prompts per tag")
+            text = gr.Textbox(label="Prompts, one per line", lines=3, elem_id="compare-prompts",
+                              placeholder="three red circles\na blue square to the left of a yellow triangle")
+            upload = gr.File(label="GenEval prompt file (.jsonl)", file_types=[".jsonl"], type="filepath")
+            with gr.Row():
+                seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds per prompt")
+                steps = gr.Slider(1, 100, value=default_steps(default_model) or 20, step=1, label="Steps",
+                                  elem_id="compare-steps")
+                detector = gr.Dropdown(["auto"] + list(DETECTORS), value="auto", label="Detector",
+                                       info="auto: the model's own world", elem_id="compare-detector")
+    run_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
+    status = gr.Markdown(elem_id="compare-status")
+    with gr.Row():
+        table = gr.Dataframe(label="Accuracy (%) per tag", interactive=False, elem_id="compare-table", scale=2)
+        bars = gr.BarPlot(pd.DataFrame(columns=BAR_COLUMNS), x="tag / variant", y="accuracy", color="variant",
+                          y_lim=[0, 100], x_label_angle=-45, title="Accuracy (%) per tag and variant", scale=3)
+    grid = gr.HTML(elem_id="compare-grid")
+    with gr.Row():
+        run = gr.Dropdown(compare_runs(), value=None, label="Earlier comparisons", scale=3, elem_id="compare-run")
+        refresh = gr.Button("Refresh", scale=1)
+        report = gr.Button("Write HTML report", scale=1)
+    report_download = gr.File(label="HTML report", interactive=False)
+
+    def add_variant(path, current, w):
+        if not path:
+            return gr.update(), current
+        lines = [line for line in (current or "").splitlines() if line.strip()]
+        return None, "\n".join(lines + [f"{path}:{float(w):g}"])
+
+    def show(run_name):
+        try:
+            return ("",) + show_result(run_name)
+        except WorkbenchError as error:
+            return (str(error), "", pd.DataFrame(), gr.update())
+
+    inputs = [model, variants, source, text, tag, count, upload, seeds, steps, detector]
+    adapter_picker.change(add_variant, [adapter_picker, variants, weight], [adapter_picker, variants])
+    model.change(lambda name: default_steps(name) or gr.update(), model, steps)
+    upload.upload(lambda: "File", None, source)
+    def on_compare(*values):
+        yield from run_comparison(runner, *values)
+
+    run_button.click(on_compare, inputs, [status, grid, table, bars, run])
+    run.input(show, run, [status, grid, table, bars])
+    refresh.click(lambda: (gr.update(choices=compare_runs()), gr.update(choices=discover_adapters())), None,
+                  [run, adapter_picker])
+    report.click(report_file, run, [report_download, status])
+    return run

@@ -105,6 +105,22 @@ def test_no_clear_relation_writes_the_pair_with_and():
     assert any("no clear relation" in r for r in result.reasons)
 
 
+def test_a_relation_prompt_keeps_where_the_two_objects_it_shows_are():
+    # Asked a circle above a triangle; the image shows a circle above a square.
+    detections = [det("circle", 20, 5, "red"), det("square", 20, 40, "blue")]
+    result = relabel("a circle above a triangle", detections, 64, 64)
+    assert result.changed and result.keep
+    assert result.prompt == "a circle above a square"
+    assert scorer_accepts(result.prompt, detections)
+    # Side by side, the observed relation is written, not the asked one.
+    side_by_side = [det("square", 40, 20), det("circle", 5, 20)]
+    assert relabel("a circle above a triangle", side_by_side, 64, 64).prompt == "a circle to the left of a square"
+    # Prompts that asked no relation get none; a group of two is not paired with anything.
+    assert relabel("a circle and a triangle", detections, 64, 64).prompt == "a circle and a square"
+    with_two_squares = detections + [det("square", 45, 45, "blue")]
+    assert relabel("a circle above a triangle", with_two_squares, 64, 64).prompt == "a circle and two squares"
+
+
 def test_a_right_relation_is_kept_unchanged():
     detections = [det("circle", 5, 10, "red"), det("square", 40, 10, "blue")]
     result = relabel("a red circle on the left of a blue square", detections, 64, 64)

@@ -24,7 +24,10 @@ Rules (each chosen so that the relabeler and GenEval's scorer, workbench.evaluat
 * a relation asked between two classes is written as observed by GenEval's rule
   (relative_position) between their written objects: the asked one if it holds for every pair,
   else the one that does (two holding: the one along the larger offset), else the pair is joined by
-  "and". With one object a class this is the relation between the most confident detections;
+  "and". With one object a class this is the relation between the most confident detections.
+  When a relation was asked but the image shows two other single objects (one of the named ones
+  missing or replaced), the relation observed between those two is written, so the spatial fact
+  survives the relabel;
 * a written "three circles" would be judged at the counting threshold: when fewer than three score
   above it, the prompt counts only those (or, with fewer than two, says "a circle");
 * `keep` is False when nothing the prompt asked for was detected (IPR discards those samples).
@@ -221,6 +224,20 @@ def _pair_relations(spec: dict, first_clause: dict[str, _Clause]) -> None:
             subject.paired = target.paired = True
 
 
+def _pair_two_singles(spec: dict, clauses: list[_Clause]) -> None:
+    """A prompt about where things are, whose image shows two other single objects (say "a circle
+    above a triangle" drawn as a circle above a square): write where those two are, so the relabel
+    keeps the spatial fact the prompt was about instead of dropping it."""
+    asked = next((c["position"][0] for c in spec["include"] if "position" in c), None)
+    if asked is None or len(clauses) != 2 or any(c.paired or len(c.members) != 1 for c in clauses):
+        return
+    subject, target = clauses
+    relation = observed_relation(subject.members, target.members, asked)
+    if relation is not None:
+        subject.relation, subject.target = relation, target
+        subject.paired = target.paired = True
+
+
 def _to_spec(clauses: list[_Clause], kept_excludes: list[dict]) -> dict:
     """GenEval metadata for the clauses: each target just before its subject, exact counts."""
     targets = {id(c.target) for c in clauses if c.target is not None}
@@ -258,6 +275,7 @@ def detected_spec(spec: dict, found: dict[str, list[Detection]], vocabulary: Voc
             clauses.append(_Clause(cls, color, members))
             first_clause.setdefault(cls, clauses[-1])  # holds the class's most confident object
     _pair_relations(spec, first_clause)
+    _pair_two_singles(spec, clauses)
     # "no dogs" stays true while no dog was detected.
     asked = set(_asked_classes(spec))
     kept_excludes = [dict(c) for c in spec.get("exclude", []) if int(c["count"]) == 1 and c["class"] not in asked and c["class"] not in found]

@@ -73,3 +73,25 @@ def test_a_broken_database_does_not_fail_the_evaluation(data_dir):
     data_dir.mkdir(parents=True)
     (data_dir / "workbench.db").write_text("this is not a database")
     assert history.record_evaluation(BenchmarkConfig(), SUMMARY, data_dir / "e") is None
+
+
+def test_results_tab_shows_newest_first_plots_every_tag_and_exports_what_is_shown(data_dir):
+    from workbench.ui import results
+
+    assert results.export_csv("all", "all") == (None, "Nothing to export: no results match the filters.")
+    history.record(model="shapes", adapters=[], prompt_set="p", seeds=2, per_tag=SUMMARY["per_tag"], overall=0.5,
+                   source="eval", created=100.0)
+    history.record(model="shapes", adapters=[{"path": "/a/ipr-shapes", "weight": 1.0}], prompt_set="p", seeds=2,
+                   per_tag={"counting": 0.5, "colors": 1.0}, overall=0.75, source="compare", created=200.0)
+    history.record(model="sd15", adapters=[], prompt_set="p", seeds=2, per_tag={"colors": 1.0}, overall=1.0,
+                   source="eval", created=300.0)
+
+    table, plot, models = results.show("shapes", "all")
+    assert list(table["variant"]) == ["ipr-shapes:1", "base"]
+    assert list(table["counting %"]) == [50.0, 25.0] and list(table["overall %"]) == [75.0, 50.0]
+    assert models["choices"] == ["all", "sd15", "shapes"]
+    assert sorted(plot[plot["entry"] == table["entry"][1]]["tag"]) == ["colors", "counting", "overall"]
+
+    path, message = results.export_csv("shapes", "compare")
+    assert path.startswith(str(data_dir / "exports")) and "1 row(s)" in message
+    assert list(pd.read_csv(path)["label"]) == ["ipr-shapes:1"]

@@ -32,9 +32,11 @@ STYLE = """
 .wb-report table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 .wb-report th, .wb-report td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: center; vertical-align: top; }
 .wb-report th { background: #f6f8fa; }
-.wb-report td.wb-prompt { text-align: left; max-width: 22em; }
-.wb-report figure { margin: 0; }
-.wb-report img { width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; display: block; }
+.wb-report td.wb-prompt { text-align: left; min-width: 10em; max-width: 22em; }
+.wb-report .wb-scroll { overflow-x: auto; }
+.wb-report figure { margin: 0; width: 128px; }
+.wb-report img { width: 128px; height: 128px; max-width: none; object-fit: contain; image-rendering: pixelated;
+  display: block; }
 .wb-report figcaption { font-size: 0.85em; margin-top: 2px; }
 .wb-report .wb-ok { color: #1a7f37; font-weight: 600; }
 .wb-report .wb-fail { color: #cf222e; font-weight: 600; }
@@ -156,8 +158,8 @@ def grid_html(comparison: dict, folder: Path, max_side: int | None = 256, per_ta
         row_cells = "".join(_cell(cells.get((index, seed, v)), folder, max_side) for v in range(len(labels)))
         body.append(f'<tr><td class="wb-prompt">{esc(first["prompt"])}<br><small>{esc(first["tag"])} · seed '
                     f'{int(seed)}</small></td>{row_cells}</tr>')
-    return (f'<table class="wb-grid"><thead><tr><th>prompt</th>{header}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (f'<div class="wb-scroll"><table class="wb-grid"><thead><tr><th>prompt</th>{header}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def accuracy_html(comparison: dict) -> str:

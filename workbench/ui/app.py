@@ -7,8 +7,10 @@ import gradio as gr
 from ..config import get_settings
 from ..job_kinds import register_all
 from ..jobs import get_runner
+from .compare import build_compare_tab, compare_runs
 from .generate import build_generate_tab, model_defaults
 from .inspect import build_inspect_tab
+from .results import build_results_tab
 from .review import build_review_tab, run_choices
 from .runs import build_runs_tab
 from .train import build_train_tab, ipr_runs
@@ -31,12 +33,18 @@ def build_app() -> gr.Blocks:
             review_run = build_review_tab()
         with gr.Tab("Train"):
             train_run = build_train_tab(runner)
+        with gr.Tab("Compare"):
+            compare_run = build_compare_tab(runner)
+        with gr.Tab("Results"):
+            show_results, results_inputs, results_outputs = build_results_tab()
         with gr.Tab("Runs"):
             build_runs_tab(runner)
         demo.load(model_defaults, model, sliders + [model_info])
         # Runs started since the app was built appear when the page is (re)loaded.
         demo.load(lambda: gr.update(choices=run_choices()), None, review_run)
         demo.load(lambda: gr.update(choices=ipr_runs()), None, train_run)
+        demo.load(lambda: gr.update(choices=compare_runs()), None, compare_run)
+        demo.load(show_results, results_inputs, results_outputs)
     return demo
 
 

@@ -118,13 +118,13 @@ def run_comparison(runner: JobRunner, *inputs):
 def report_file(run: str | None):
     """Write the chosen comparison's HTML report into its folder and offer it for download."""
     if not run:
-        return None, "Choose a comparison first."
+        return gr.update(visible=False), "Choose a comparison first."
     folder = get_settings().runs_dir / Path(run).name
     try:
         path = write_report(folder, folder / "report.html")
     except WorkbenchError as error:
-        return None, f"No report: {error}"
-    return str(path), f"Report written to `{path}`."
+        return gr.update(visible=False), f"No report: {error}"
+    return gr.update(value=str(path), visible=True), f"Report written to `{path}`."
 
 
 def default_steps(model: str) -> int | None:
@@ -156,7 +156,8 @@ def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
                 count = gr.Number(4, precision=0, label="Prompts per tag")
             text = gr.Textbox(label="Prompts, one per line", lines=3, elem_id="compare-prompts",
                               placeholder="three red circles\na blue square to the left of a yellow triangle")
-            upload = gr.File(label="GenEval prompt file (.jsonl)", file_types=[".jsonl"], type="filepath")
+            upload = gr.File(label="GenEval prompt file (.jsonl)", file_types=[".jsonl"], type="filepath",
+                             elem_id="compare-upload")
             with gr.Row():
                 seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds per prompt")
                 steps = gr.Slider(1, 100, value=default_steps(default_model) or 20, step=1, label="Steps",
@@ -165,16 +166,18 @@ def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
                                        info="auto: the model's own world", elem_id="compare-detector")
     run_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
     status = gr.Markdown(elem_id="compare-status")
-    with gr.Row():
-        table = gr.Dataframe(label="Accuracy (%) per tag", interactive=False, elem_id="compare-table", scale=2)
-        bars = gr.BarPlot(pd.DataFrame(columns=BAR_COLUMNS), x="tag / variant", y="accuracy", color="variant",
-                          y_lim=[0, 100], x_label_angle=-45, title="Accuracy (%) per tag and variant", scale=3)
-    grid = gr.HTML(elem_id="compare-grid")
+    with gr.Row():  # pictures first, the numbers next to them
+        with gr.Column(scale=3):
+            grid = gr.HTML(elem_id="compare-grid")
+        with gr.Column(scale=2):
+            table = gr.Dataframe(label="Accuracy (%) per tag", interactive=False, elem_id="compare-table")
+            bars = gr.BarPlot(pd.DataFrame(columns=BAR_COLUMNS), x="tag / variant", y="accuracy", color="variant",
+                              y_lim=[0, 100], x_label_angle=-45, title="Accuracy (%) per tag and variant")
     with gr.Row():
         run = gr.Dropdown(compare_runs(), value=None, label="Earlier comparisons", scale=3, elem_id="compare-run")
         refresh = gr.Button("Refresh", scale=1)
-        report = gr.Button("Write HTML report", scale=1)
-    report_download = gr.File(label="HTML report", interactive=False)
+        report = gr.Button("Write HTML report", scale=1, elem_id="compare-report")
+    report_download = gr.File(label="HTML report", interactive=False, visible=False, elem_id="compare-report-file")
 
     def add_variant(path, current, w):
         if not path:

@@ -78,7 +78,7 @@ def test_a_broken_database_does_not_fail_the_evaluation(data_dir):
 def test_results_tab_shows_newest_first_plots_every_tag_and_exports_what_is_shown(data_dir):
     from workbench.ui import results
 
-    assert results.export_csv("all", "all") == (None, "Nothing to export: no results match the filters.")
+    assert results.export_csv("all", "all")[1] == "Nothing to export: no results match the filters."
     history.record(model="shapes", adapters=[], prompt_set="p", seeds=2, per_tag=SUMMARY["per_tag"], overall=0.5,
                    source="eval", created=100.0)
     history.record(model="shapes", adapters=[{"path": "/a/ipr-shapes", "weight": 1.0}], prompt_set="p", seeds=2,
@@ -90,8 +90,9 @@ def test_results_tab_shows_newest_first_plots_every_tag_and_exports_what_is_show
     assert list(table["variant"]) == ["ipr-shapes:1", "base"]
     assert list(table["counting %"]) == [50.0, 25.0] and list(table["overall %"]) == [75.0, 50.0]
     assert models["choices"] == ["all", "sd15", "shapes"]
-    assert sorted(plot[plot["entry"] == table["entry"][1]]["tag"]) == ["colors", "counting", "overall"]
+    assert sorted(plot[plot["entry"] == f"{table['entry'][1]:04d} base"]["tag"]) == ["colors", "counting", "overall"]
 
-    path, message = results.export_csv("shapes", "compare")
+    update, message = results.export_csv("shapes", "compare")
+    path = update["value"]
     assert path.startswith(str(data_dir / "exports")) and "1 row(s)" in message
     assert list(pd.read_csv(path)["label"]) == ["ipr-shapes:1"]

@@ -12,7 +12,7 @@ from .. import history
 from ..config import get_settings
 
 ALL = "all"
-PLOT_COLUMNS = ["entry", "accuracy", "tag", "variant"]
+PLOT_COLUMNS = ["entry", "accuracy", "tag"]
 
 
 def _filtered(model: str | None, source: str | None) -> pd.DataFrame:
@@ -37,12 +37,15 @@ def results_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Long form for the line plot: accuracy (%) of every tag and of 'overall' per history entry."""
+    """Long form for the line plot: accuracy (%) of every tag and of 'overall' per history entry.
+
+    An entry is named by its zero-padded id and variant, so the axis reads as names and sorts by id."""
     rows = []
     for entry in frame.itertuples():
-        rows += [[entry.id, round(100 * value, 1), tag, entry.label] for tag, value in entry.per_tag.items()]
+        name = f"{entry.id:04d} {entry.label}"
+        rows += [[name, round(100 * value, 1), tag] for tag, value in entry.per_tag.items()]
         if entry.overall is not None and not pd.isna(entry.overall):
-            rows.append([entry.id, round(100 * entry.overall, 1), "overall", entry.label])
+            rows.append([name, round(100 * entry.overall, 1), "overall"])
     return pd.DataFrame(rows, columns=PLOT_COLUMNS)
 
 
@@ -53,14 +56,14 @@ def show(model: str | None, source: str | None):
     return results_table(frame), plot_frame(frame), gr.update(choices=models)
 
 
-def export_csv(model: str | None, source: str | None) -> tuple[str | None, str]:
+def export_csv(model: str | None, source: str | None):
     """The shown history as CSV under the data folder (the only folder the app serves files from)."""
     frame = _filtered(model, source)
     if frame.empty:
-        return None, "Nothing to export: no results match the filters."
+        return gr.update(visible=False), "Nothing to export: no results match the filters."
     path = get_settings().data_dir / "exports" / f"results-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     history.to_csv(path, frame)
-    return str(path), f"Exported {len(frame)} row(s) to `{path}`."
+    return gr.update(value=str(path), visible=True), f"Exported {len(frame)} row(s) to `{path}`."
 
 
 def build_results_tab():
@@ -75,10 +78,10 @@ def build_results_tab():
         export = gr.Button("Export CSV", scale=1, elem_id="results-export")
     message = gr.Markdown(elem_id="results-message")
     plot = gr.LinePlot(pd.DataFrame(columns=PLOT_COLUMNS), x="entry", y="accuracy", color="tag",
-                       tooltip=["entry", "variant", "tag", "accuracy"], y_lim=[0, 100],
+                       tooltip=["entry", "tag", "accuracy"], y_lim=[0, 100], x_label_angle=-30,
                        title="Accuracy (%) per history entry")
     table = gr.Dataframe(label="Results (newest first)", interactive=False, elem_id="results-table")
-    download = gr.File(label="CSV", interactive=False)
+    download = gr.File(label="CSV", interactive=False, visible=False)
 
     outputs = [table, plot, model]
     for trigger in (refresh.click, model.input, source.input):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import PROJECT_ROOT, get_settings
+from .store import connect_database
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,7 @@ def git_revision() -> str:
 
 
 def _connect(db_path: Path | None) -> sqlite3.Connection:
-    path = Path(db_path or get_settings().db_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=10, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(_SCHEMA)
-    return conn
+    return connect_database(Path(db_path or get_settings().db_path), _SCHEMA)
 
 
 def adapters_label(adapters: list[dict]) -> str:

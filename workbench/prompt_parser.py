@@ -34,25 +34,12 @@ from functools import cached_property, lru_cache
 from typing import Iterable, Mapping
 
 from workbench.errors import InvalidInput
+from workbench.perception.coco import COCO_CLASSES, GENEVAL_COLORS  # shared with the detectors
 from workbench.shapes.world import COLORS as SHAPE_COLORS
 from workbench.shapes.world import SHAPES, article
 
 MAX_PROMPT_CHARS = 1000
 
-# GenEval's 80 class names (its prompts/object_names.txt: COCO's, with "tv", "computer mouse"...).
-COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
-GENEVAL_COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 
 # Everyday names for COCO classes (singular; plurals are derived).
 COCO_ALIASES: dict[str, str] = {

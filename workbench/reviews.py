@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import InvalidInput
+from workbench.store import connect_database
 
 STATUSES = ("accepted", "edited", "rejected")
 PENDING = "pending"  # no row in the table
@@ -58,15 +58,8 @@ class ReviewStore:
     """
 
     def __init__(self, db_path: Path):
-        db_path = Path(db_path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+        self._conn = connect_database(db_path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:

@@ -75,18 +75,26 @@ CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at);
 _ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
+def connect_database(db_path: Path, schema: str) -> sqlite3.Connection:
+    """The app's SQLite file (created if needed) with `schema` applied; every table lives in it.
+
+    Autocommit (isolation_level=None: each statement is its own transaction), WAL so another process
+    (the CLI, a second app) reads while we write, shareable across threads behind the caller's lock.
+    """
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=10)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(schema)
+    return conn
+
+
 class JobStore:
     def __init__(self, db_path: Path):
-        db_path = Path(db_path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # isolation_level=None: autocommit, every statement below is its own transaction.
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+        self._conn = connect_database(db_path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:

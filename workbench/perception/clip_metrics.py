@@ -27,11 +27,11 @@ from PIL import Image
 
 from workbench.errors import ModelNotAvailable
 from workbench.perception.base import Box, Detection
+from workbench.perception.coco import GENEVAL_COLORS
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # GenEval's ViT-L/14
 CLIP_MODEL_ENV = "WORKBENCH_CLIP_MODEL"
 
-GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 COLOR_TEMPLATES = ("a photo of a {color} {object}", "a photo of a {color}-colored {object}",
                    "a photo of a {color} object")
 MASK_BACKGROUND = "#999"  # GenEval's default bgcolor behind a masked object

@@ -181,3 +181,21 @@ def test_the_tab_builds_base_first_then_one_variant_per_line(tiny_sd, tiny_lora)
     assert config.variants[2].loras[1].weight == 0.25
     assert [r["tag"] for r in config.prompts] == ["position", "position"]
     assert (config.seeds, config.steps, config.detector, config.prompt_set) == (3, 2, None, "shapesbench.jsonl:position")
+
+
+def test_a_long_comparison_shows_a_sample_of_each_tag_in_the_tab(data_dir):
+    from workbench.ui.compare import GRID_PROMPTS_PER_TAG, show_result
+
+    folder = data_dir / "runs" / "long"
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(folder / "images" / "x.png")
+    rows = [{"variant": 0, "label": "base", "index": i, "tag": ["counting", "colors"][i % 2], "prompt": f"p{i}",
+             "seed": 0, "path": "images/x.png", "correct": True, "mark": "✓", "reasons": []} for i in range(70)]
+    variants = [{"label": "base", "loras": [], "per_tag": {"counting": 1.0, "colors": 1.0}, "overall": 1.0}]
+    (folder / "compare.json").write_text(json.dumps({"config": {"model": "m"}, "variants": variants, "rows": rows}))
+
+    grid, table, _ = show_result("long")
+    assert grid.count("<img ") == 2 * GRID_PROMPTS_PER_TAG and "of 70" in grid
+    assert list(table["base"]) == [100.0, 100.0, 100.0]
+    with pytest.raises(InvalidInput, match="at least 1"):
+        prompts_from_tag("counting", 0)

@@ -119,6 +119,8 @@ def prompt_tags(path: Path | str = SHAPESBENCH) -> list[str]:
 
 def prompts_from_tag(tag: str, count: int, path: Path | str = SHAPESBENCH) -> list[dict]:
     """The first `count` prompts of a tag of a prompt file (of every tag when tag is 'all')."""
+    if not count or int(count) < 1:
+        raise InvalidInput("Prompts per tag must be at least 1.")
     records = load_prompt_file(path)
     tags = prompt_tags(path) if tag == "all" else [tag]
     chosen = [r for t in tags for r in [r for r in records if r["tag"] == t][:int(count)]]

@@ -48,11 +48,13 @@ STYLE = """
 
 def resolve_folder(run_id: str | Path) -> Path:
     """A folder path, or the name of a run under the data folder's runs/."""
+    if not str(run_id).strip():
+        raise InvalidInput("Give a run or evaluation: a folder, or the name of a run under runs/.")
     path = Path(run_id).expanduser()
     if path.is_dir():
         return path.resolve()
     named = get_settings().runs_dir / Path(str(run_id)).name
-    if str(run_id).strip() and named.is_dir():
+    if named.is_dir():
         return named.resolve()
     raise InvalidInput(f"No run or evaluation '{run_id}': give a folder, or the name of one under {named.parent}.")
 

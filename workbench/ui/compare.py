@@ -26,6 +26,9 @@ from .generate import discover_adapters, follow_job
 SOURCES = ["ShapesBench tag", "Text", "File"]
 BAR_COLUMNS = ["tag / variant", "accuracy", "variant"]
 GRID_IMAGE_SIDE = 128  # the tab shows thumbnails; the report keeps more detail
+# A page of thousands of inlined images is slow to send and to scroll: larger comparisons show a sample.
+GRID_MAX_PROMPTS = 60
+GRID_PROMPTS_PER_TAG = 8
 
 
 def variants_from_text(text: str) -> list[Variant]:
@@ -82,8 +85,12 @@ def show_result(run: str | None):
     table = accuracy_table(comparison["variants"])
     bars = bar_frame(table)
     # The report's grid and style, at thumbnail size; the table and chart are Gradio's own.
-    grid = (f'<style>{STYLE}</style><div class="wb-report" id="compare-grid-table">'
-            f'{grid_html(comparison, folder, GRID_IMAGE_SIDE)}</div>')
+    prompts = len({row["index"] for row in comparison["rows"]})
+    per_tag = GRID_PROMPTS_PER_TAG if prompts > GRID_MAX_PROMPTS else None
+    note = (f"<p>Showing the first {per_tag} prompts of each tag of {prompts}; the table counts all of them, "
+            f"and the HTML report can show every image.</p>" if per_tag else "")
+    grid = (f'<style>{STYLE}</style><div class="wb-report" id="compare-grid-table">{note}'
+            f'{grid_html(comparison, folder, GRID_IMAGE_SIDE, per_tag)}</div>')
     return grid, table, gr.update(value=bars, sort=list(bars["tag / variant"]))
 
 

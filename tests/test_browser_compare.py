@@ -75,3 +75,36 @@ def test_compare_base_and_an_adapter_side_by_side_then_see_it_in_results(tiny_sd
         page.locator("#results-export").click()
         expect(page.locator("#results-message")).to_contain_text("Exported 2 row(s)", timeout=30_000)
         assert len(list((data / "exports").glob("results-*.csv"))) == 1
+
+
+def test_the_shapes_model_against_the_shipped_ipr_adapter_on_shapesbench(tmp_path):
+    """The issue's picture: base vs assets/adapters/ipr-shapes on ShapesBench prompts of every tag,
+    each image with its verdict, and the per-tag table and chart."""
+    from workbench.config import ASSETS_DIR
+
+    adapter = ASSETS_DIR / "adapters" / "ipr-shapes"
+    env = {"WORKBENCH_DATA": str(tmp_path / "app-data")}  # default model: shapes
+    with running_app(env, timeout=300) as url, chromium_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Compare").click()
+        choose(page, "compare-adapter", str(adapter))
+        expect(page.locator("#compare-variants textarea")).to_have_value(f"{adapter}:1", timeout=10_000)
+        # Defaults: ShapesBench, every tag, 4 prompts per tag, 2 seeds, the model's 20 steps.
+        page.locator("#compare-button").click()
+
+        expect(page.locator("#compare-status")).to_contain_text("Done: 2 variant(s) x 48 image(s)", timeout=300_000)
+        grid = page.locator("#compare-grid-table")
+        expect(grid.locator("thead th")).to_have_text(["prompt", "base", "ipr-shapes:1"])
+        expect(grid.locator("img")).to_have_count(96)
+        captions = grid.locator("figcaption").all_inner_texts()
+        assert len(captions) == 96 and all(c == "✓" or c.startswith("✗ ") for c in captions)
+        assert any(c.startswith("✗ ") for c in captions)  # the base model is far from perfect
+        table = page.locator("#compare-table")
+        for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"):
+            expect(table).to_contain_text(tag)
+        expect(page.locator("#compare-bars")).to_be_visible()
+        page.wait_for_function("() => [...document.querySelectorAll('#compare-grid-table img')]"
+                               ".every(img => img.naturalWidth > 0)", timeout=30_000)
+        print("\n" + table.inner_text())  # the per-tag table, for the record (pytest -s)
+        screenshot = os.environ.get("WORKBENCH_COMPARE_SHAPES_SCREENSHOT")
+        page.screenshot(path=screenshot or str(tmp_path / "compare-shapes.png"), full_page=True)

@@ -179,7 +179,8 @@ def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
         with gr.Column(scale=2):
             table = gr.Dataframe(label="Accuracy (%) per tag", interactive=False, elem_id="compare-table")
             bars = gr.BarPlot(pd.DataFrame(columns=BAR_COLUMNS), x="tag / variant", y="accuracy", color="variant",
-                              y_lim=[0, 100], x_label_angle=-45, title="Accuracy (%) per tag and variant")
+                              y_lim=[0, 100], x_label_angle=-45, title="Accuracy (%) per tag and variant",
+                              elem_id="compare-bars")
     with gr.Row():
         run = gr.Dropdown(compare_runs(), value=None, label="Earlier comparisons", scale=3, elem_id="compare-run")
         refresh = gr.Button("Refresh", scale=1)

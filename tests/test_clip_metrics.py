@@ -374,3 +374,24 @@ def test_clip_score_for_a_folder_that_is_not_an_eval_run_says_so(tmp_path):
     with pytest.raises(InvalidInput, match="0000.png is missing"):
         clip_score_for_run(tmp_path, AngleClip())
     assert not (tmp_path / "clipscore.json").exists()
+
+
+def test_eval_cli_adds_clipscore_or_says_which_clip_to_download(tiny_sd, tmp_path, monkeypatch, capsys):
+    from workbench.cli import main as cli_main
+    from workbench.tiny_models import build_tiny_clip
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+                                   "prompt": "a circle"}) + "\n")
+    args = ["eval", "--model", str(tiny_sd), "--detector", "shapes", "--prompts", str(prompts), "--seeds", "2",
+            "--steps", "2", "--clip-score"]
+    monkeypatch.setenv("WORKBENCH_CLIP_MODEL", str(tmp_path / "no-clip-here"))
+    assert cli_main(args + ["--out", str(tmp_path / "missing")]) == 2
+    assert "hf download" in capsys.readouterr().err
+    assert not (tmp_path / "missing" / "scores.json").exists()  # refused before any image was drawn
+
+    monkeypatch.setenv("WORKBENCH_CLIP_MODEL", str(build_tiny_clip(tmp_path / "clip")))
+    assert cli_main(args + ["--out", str(tmp_path / "out")]) == 0
+    assert "CLIPScore" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "out" / "clipscore.json").read_text())
+    assert len(scores["per_image"]) == 2 and 0 <= scores["mean"] <= 100

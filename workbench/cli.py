@@ -51,6 +51,8 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--detector", default=None, help="detector backend (default: the model's world)")
+    parser.add_argument("--clip-score", action="store_true",
+                        help="also CLIPScore every image against its prompt (CLIP from $WORKBENCH_CLIP_MODEL)")
     parser.add_argument("--out", type=Path, required=True)
     parser.set_defaults(run=_run_eval)
 
@@ -62,9 +64,21 @@ def _run_eval(args) -> int:
     config = BenchmarkConfig(model=args.model, loras=[LoraSpec.parse(text) for text in args.lora],
                              prompts=args.prompts or str(SHAPESBENCH), seeds=args.seeds, steps=args.steps,
                              guidance=args.guidance, batch_size=args.batch_size, detector=args.detector)
+    if args.clip_score:
+        from .clipscore import METRIC as CLIPSCORE_METRIC
+        from .perception.clip_metrics import check_clip
+
+        check_clip(metric=CLIPSCORE_METRIC)  # a missing CLIP fails now, not after every image is drawn
     summary = run_benchmark(config, args.out)
     print(format_scores(summary))
     print(f"wrote {args.out / 'scores.json'} and {args.out / 'verdicts.csv'}")
+    if args.clip_score:
+        from .clipscore import clip_score_for_run
+
+        clip = clip_score_for_run(args.out)
+        per_tag = ", ".join(f"{tag} {value['mean']:.1f}" for tag, value in clip["per_tag"].items())
+        print(f"CLIPScore (100*max(cos, 0), {clip['model']}): mean {clip['mean']:.2f}; {per_tag}")
+        print(f"wrote {args.out / 'clipscore.json'}")
     return 0
 
 

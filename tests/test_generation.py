@@ -66,6 +66,22 @@ def test_lora_with_nonzero_weight_changes_output_and_zero_weight_does_not(tiny_s
     assert np.array_equal(pixels(base), pixels(after)), "adapters are switched off when none is asked for"
 
 
+def test_an_adapter_retrained_in_the_same_folder_is_loaded_afresh(tiny_sd, tmp_path):
+    from workbench.registry import clear_cache
+    from workbench.tiny_models import build_tiny_lora
+
+    folder = build_tiny_lora(tiny_sd, tmp_path / "adapter", seed=1)
+    request = GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5], loras=[LoraSpec(str(folder), 1.0)],
+                                **FAST)
+    first = generate(request)[0]
+    build_tiny_lora(tiny_sd, folder, seed=2)  # a new training run writes into the same folder
+    second = generate(request)[0]
+    clear_cache()  # what a restart would load
+    fresh = generate(request)[0]
+    assert np.abs(pixels(first) - pixels(second)).max() > 0
+    assert np.array_equal(pixels(second), pixels(fresh))
+
+
 def test_png_metadata_round_trips_to_the_same_image(tiny_sd, tiny_lora, tmp_path):
     request = GenerationRequest("a green triangle", model=str(tiny_sd), seeds=[11], negative_prompt="blurry",
                                 scheduler="euler", loras=[LoraSpec(str(tiny_lora), 0.7)], **FAST)

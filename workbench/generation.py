@@ -60,8 +60,12 @@ class LoraSpec:
             return cls(text.strip())
 
     def adapter_name(self) -> str:
-        # peft adapter names must be valid module names; the path hash keeps distinct files apart.
-        digest = hashlib.sha1(str(Path(self.path).resolve()).encode()).hexdigest()[:10]
+        # peft adapter names must be valid module names. The hash covers the path and the weight
+        # file's size and time, so an adapter re-trained into the same folder is loaded afresh
+        # instead of the cached pipeline serving its old weights.
+        weights = lora_weights_file(self.path)
+        stamp = f"{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights is not None else ""
+        digest = hashlib.sha1(f"{Path(self.path).resolve()}|{stamp}".encode()).hexdigest()[:10]
         return f"lora_{digest}"
 
 

@@ -26,7 +26,7 @@ from ..prompt_parser import parse_prompt
 from ..registry import model_names, resolve
 from ..relabel import relabel
 
-DETECTOR_CHOICES = ["auto", "shapes", "groundingdino"]
+DETECTOR_CHOICES = ["auto", "shapes", "groundingdino", "groundingdino+clip"]  # +clip: colours too
 DIFF_COLORS = {"removed": "#f87171", "added": "#4ade80"}
 # Shapes images are 64 px: they are enlarged (nearest neighbour) so boxes and masks stay readable.
 DISPLAY_SIDE = 384
@@ -43,7 +43,7 @@ def detector_for(model: str, choice: str = "auto") -> str:
     return "shapes" if resolve(model).name == "shapes" else "groundingdino"
 
 
-SEGMENTER_FOR = {"shapes": "shapes", "groundingdino": "sam"}
+SEGMENTER_FOR = {"shapes": "shapes", "groundingdino": "sam", "groundingdino+clip": "sam"}
 
 
 # Real backends load hundreds of MB of weights: build each once per process. A backend whose

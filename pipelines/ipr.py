@@ -152,7 +152,7 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
         samples_file = folder / "samples.jsonl"
         if not samples_file.exists():
             images = sample(config, records, k, adapter, folder, stages, should_stop)
-            samples = annotate(config, images, k, detector, out_dir, stages)
+            samples = annotate(config, images, k, detector, stages)
             _write_jsonl(samples_file, samples)
             log(f"iteration {k + 1}: {relabel_summary(samples)}")
         if config.review and not (folder / "reviewed").exists():
@@ -166,7 +166,7 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
             (next_adapter / "done").write_text("")
         adapter = next_adapter
         scores = evaluate(config, adapter, folder / "eval", stages, should_stop, log, k) if config.eval_seeds else None
-        _record_metrics(out_dir, k, samples_file, rows, scores)
+        _record_metrics(out_dir, k, rows, scores)
 
     return {"status": "done", "run": str(out_dir), "adapter": str(adapter), "seconds": round(time.time() - started, 1),
             "metrics": read_metrics(out_dir)}
@@ -194,7 +194,7 @@ def sample(config: IPRConfig, records: list[dict], k: int, adapter: Path | None,
     return out
 
 
-def annotate(config: IPRConfig, images: list[dict], k: int, detector, out_dir: Path, stages: Stages) -> list[dict]:
+def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: Stages) -> list[dict]:
     """Stage 2: detect, relabel and weight every sample."""
     samples = []
     for i, item in enumerate(images):
@@ -203,20 +203,18 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, out_dir: P
         result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold)
         samples.append({**item, "spec": result.spec, "detections": detections, "relabeled": result.prompt,
                         "changed": result.changed, "keep": result.keep, "reasons": result.reasons,
-                        "weight": sample_weight(config.weighting, result.changed, result.prompt, detections,
-                                                config.box_threshold)})
+                        "weight": sample_weight(config.weighting, result.changed, detections, config.box_threshold)})
         if i % 64 == 0:
             stages(k, "relabel", i / len(images), f"{i}/{len(images)} images")
     return samples
 
 
-def sample_weight(weighting: str, changed: bool, relabeled_prompt: str, detections: list[dict],
-                  box_threshold: float) -> float:
+def sample_weight(weighting: str, changed: bool, detections: list[dict], box_threshold: float) -> float:
     """IPR's loss factor for one sample (see MATCHED_WEIGHT / RELABELED_WEIGHT above)."""
     factor = RELABELED_WEIGHT if changed else MATCHED_WEIGHT
     if weighting == "relabel":
         return factor
-    # "detector": scale by the mean confidence of the kept detections the new prompt is built on.
+    # "detector": scale by the mean confidence of the detections kept (at or above the box threshold).
     scores = [d["score"] for d in detections if d["score"] >= box_threshold]
     return factor * (sum(scores) / len(scores) if scores else 0.0)
 
@@ -299,11 +297,17 @@ def paused_iteration(out_dir: Path) -> int:
     raise InvalidInput(f"{out_dir} has no iteration waiting for review.")
 
 
+def relabel_counts(samples: list[dict]) -> dict:
+    """How an iteration's samples fared: matched their prompt, relabeled, or dropped."""
+    return {"samples": len(samples), "matched": sum(not s["changed"] for s in samples),
+            "relabeled": sum(s["changed"] and s["keep"] for s in samples),
+            "dropped": sum(not s["keep"] for s in samples)}
+
+
 def relabel_summary(samples: list[dict]) -> str:
-    changed = sum(s["changed"] for s in samples)
-    dropped = sum(not s["keep"] for s in samples)
-    return (f"{len(samples)} samples, {len(samples) - changed} matched their prompt, {changed - dropped} "
-            f"relabeled, {dropped} dropped (nothing asked for was found)")
+    c = relabel_counts(samples)
+    return (f"{c['samples']} samples, {c['matched']} matched their prompt, {c['relabeled']} relabeled, "
+            f"{c['dropped']} dropped (nothing asked for was found)")
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -317,15 +321,12 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return metrics
 
 
-def _record_metrics(out_dir: Path, k: int, samples_file: Path, rows: list[dict], scores: dict | None) -> None:
+def _record_metrics(out_dir: Path, k: int, rows: list[dict], scores: dict | None) -> None:
     existing = [m for m in read_metrics(out_dir) if m.get("label") != "base"]
     if any(m["iteration"] == k + 1 for m in existing):
         return
-    samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
-    entry = {"iteration": k + 1, "label": f"iteration {k + 1}", "samples": len(samples),
-             "matched": sum(not s["changed"] for s in samples),
-             "relabeled": sum(s["changed"] and s["keep"] for s in samples),
-             "dropped": sum(not s["keep"] for s in samples), "training_pairs": len(rows)}
+    entry = {"iteration": k + 1, "label": f"iteration {k + 1}",
+             **relabel_counts(load_samples(out_dir, iteration=k)), "training_pairs": len(rows)}
     if scores is not None:
         entry["overall"] = scores["overall"]
         entry["per_tag"] = {t: s["accuracy"] for t, s in scores["per_tag"].items()}

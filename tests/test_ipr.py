@@ -132,10 +132,10 @@ def test_detector_weighting_scales_by_confidence():
     detections = [{"label": "circle", "box": [0, 0, 4, 4], "score": 0.9},
                   {"label": "square", "box": [8, 8, 12, 12], "score": 0.5},
                   {"label": "square", "box": [8, 8, 12, 12], "score": 0.1}]  # under the threshold
-    assert sample_weight("relabel", False, "p", detections, 0.3) == 1.0
-    assert sample_weight("relabel", True, "p", detections, 0.3) == 0.5
-    assert sample_weight("detector", False, "p", detections, 0.3) == pytest.approx(0.7)
-    assert sample_weight("detector", True, "p", detections, 0.3) == pytest.approx(0.35)
+    assert sample_weight("relabel", False, detections, 0.3) == 1.0
+    assert sample_weight("relabel", True, detections, 0.3) == 0.5
+    assert sample_weight("detector", False, detections, 0.3) == pytest.approx(0.7)
+    assert sample_weight("detector", True, detections, 0.3) == pytest.approx(0.35)
 
 
 def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):

@@ -270,6 +270,13 @@ def _check_outputs(result: Any) -> dict[str, Any]:
     return result
 
 
+def run_names(runs_dir: Path, holds: Callable[[Path], bool]) -> list[str]:
+    """Names of the run folders under `runs_dir` that `holds` accepts, newest first."""
+    runs_dir = Path(runs_dir)
+    found = [child for child in runs_dir.iterdir() if child.is_dir() and holds(child)] if runs_dir.is_dir() else []
+    return [child.name for child in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
 

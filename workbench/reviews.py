@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import InvalidInput
+from workbench.jobs import run_names
 from workbench.store import connect_database
 
 STATUSES = ("accepted", "edited", "rejected")
@@ -130,11 +131,7 @@ def iteration_files(run_dir: Path) -> dict[int, Path]:
 
 def list_review_runs(runs_dir: Path) -> list[str]:
     """Run ids (folder names) under `runs_dir` that hold IPR samples, newest first."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
-    runs = [child for child in runs_dir.iterdir() if child.is_dir() and iteration_files(child)]
-    return [child.name for child in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return run_names(runs_dir, lambda folder: bool(iteration_files(folder)))
 
 
 def load_samples(run_dir: Path, iteration: int | None = None) -> list[dict]:

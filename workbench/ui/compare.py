@@ -18,7 +18,7 @@ from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
 from ..evaluation import load_prompt_file
 from ..generation import LoraSpec
-from ..jobs import JobRunner, JobStatus
+from ..jobs import JobRunner, JobStatus, run_names
 from ..registry import model_names, resolve
 from ..report import STYLE, grid_html, load_comparison, write_report
 from .generate import discover_adapters, follow_job
@@ -63,9 +63,7 @@ def build_config(model, variants_text, source, text, tag, count, upload, seeds, 
 
 def compare_runs() -> list[str]:
     """Comparison folders under the data folder, newest first."""
-    runs_dir = get_settings().runs_dir
-    found = list(runs_dir.glob("*/compare.json")) if runs_dir.is_dir() else []
-    return [path.parent.name for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return run_names(get_settings().runs_dir, lambda folder: (folder / "compare.json").is_file())
 
 
 def bar_frame(table: pd.DataFrame) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..config import get_settings
 from ..errors import WorkbenchError
-from ..jobs import JobRunner
+from ..jobs import JobRunner, run_names
 from ..registry import model_names
 
 REFRESH_EVERY_S = 2.0
@@ -23,17 +23,14 @@ METRIC_COLUMNS = ["iteration", "tag", "accuracy"]
 
 def ipr_runs() -> list[str]:
     """IPR run folders under the data folder, newest first."""
-    runs_dir = get_settings().runs_dir
-    if not runs_dir.is_dir():
-        return []
-    found = []
-    for config in runs_dir.glob("*/config.json"):
-        try:
-            if json.loads(config.read_text()).get("kind") == "ipr":
-                found.append(config.parent)
-        except (OSError, ValueError):
-            continue  # a half-written or foreign file is not a run
-    return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return run_names(get_settings().runs_dir, _is_ipr_run)
+
+
+def _is_ipr_run(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("kind") == "ipr"
+    except (OSError, ValueError):
+        return False  # no config, a half-written or a foreign file: not an IPR run
 
 
 def run_folder(run: str | None) -> Path | None:

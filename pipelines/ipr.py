@@ -61,6 +61,11 @@ class IPRConfig:
     prompt_seed: int = 0
     detector: str | None = None  # None: the model's own world (shapes model -> shapes detector)
     box_threshold: float = 0.3
+    # Relabels as true to the image as the detector allows: one clause per colour of a class, and
+    # where two single objects are relative to each other whatever the prompt asked (a model that
+    # rarely composes a relation learns relations from the pairs that show one).
+    split_colors: bool = True
+    say_relations: bool = True
     weighting: str = "relabel"  # see WEIGHTINGS
     review: bool = False  # pause after relabeling each iteration for a manual review
     # Fine-tuning (pipelines.trainer).
@@ -71,6 +76,7 @@ class IPRConfig:
     steps: int = 800  # per iteration
     batch_size: int = 32
     lr: float = 5e-4
+    prompt_dropout: float = 0.1  # keeps the unconditional branch that guidance subtracts trained
     seed: int = 0
     # Sampling and evaluation.
     sample_steps: int | None = None  # None: the model's default
@@ -200,7 +206,8 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
     for i, item in enumerate(images):
         image = item.pop("pil")
         detections = [d.to_dict() for d in detector.detect(image)]
-        result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold)
+        result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold,
+                         split_colors=config.split_colors, say_relations=config.say_relations)
         samples.append({**item, "spec": result.spec, "detections": detections, "relabeled": result.prompt,
                         "changed": result.changed, "keep": result.keep, "reasons": result.reasons,
                         "weight": sample_weight(config.weighting, result.changed, detections, config.box_threshold)})
@@ -249,7 +256,7 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
                                train_text_encoder=config.train_text_encoder,
                                init_lora=str(init_adapter) if init_adapter is not None else None,
                                steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                               seed=config.seed + k)
+                               prompt_dropout=config.prompt_dropout, seed=config.seed + k)
     result = train(train_config, on_progress=lambda f, m: stages(k, "train", f, m), should_stop=should_stop)
     if result.get("stopped"):
         from workbench.jobs import JobCancelled
@@ -386,7 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per iteration")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--prompt-dropout", type=float, default=defaults.prompt_dropout,
+                        help="share of training captions replaced by the empty prompt")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=defaults.weighting)
+    parser.add_argument("--literal-relabels", action="store_true",
+                        help="relabels only in terms GenEval's scorer checks: no colour split, relations only where asked")
     parser.add_argument("--box-threshold", type=float, default=defaults.box_threshold)
     parser.add_argument("--detector", default=None)
     parser.add_argument("--review", action="store_true", help="pause after each relabeling for a manual review")
@@ -408,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             config = IPRConfig(model=args.model, iterations=args.iterations, prompts=args.prompts,
                                samples_per_prompt=args.samples_per_prompt, lora=not args.full, rank=args.rank,
                                alpha=float(args.rank), train_text_encoder=args.train_text_encoder, steps=args.steps,
-                               batch_size=args.batch_size, lr=args.lr, weighting=args.weighting,
+                               batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
+                               weighting=args.weighting, split_colors=not args.literal_relabels,
+                               say_relations=not args.literal_relabels,
                                box_threshold=args.box_threshold, detector=args.detector, review=args.review,
                                eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds, seed=args.seed)
         result = run_ipr(config, args.out, log=lambda m: print(m, flush=True))

@@ -52,7 +52,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 KEEP_CHECKPOINTS = 2
 # Settings a checkpoint is bound to: resuming with other values would not continue the same run.
 RUN_IDENTITY = ("model", "data", "lora", "rank", "alpha", "target_modules", "train_text_encoder", "init_lora",
-                "seed", "batch_size", "grad_accum", "resolution", "center_crop", "random_flip")
+                "seed", "batch_size", "grad_accum", "resolution", "center_crop", "random_flip", "prompt_dropout")
 
 
 @dataclass
@@ -79,6 +79,10 @@ class TrainConfig:
     resolution: int | None = None  # default: the model's native size
     center_crop: bool = True  # False: a random crop, drawn once per image and run (latents are cached)
     random_flip: bool = False  # horizontal flips break left/right prompts, hence off by default
+    # Share of captions replaced by the empty prompt, as in Stable Diffusion's own training (10%):
+    # it keeps training the unconditional prediction that classifier-free guidance subtracts, so a
+    # fine-tune on guided samples does not drift the two apart (guidance would amplify the drift).
+    prompt_dropout: float = 0.0
     seed: int = 0
     checkpoint_every: int = 50  # accelerate save_state under out/checkpoints/step-N, last 2 kept
     log_every: int = 10
@@ -110,6 +114,7 @@ class TrainConfig:
              f"resolution must be at least 8 (got {self.resolution})."),
             (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1 (got {self.checkpoint_every})."),
             (self.log_every >= 1, f"log_every must be at least 1 (got {self.log_every})."),
+            (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
             (self.init_lora is None or self.lora, "init_lora continues a LoRA: it needs lora=True (drop --full)."),
         ]
         for ok, message in checks:
@@ -243,6 +248,14 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
     if prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     raise InvalidInput(f"Cannot train a model with prediction_type {prediction_type!r} (epsilon or v_prediction).")
+
+
+def drop_prompts(ids: torch.Tensor, empty_ids: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Token ids with each row replaced by the empty prompt's with probability `share`."""
+    if not share:
+        return ids  # draws nothing, so runs without dropout keep their random streams
+    dropped = torch.rand(len(ids), generator=generator) < share
+    return torch.where(dropped[:, None], empty_ids, ids)
 
 
 def min_snr_weights(noise_scheduler, gamma: float) -> torch.Tensor:
@@ -394,7 +407,8 @@ def _resumable_checkpoint(config: TrainConfig, out: Path) -> tuple[Path, dict] |
     step, folder = checkpoints[-1]
     state = json.loads((folder / "trainer_state.json").read_text())
     saved, current = state["config"], json.loads(json.dumps(asdict(config)))
-    changed = [k for k in RUN_IDENTITY if saved.get(k) != current[k]]
+    defaults = asdict(TrainConfig(model="", data=[], out=""))  # for settings added after the checkpoint
+    changed = [k for k in RUN_IDENTITY if saved.get(k, defaults[k]) != current[k]]
     if (saved.get("ema_decay") is None) != (config.ema_decay is None):
         changed.append("ema_decay")
     if changed:
@@ -515,6 +529,8 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
         flip_mean, flip_std = encode_images(vae, rows, config, resolution, device, weight_dtype, flip=True)
     input_ids = tokenizer(rows.texts, padding="max_length", max_length=tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
     sample_weights = torch.tensor(rows.weights, dtype=torch.float32)
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
     snr_weights = min_snr_weights(noise_scheduler, config.snr_gamma).to(device) if config.snr_gamma else None
@@ -621,9 +637,10 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
                 latents, noise = latents.to(device, weight_dtype), noise.to(device, weight_dtype)
                 timesteps = timesteps.to(device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                ids = drop_prompts(input_ids[picked], empty_ids, config.prompt_dropout, generator)
 
                 with torch.set_grad_enabled(config.train_text_encoder):
-                    encoder_hidden_states = te_model(input_ids[picked].to(device), return_dict=False)[0]
+                    encoder_hidden_states = te_model(ids.to(device), return_dict=False)[0]
                 pred = model(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                 target = training_target(noise_scheduler, latents, noise, timesteps)
                 weights = sample_weights[picked].to(device)
@@ -737,6 +754,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
     p.add_argument("--no-center-crop", action="store_true", help="random crops instead of centre crops")
     p.add_argument("--random-flip", action="store_true", help="horizontal flips (break left/right prompts)")
+    p.add_argument("--prompt-dropout", type=float, default=d.prompt_dropout,
+                   help="share of captions replaced by the empty prompt (Stable Diffusion trained with 0.1)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -749,7 +768,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
         max_grad_norm=a.max_grad_norm, mixed_precision=a.mixed_precision, ema_decay=a.ema_decay,
         snr_gamma=a.snr_gamma, resolution=a.resolution, center_crop=not a.no_center_crop,
-        random_flip=a.random_flip, seed=a.seed, checkpoint_every=a.checkpoint_every, log_every=a.log_every)
+        random_flip=a.random_flip, prompt_dropout=a.prompt_dropout, seed=a.seed, checkpoint_every=a.checkpoint_every, log_every=a.log_every)
     return config, not a.no_resume
 
 

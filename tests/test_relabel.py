@@ -31,9 +31,9 @@ def scorer_accepts(prompt: str, detections) -> bool:
     return score_detections({**spec, "tag": infer_tag(spec)}, dets).correct
 
 
-def check_against_scorer(record: dict, detections: list[Detection]) -> RelabelResult:
+def check_against_scorer(record: dict, detections: list[Detection], say_relations: bool = False) -> RelabelResult:
     """The properties every relabel must have, judged with the record's own metadata and tag."""
-    result = relabel(record["prompt"], detections, 64, 64)
+    result = relabel(record["prompt"], detections, 64, 64, say_relations=say_relations)
     correct = score_detections(record, detections).correct
     assert result.changed == (not correct), (record, detections, result)
     if result.changed:
@@ -71,7 +71,8 @@ def test_relabel_and_scorer_agree_on_rendered_scenes():
     assert 0.25 < np.mean(outcomes) < 0.75
 
 
-def test_relabel_and_scorer_agree_on_noisy_detections():
+@pytest.mark.parametrize("say_relations", [False, True])
+def test_relabel_and_scorer_agree_on_noisy_detections(say_relations):
     """Hand-made detections with scores around both thresholds, missing colours and classes the
     prompt never asked for."""
     records = training_prompts(200, seed=11)
@@ -83,7 +84,7 @@ def test_relabel_and_scorer_agree_on_noisy_detections():
             color = str(rng.choice(COLORS[:3])) if rng.random() < 0.95 else None
             score = float(rng.choice([1.0, 0.95, 0.6, 0.31, 0.3, 0.1]))
             detections.append(Detection(str(rng.choice(SHAPES + ("dog",))), (x, y, x + size, y + size), score, color))
-        check_against_scorer(records[k % len(records)], detections)
+        check_against_scorer(records[k % len(records)], detections, say_relations)
 
 
 # --- what gets written --------------------------------------------------------------------------
@@ -119,6 +120,32 @@ def test_a_relation_prompt_keeps_where_the_two_objects_it_shows_are():
     assert relabel("a circle and a triangle", detections, 64, 64).prompt == "a circle and a square"
     with_two_squares = detections + [det("square", 45, 45, "blue")]
     assert relabel("a circle above a triangle", with_two_squares, 64, 64).prompt == "a circle and two squares"
+
+
+def test_say_relations_writes_where_two_objects_are_for_any_prompt():
+    # Asked a red circle and a blue square; the image shows a green circle left of a blue square.
+    detections = [det("circle", 5, 20, "green"), det("square", 40, 20, "blue")]
+    plain = relabel("a red circle and a blue square", detections, 64, 64)
+    assert plain.prompt == "a green circle and a blue square"
+    said = relabel("a red circle and a blue square", detections, 64, 64, say_relations=True)
+    assert said.changed and said.prompt == "a green circle to the left of a blue square"
+    assert scorer_accepts(said.prompt, detections)
+    # An image that already satisfies its prompt keeps it (IPR keeps matched pairs as they are).
+    matched = relabel("a green circle and a blue square", detections, 64, 64, say_relations=True)
+    assert not matched.changed and matched.prompt == "a green circle and a blue square"
+    # Two objects of one class told apart by colour only when colours are split.
+    triangles = [det("triangle", 20, 2, "yellow"), det("triangle", 20, 40, "orange")]
+    asked = "an orange triangle under a yellow square"
+    assert relabel(asked, triangles, 64, 64, say_relations=True).prompt == "two triangles"
+    split = relabel(asked, triangles, 64, 64, split_colors=True, say_relations=True)
+    assert split.prompt == "a yellow triangle above an orange triangle"
+    # No relation is said for groups or for boxes too close for GenEval's rule.
+    with_two_squares = detections + [det("square", 45, 45, "blue")]
+    assert relabel("a red circle and a blue square", with_two_squares, 64, 64,
+                   say_relations=True).prompt == "a green circle and two blue squares"
+    overlapping = [det("circle", 20, 20, "green"), det("square", 22, 21, "blue")]
+    assert relabel("a red circle and a blue square", overlapping, 64, 64,
+                   say_relations=True).prompt == "a green circle and a blue square"
 
 
 def test_a_right_relation_is_kept_unchanged():

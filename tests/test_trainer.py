@@ -110,10 +110,10 @@ def test_full_fine_tune_exports_unet_and_a_pipeline_the_registry_loads(tiny_sd, 
 @pytest.mark.parametrize("interruption", ["stop", "crash"])
 def test_an_interrupted_run_resumes_to_the_same_weights_as_a_straight_run(tiny_sd, shapes_data, tmp_path,
                                                                          interruption):
-    # Everything that keeps state across steps: EMA, accumulation, a text-encoder LoRA, min-SNR, and
-    # batches (3 of 5 rows, x2 accumulation) that run across epochs.
+    # Everything that keeps state across steps: EMA, accumulation, a text-encoder LoRA, min-SNR, prompt
+    # dropout, and batches (3 of 5 rows, x2 accumulation) that run across epochs.
     config = tiny_config(tiny_sd, [shapes_data], tmp_path / "straight", steps=5, grad_accum=2, ema_decay=0.9,
-                         snr_gamma=5.0, train_text_encoder=True, warmup=2)
+                         snr_gamma=5.0, train_text_encoder=True, warmup=2, prompt_dropout=0.5)
     straight = train(config)
 
     resumed = replace(config, out=str(tmp_path / "resumed"))
@@ -186,6 +186,20 @@ def test_per_sample_weights_scale_each_sample_loss_and_gradient():
     per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     expected = (per_sample * torch.tensor([1.0, 0.5, 0.0])).mean()
     torch.testing.assert_close(weighted_loss(pred, target, torch.tensor([1.0, 0.5, 0.0])), expected)
+
+
+def test_prompt_dropout_swaps_about_that_share_of_captions_for_the_empty_prompt():
+    from pipelines.trainer import drop_prompts
+
+    ids = torch.arange(1, 4001).view(2000, 2)
+    empty = torch.zeros(1, 2, dtype=ids.dtype)
+    dropped = drop_prompts(ids, empty, 0.1, torch.Generator().manual_seed(0))
+    is_empty = (dropped == 0).all(dim=1)
+    assert 0.08 < is_empty.float().mean().item() < 0.12
+    assert torch.equal(dropped[~is_empty], ids[~is_empty])  # the others keep their own caption
+    again = drop_prompts(ids, empty, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, again)  # same generator, same captions dropped: resumes stay exact
+    assert drop_prompts(ids, empty, 0.0, torch.Generator()) is ids
 
 
 def test_the_target_follows_the_scheduler_prediction_type():
@@ -276,6 +290,7 @@ def test_accelerate_launch_with_two_processes_keeps_replicas_in_sync(tiny_sd, sh
 @pytest.mark.parametrize("overrides, expected", [
     ({"steps": 0}, "steps must be at least 1"),
     ({"mixed_precision": "fp8"}, "mixed_precision must be no, fp16 or bf16"),
+    ({"prompt_dropout": 1.0}, "prompt_dropout must be in"),
     ({"lora": False, "init_lora": "x"}, "init_lora continues a LoRA"),
     ({"model": "no-such-model"}, "Unknown model"),
 ])

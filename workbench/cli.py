@@ -113,6 +113,8 @@ def _add_relabel(subparsers) -> None:
     parser.add_argument("--box-threshold", type=float, default=0.3, help="drop detections scoring at or below this")
     parser.add_argument("--split-colors", action="store_true",
                         help="write a class of mixed colours as one clause per colour (GenEval's scorer cannot check that)")
+    parser.add_argument("--say-relations", action="store_true",
+                        help="when the relabel names two single objects, say where one is relative to the other")
     parser.add_argument("--add-class", action="append", default=[], metavar="NAME",
                         help="a class the default vocabulary lacks; repeat for more")
     parser.set_defaults(run=_run_relabel)
@@ -122,7 +124,8 @@ def _run_relabel(args) -> int:
     from .relabel import load_detections, relabel
 
     result = relabel(args.prompt, load_detections(args.detections), args.width, args.height,
-                     box_threshold=args.box_threshold, vocabulary=_vocabulary(args), split_colors=args.split_colors)
+                     box_threshold=args.box_threshold, vocabulary=_vocabulary(args), split_colors=args.split_colors,
+                     say_relations=args.say_relations)
     print(json.dumps(result.to_dict(), indent=2))
     return 0
 

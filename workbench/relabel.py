@@ -27,7 +27,9 @@ Rules (each chosen so that the relabeler and GenEval's scorer, workbench.evaluat
   "and". With one object a class this is the relation between the most confident detections.
   When a relation was asked but the image shows two other single objects (one of the named ones
   missing or replaced), the relation observed between those two is written, so the spatial fact
-  survives the relabel;
+  survives the relabel. `say_relations=True` does that for every prompt: a relabel naming exactly
+  two single objects says where one is relative to the other (the image shows it, and IPR's
+  relabels are how a model that rarely composes a relation gets to see one named);
 * a written "three circles" would be judged at the counting threshold: when fewer than three score
   above it, the prompt counts only those (or, with fewer than two, says "a circle");
 * `keep` is False when nothing the prompt asked for was detected (IPR discards those samples).
@@ -224,12 +226,12 @@ def _pair_relations(spec: dict, first_clause: dict[str, _Clause]) -> None:
             subject.paired = target.paired = True
 
 
-def _pair_two_singles(spec: dict, clauses: list[_Clause]) -> None:
-    """A prompt about where things are, whose image shows two other single objects (say "a circle
-    above a triangle" drawn as a circle above a square): write where those two are, so the relabel
-    keeps the spatial fact the prompt was about instead of dropping it."""
+def _pair_two_singles(spec: dict, clauses: list[_Clause], any_prompt: bool = False) -> None:
+    """A prompt about where things are (any prompt with `any_prompt`), whose image shows two other
+    single objects (say "a circle above a triangle" drawn as a circle above a square): write where
+    those two are, so the relabel keeps the spatial fact instead of dropping it."""
     asked = next((c["position"][0] for c in spec["include"] if "position" in c), None)
-    if asked is None or len(clauses) != 2 or any(c.paired or len(c.members) != 1 for c in clauses):
+    if (asked is None and not any_prompt) or len(clauses) != 2 or any(c.paired or len(c.members) != 1 for c in clauses):
         return
     subject, target = clauses
     relation = observed_relation(subject.members, target.members, asked)
@@ -265,7 +267,8 @@ def _to_spec(clauses: list[_Clause], kept_excludes: list[dict]) -> dict:
     return spec
 
 
-def detected_spec(spec: dict, found: dict[str, list[Detection]], vocabulary: Vocabulary, split_colors: bool = False) -> dict:
+def detected_spec(spec: dict, found: dict[str, list[Detection]], vocabulary: Vocabulary, split_colors: bool = False,
+                  say_relations: bool = False) -> dict:
     """The spec of what the detections show, said in the terms of the prompt's spec (see module doc)."""
     say_colors = any("color" in clause for clause in spec["include"])
     clauses: list[_Clause] = []
@@ -275,7 +278,7 @@ def detected_spec(spec: dict, found: dict[str, list[Detection]], vocabulary: Voc
             clauses.append(_Clause(cls, color, members))
             first_clause.setdefault(cls, clauses[-1])  # holds the class's most confident object
     _pair_relations(spec, first_clause)
-    _pair_two_singles(spec, clauses)
+    _pair_two_singles(spec, clauses, any_prompt=say_relations)
     # "no dogs" stays true while no dog was detected.
     asked = set(_asked_classes(spec))
     kept_excludes = [dict(c) for c in spec.get("exclude", []) if int(c["count"]) == 1 and c["class"] not in asked and c["class"] not in found]
@@ -384,6 +387,7 @@ def relabel(
     vocabulary: Vocabulary | None = None,
     *,
     split_colors: bool = False,
+    say_relations: bool = False,
 ) -> RelabelResult:
     """The prompt that the image (its detections: Detection objects or their dicts, boxes in pixels
     of a width x height image) actually satisfies; see the module doc for the rules."""
@@ -396,7 +400,7 @@ def relabel(
 
     found = group_detections(dets, box_threshold)
     keep = any(cls in found for cls in _asked_classes(spec))
-    written = detected_spec(spec, found, vocabulary, split_colors)
+    written = detected_spec(spec, found, vocabulary, split_colors, say_relations)
     verdict = _verdict(spec, dets, box_threshold)
     if not spec["include"]:
         return RelabelResult(prompt, False, False, ["the prompt names no object the vocabulary knows"], spec, written)

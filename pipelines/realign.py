@@ -1,0 +1,355 @@
+"""RealignDiff's coarse stage (Wu et al., "Towards Better Text-to-Image Generation Alignment via
+Attention Modulation" / RealignDiff, arXiv 2305.19599, Sec. 3.1): reward feedback learning (ReFL)
+with a caption reward.
+
+    python -m pipelines.realign --model shapes --steps 300 --out DIR
+
+ReFL as ImageReward's trainer does it (THUDM/ImageReward, ImageReward/ReFL.py): draw a batch of
+training prompts, run the sampler from pure noise without gradients down to a random step in the
+last quarter of the schedule (steps 30..39 of 40 there, 15..19 of 20 here by default), take that one step with gradients, read the
+predicted clean latent x0 off the scheduler, decode it and score it. The loss is paper eq. 5:
+
+    L = lambda * ReLU(target - r(x0, prompt)) + L_pretrain
+
+with lambda 1e-3 and L_pretrain the ordinary denoising loss on the model's pre-training data, which
+keeps the model from drifting toward whatever fools the reward.
+
+How the gradient flows. The paper's caption reward (eq. 4) captions the image and compares caption and
+prompt embeddings; a sampled caption has no gradient. We descend the same captioner's teacher-forced
+log-likelihood of the prompt, log p(prompt | x0), which is high exactly when the captioner would say
+the prompt of this image and is differentiable in x0 (`workbench.likelihood_reward`: BLIP on real
+models, the project's tiny shapes captioner in the shapes world), so target 0 makes the loss the
+prompt's negative log-likelihood. The eq. 4 caption reward (`workbench.caption_reward`) is logged
+before and after training, so the run reports the reward the paper defines.
+
+The LoRA is trained with the shared engine's pieces (`pipelines.trainer`: components, adapters,
+diffusers-format export) in a loop of its own, since each step samples. Checkpoints every
+`checkpoint_every` steps (adapter, optimizer, RNG states) make a stopped or crashed run resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, run_benchmark
+from workbench.errors import InvalidInput, WorkbenchError
+from workbench.generation import LoraSpec
+from workbench.shapes.bench_prompts import training_prompts
+
+STATE_FILE = "refl_state.pt"
+
+
+@dataclass
+class ReFLConfig:
+    model: str = "shapes"
+    reward: str | None = None  # likelihood reward: None picks the model's world ("shapes" or "blip")
+    reward_model: str | None = None  # its weights: None is the shipped shapes captioner / $WORKBENCH_BLIP_MODEL
+    prompts: int = 500  # training prompts from the shapes grammar (disjoint from ShapesBench)
+    prompt_seed: int = 0
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    rank: int = 8
+    alpha: float = 8.0
+    reward_weight: float = 1e-3  # lambda of eq. 5
+    reward_target: float = 0.0  # ReLU(target - r); r is a mean log-probability, at most 0
+    # ImageReward's ReFL samples 40 steps and takes the gradient step at 30..39, the last quarter; the
+    # same quarter of the 20-step schedule the shapes model generates with costs half as much.
+    schedule_steps: int = 20
+    first_grad_step: int = 15
+    guidance: float | None = None  # None: the model's default; the sampled states look like generation's
+    pretrain_batch: int = 16
+    pretrain_data: str | None = None  # imagefolder for real models; the shapes model renders its own
+    prompt_dropout: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 50
+    eval_prompts: str = str(SHAPESBENCH)
+    eval_seeds: int = 4  # 0: skip evaluation
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1 and self.batch_size >= 1, "ReFL needs at least one step and a batch of one."),
+            (self.lr > 0 and self.reward_weight > 0, "lr and reward_weight must be positive."),
+            (0 < self.first_grad_step < self.schedule_steps,
+             f"first_grad_step must lie inside the {self.schedule_steps}-step schedule."),
+            (0 <= self.prompt_dropout < 1, "prompt_dropout must be in [0, 1)."),
+            (self.model == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,
+             "A real model needs --pretrain-data (an imagefolder of its pre-training kind of data) for eq. 5's "
+             "denoising term, or --pretrain-batch 0 to train on the reward alone."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(message)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReFLConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --- pre-training data ------------------------------------------------------------------------------
+
+
+class ShapesPretrainingData:
+    """What the shapes model was trained on: fresh random scenes with noisy web-style alt text."""
+
+    def __init__(self, vae):
+        from pipelines.train_shapes import augment_caption
+        from workbench.shapes.captions import noisy_alt_text
+        from workbench.shapes.render import render_array
+        from workbench.shapes.scene import sample_scene
+
+        self.vae = vae
+        self._caption, self._alt, self._render, self._scene = augment_caption, noisy_alt_text, render_array, sample_scene
+
+    def batch(self, n: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        scenes = [self._scene(rng) for _ in range(n)]
+        pixels = torch.from_numpy(np.stack([self._render(s) for s in scenes])).float().permute(0, 3, 1, 2) * 2 - 1
+        captions = [self._caption(self._alt(s, rng), rng) for s in scenes]
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator)
+        return latents, captions
+
+
+class ImagefolderPretrainingData:
+    """Rows of an imagefolder (`metadata.jsonl` with file_name and text), encoded once."""
+
+    def __init__(self, vae, folder: str, resolution: int):
+        from pipelines.trainer import TrainConfig, encode_images, read_rows
+
+        rows = read_rows([folder])
+        config = TrainConfig(model="", data=[folder], out="")
+        self.mean, self.std = encode_images(vae, rows, config, resolution, torch.device("cpu"), torch.float32)
+        self.texts = rows.texts
+
+    def batch(self, n: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        idx = torch.from_numpy(rng.integers(len(self.texts), size=n))
+        noise = torch.randn(self.mean[idx].shape, generator=generator)
+        return self.mean[idx] + self.std[idx] * noise, [self.texts[i] for i in idx]
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train (or continue) a ReFL LoRA in out_dir/adapter, then evaluate it; returns the summary."""
+    from diffusers import DDIMScheduler
+
+    from pipelines.trainer import TrainConfig, _load_components, add_lora, drop_prompts, save_lora, training_target
+    from workbench.likelihood_reward import get_likelihood_reward
+    from workbench.registry import resolve
+
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(config, out_dir)
+    progress = on_progress or (lambda f, m: None)
+    adapter_dir = out_dir / "adapter"
+    started = time.time()
+
+    if not (adapter_dir / "done").exists():
+        torch.manual_seed(config.seed)
+        entry = resolve(config.model)
+        tokenizer, text_encoder, vae, unet, noise_scheduler = _load_components(
+            entry.source, entry, torch.float32, torch.float32, torch.float32)
+        for module in (text_encoder, vae, unet):
+            module.requires_grad_(False)
+        add_lora(TrainConfig(model=config.model, data=["-"], out="-", rank=config.rank, alpha=config.alpha),
+                 unet, text_encoder)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr)
+        sampler = DDIMScheduler.from_config(noise_scheduler.config)
+        sampler.set_timesteps(config.schedule_steps)
+        reward_name = config.reward or ("shapes" if config.model == "shapes" else "blip")
+        where = {"shapes": "folder", "blip": "model"}.get(reward_name, "model")
+        reward = get_likelihood_reward(reward_name, **({where: config.reward_model} if config.reward_model else {}))
+        pretrain = None
+        if config.pretrain_batch:
+            pretrain = (ShapesPretrainingData(vae) if config.pretrain_data is None else
+                        ImagefolderPretrainingData(vae, config.pretrain_data, entry.default_size))
+        guidance = config.guidance if config.guidance is not None else entry.default_guidance
+        scaling = vae.config.scaling_factor
+        records = training_prompts(config.prompts, seed=config.prompt_seed)
+        rng = np.random.default_rng(config.seed)
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            return ids
+
+        empty_ids = encode([""])
+        with torch.no_grad():
+            empty_states = text_encoder(empty_ids)[0]
+
+        start = _load_state(out_dir, unet, optimizer, rng)
+        if start:
+            log(f"refl: resuming at step {start}")
+        history = []
+        unet.train()
+        for step in range(start, config.steps):
+            prompts = [records[k]["prompt"] for k in rng.integers(len(records), size=config.batch_size)]
+            with torch.no_grad():
+                cond = text_encoder(encode(prompts))[0]
+            uncond = empty_states.expand(len(prompts), -1, -1)
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            latents = torch.randn((len(prompts), unet.config.in_channels, unet.config.sample_size,
+                                   unet.config.sample_size), generator=generator) * sampler.init_noise_sigma
+            grad_step = int(rng.integers(config.first_grad_step, config.schedule_steps))
+
+            def guided(x: torch.Tensor, t) -> torch.Tensor:
+                pred = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
+                pred_uncond, pred_cond = pred.chunk(2)
+                return pred_uncond + guidance * (pred_cond - pred_uncond)
+
+            # Sample without gradients down to the drawn step, then take that step with gradients.
+            with torch.no_grad():
+                for t in sampler.timesteps[:grad_step]:
+                    latents = sampler.step(guided(sampler.scale_model_input(latents, t), t), t, latents).prev_sample
+            t = sampler.timesteps[grad_step]
+            x0 = sampler.step(guided(sampler.scale_model_input(latents, t), t), t, latents).pred_original_sample
+            images = vae.decode(x0 / scaling).sample
+            r = reward(images, prompts)
+            reward_loss = F.relu(config.reward_target - r).mean()
+
+            # Eq. 5's pre-training term: the plain denoising loss on pre-training data.
+            pretrain_loss = torch.zeros(())
+            if pretrain is not None:
+                clean, captions = pretrain.batch(config.pretrain_batch, rng, generator)
+                clean = clean * scaling
+                ids = drop_prompts(encode(captions), empty_ids, config.prompt_dropout, generator)
+                with torch.no_grad():
+                    states = text_encoder(ids)[0]
+                noise = torch.randn(clean.shape, generator=generator)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(clean),),
+                                          generator=generator)
+                noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+                pred = unet(noisy, timesteps, states).sample
+                pretrain_loss = F.mse_loss(pred, training_target(noise_scheduler, clean, noise, timesteps))
+
+            loss = config.reward_weight * reward_loss + pretrain_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+
+            history.append({"step": step + 1, "reward": r.mean().item(), "pretrain_loss": pretrain_loss.item(),
+                            "grad_step": grad_step})
+            if (step + 1) % 10 == 0 or step + 1 == config.steps:
+                recent = history[-10:]
+                message = (f"step {step + 1}/{config.steps} reward {np.mean([h['reward'] for h in recent]):.4f} "
+                           f"pretrain loss {np.mean([h['pretrain_loss'] for h in recent]):.4f} "
+                           f"{time.time() - started:.0f}s")
+                log(f"refl: {message}")
+                progress(0.8 * (step + 1) / config.steps, message)
+            _append_jsonl(out_dir / "history.jsonl", history[-1])
+            stopping = should_stop is not None and should_stop()
+            if (step + 1) % config.checkpoint_every == 0 or stopping:
+                _save_state(out_dir, unet, optimizer, rng, step + 1)
+            if stopping:
+                from workbench.jobs import JobCancelled
+
+                raise JobCancelled(f"ReFL stopped at step {step + 1}; resume the run to continue it")
+        save_lora(adapter_dir, unet)
+        (adapter_dir / "done").write_text(json.dumps({"seconds": round(time.time() - started, 1)}))
+        log(f"refl: adapter written to {adapter_dir}")
+
+    summary = {"status": "done", "run": str(out_dir), "adapter": str(adapter_dir),
+               "train_seconds": json.loads((adapter_dir / "done").read_text())["seconds"]}
+    if config.eval_seeds:
+        for name, loras in (("eval-base", []), ("eval", [LoraSpec(str(adapter_dir), 1.0)])):
+            scores_file = out_dir / name / "scores.json"
+            if not scores_file.exists():
+                bench = BenchmarkConfig(model=config.model, prompts=config.eval_prompts, seeds=config.eval_seeds,
+                                        loras=loras)
+                result = run_benchmark(bench, out_dir / name, on_progress=lambda f, m: progress(0.8 + 0.1 * f, m),
+                                       should_stop=should_stop)
+                log(f"refl: {'base model' if not loras else 'ReFL adapter'}:\n" + format_scores(result))
+            summary[name] = json.loads(scores_file.read_text())
+    summary["seconds"] = round(time.time() - started, 1)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# --- bookkeeping ------------------------------------------------------------------------------------
+
+
+def _save_state(out_dir: Path, unet, optimizer, rng: np.random.Generator, step: int) -> None:
+    from peft import get_peft_model_state_dict
+
+    state = {"step": step, "lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict(),
+             "rng": json.dumps(rng.bit_generator.state)}
+    tmp = out_dir / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / STATE_FILE)
+
+
+def _load_state(out_dir: Path, unet, optimizer, rng: np.random.Generator) -> int:
+    from peft import set_peft_model_state_dict
+
+    path = out_dir / STATE_FILE
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=True)
+    set_peft_model_state_dict(unet, state["lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = json.loads(state["rng"])
+    return int(state["step"])
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
+    path = out_dir / "config.json"
+    current = {"kind": "refl", **asdict(config)}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        differing = sorted(k for k in current if saved.get(k) != current[k] and k != "eval_seeds")
+        if differing:
+            raise InvalidInput(f"{out_dir} holds a ReFL run with other settings ({', '.join(differing)}); "
+                               f"continue it with the same settings or choose a new output folder.")
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = ReFLConfig()
+    parser = argparse.ArgumentParser(description="RealignDiff coarse stage: ReFL with a caption reward.")
+    parser.add_argument("--out", type=Path, required=True)
+    for f in fields(ReFLConfig):
+        if f.name in ("eval_prompts",):
+            parser.add_argument("--eval-prompts", default=defaults.eval_prompts)
+            continue
+        kind = {int: int, float: float}.get(type(getattr(defaults, f.name)), str)
+        if f.name == "guidance":
+            kind = float
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    try:
+        result = run_refl(ReFLConfig.from_dict(args), out, log=lambda m: print(m, flush=True))
+    except WorkbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("eval")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""RealignDiff's coarse stage (pipelines.realign, ReFL) and the differentiable caption rewards."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.realign import ReFLConfig, run_refl
+from test_trainer import generate_pixels, make_imagefolder
+from workbench.errors import InvalidInput
+from workbench.generation import LoraSpec
+from workbench.jobs import JobCancelled
+from workbench.shapes.bench_prompts import vocabulary
+from workbench.shapes.caption_model import CaptionerConfig, CaptionModel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a busy 2-core machine run far faster on one thread than fighting over two.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def caption_model(tmp_path_factory) -> Path:
+    """A random shapes captioner for 32x32 images (the tiny SD's size), saved as the real one is."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("captioner")
+    CaptionModel(CaptionerConfig(vocab=vocabulary(), width=32, heads=2, decoder_layers=1, image_size=32)).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrain_data(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("pretrain"), 4, seed=2)
+
+
+def tiny_refl(tiny_sd, caption_model, pretrain_data, **overrides) -> ReFLConfig:
+    settings = dict(model=str(tiny_sd), reward="shapes", reward_model=str(caption_model), prompts=6, steps=3,
+                    batch_size=2, lr=1e-2, rank=4, alpha=4.0, reward_weight=1.0, schedule_steps=4,
+                    first_grad_step=2, guidance=2.0, pretrain_batch=2, pretrain_data=str(pretrain_data),
+                    checkpoint_every=1, eval_seeds=0)
+    settings.update(overrides)
+    return ReFLConfig(**settings)
+
+
+def test_the_likelihood_reward_is_differentiable_and_prefers_the_true_prompt(caption_model):
+    from workbench.likelihood_reward import get_likelihood_reward
+
+    reward = get_likelihood_reward("shapes", folder=caption_model)
+    images = torch.zeros(2, 3, 32, 32, requires_grad=True)
+    r = reward(images, ["a red circle", "two blue squares left of a triangle"])
+    assert r.shape == (2,) and bool((r < 0).all())
+    r.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0  # the gradient reaches the pixels
+
+
+def test_the_blip_likelihood_reward_reaches_the_pixels(tmp_path):
+    from test_captioning import build_tiny_blip
+    from workbench.likelihood_reward import get_likelihood_reward
+
+    reward = get_likelihood_reward("blip", model=str(build_tiny_blip(tmp_path / "blip")))
+    images = torch.zeros(2, 3, 64, 64, requires_grad=True)
+    r = reward(images, ["a red circle", "a dog"])
+    assert r.shape == (2,) and torch.isfinite(r).all()
+    r.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_refl_trains_a_lora_the_generation_service_loads(tiny_sd, caption_model, pretrain_data, tmp_path):
+    result = run_refl(tiny_refl(tiny_sd, caption_model, pretrain_data), tmp_path / "run", log=lambda m: None)
+    adapter = Path(result["adapter"])
+    weights = load_file(str(adapter / "pytorch_lora_weights.safetensors"))
+    assert any(".lora.up." in k and v.abs().sum() > 0 for k, v in weights.items())  # trained, not the zero init
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert all(2 <= h["grad_step"] < 4 and np.isfinite(h["reward"]) and h["pretrain_loss"] > 0 for h in history)
+    base = generate_pixels(tiny_sd, [])
+    tuned = generate_pixels(tiny_sd, [LoraSpec(str(adapter), 1.0)])
+    assert np.abs(base.astype(int) - tuned.astype(int)).max() > 0
+
+
+def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path):
+    config = tiny_refl(tiny_sd, caption_model, pretrain_data)
+    straight = run_refl(config, tmp_path / "straight", log=lambda m: None)
+    calls = []
+    with pytest.raises(JobCancelled, match="step 2"):
+        run_refl(config, tmp_path / "resumed", should_stop=lambda: calls.append(1) or len(calls) == 2,
+                 log=lambda m: None)
+    assert not (tmp_path / "resumed" / "adapter" / "done").exists()
+    resumed = run_refl(config, tmp_path / "resumed", log=lambda m: None)
+    a = load_file(str(Path(straight["adapter"]) / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(Path(resumed["adapter"]) / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # The same folder refuses other settings instead of mixing two runs.
+    with pytest.raises(InvalidInput, match="other settings"):
+        run_refl(replace(config, lr=1e-3), tmp_path / "resumed", log=lambda m: None)
+
+
+def test_a_real_model_without_pretraining_data_is_refused_with_a_hint(tmp_path):
+    with pytest.raises(InvalidInput, match="--pretrain-data"):
+        run_refl(ReFLConfig(model="org/some-model"), tmp_path / "run")

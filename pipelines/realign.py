@@ -277,9 +277,29 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
                                        should_stop=should_stop)
                 log(f"refl: {'base model' if not loras else 'ReFL adapter'}:\n" + format_scores(result))
             summary[name] = json.loads(scores_file.read_text())
+            summary[name]["caption_reward"] = caption_reward_of_run(out_dir / name, config)
+            log(f"refl: {name}: caption reward (eq. 4) {summary[name]['caption_reward']:.4f}")
     summary["seconds"] = round(time.time() - started, 1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def caption_reward_of_run(eval_dir: Path, config: ReFLConfig) -> float:
+    """The mean eq. 4 caption reward of an evaluation's images (cached in caption_reward.json)."""
+    from PIL import Image
+
+    from workbench.caption_reward import get_caption_reward
+
+    cached = eval_dir / "caption_reward.json"
+    if cached.exists():
+        return json.loads(cached.read_text())["mean"]
+    rows = [json.loads(line) for line in (eval_dir / "verdicts.jsonl").read_text().splitlines() if line.strip()]
+    reward = get_caption_reward("shapes" if config.model == "shapes" else "blip")
+    scores = reward.score([Image.open(eval_dir / row["path"]).convert("RGB") for row in rows],
+                          [row["prompt"] for row in rows])
+    mean = float(np.mean(scores.rewards)) if scores.rewards else float("nan")
+    cached.write_text(json.dumps({"mean": mean, "images": len(rows)}))
+    return mean
 
 
 # --- bookkeeping ------------------------------------------------------------------------------------

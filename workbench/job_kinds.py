@@ -1,15 +1,18 @@
 """The kinds of background job the app runs, and the functions that run them.
 
 Each job function takes JSON parameters and a JobContext, reports progress through it, writes its
-files under ctx.run_dir and returns JSON outputs. Later issues add training, evaluation, relabeling.
+files under ctx.run_dir and returns JSON outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 from .benchmark import BenchmarkConfig, format_scores, run_benchmark
 from .compare import run_compare_job
+from .errors import InvalidInput, JobCancelled
 from .generation import GenerationRequest, generate
 
 
@@ -44,10 +47,43 @@ def run_ipr_job(params: dict, ctx) -> dict:
                    should_stop=lambda: ctx.cancelled, log=ctx.log)
 
 
+def run_refl_job(params: dict, ctx) -> dict:
+    """A ReFL run (RealignDiff's coarse stage) in the job's folder, or, with `resume_dir`, the
+    continuation of an earlier one with the settings saved in its config.json."""
+    from pipelines.realign import ReFLConfig, run_refl
+
+    out = Path(params["resume_dir"]) if params.get("resume_dir") else ctx.run_dir
+    config = ReFLConfig.from_dict(saved_config(out, "refl") if params.get("resume_dir") else params)
+    ctx.log(f"ReFL on {config.model}: {config.steps} step(s), run folder {out}")
+    return run_refl(config, out, on_progress=_progress_without_stopping(ctx), should_stop=lambda: ctx.cancelled,
+                    log=ctx.log)
+
+
+def saved_config(folder: Path, kind: str) -> dict:
+    """The settings a run of `kind` saved in its folder's config.json."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if not isinstance(config, dict) or config.get("kind") != kind:
+        raise InvalidInput(f"{folder} holds no {kind} run to continue (no config.json of kind {kind!r}).")
+    return config
+
+
+def _progress_without_stopping(ctx):
+    """ctx.progress, minus its cancel check: a ReFL run stops at should_stop once it has checkpointed
+    the step, where stopping inside progress would lose the steps since the last checkpoint."""
+    def report(fraction: float, stage: str) -> None:
+        with contextlib.suppress(JobCancelled):
+            ctx.progress(fraction, stage)
+    return report
+
+
 JOB_KINDS = {
     "generate": run_generate_job,
     "eval": run_eval_job,
     "ipr": run_ipr_job,
+    "refl": run_refl_job,
     "compare": run_compare_job,
 }
 

@@ -1,5 +1,7 @@
-"""Train tab: launch an IPR run as a background job, follow it live, cancel, resume, plot its metrics.
+"""Train tab: launch a training run (IPR, or RealignDiff's ReFL in `train_refl`) as a background job,
+follow it live, cancel, resume, plot its metrics.
 
+The helpers here that find runs and their jobs take the job kind, so every method's section shares them.
 Everything shown is read back from the job store and the run folder on every timer tick, so a page
 reload or an app restart loses nothing: pick the run again and its state is there.
 """
@@ -21,16 +23,30 @@ REFRESH_EVERY_S = 2.0
 METRIC_COLUMNS = ["iteration", "tag", "accuracy"]
 
 
+def runs_of_kind(kind: str) -> list[str]:
+    """Run folders of one kind ("ipr", "refl") under the data folder, newest first."""
+    return run_names(get_settings().runs_dir, lambda folder: run_kind(folder) == kind)
+
+
 def ipr_runs() -> list[str]:
     """IPR run folders under the data folder, newest first."""
-    return run_names(get_settings().runs_dir, _is_ipr_run)
+    return runs_of_kind("ipr")
 
 
-def _is_ipr_run(folder: Path) -> bool:
+def run_kind(folder: Path) -> str | None:
+    """The "kind" a run folder's config.json names."""
     try:
-        return json.loads((folder / "config.json").read_text()).get("kind") == "ipr"
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return False  # no config, a half-written or a foreign file: not an IPR run
+        return None  # no config, a half-written or a foreign file: no run
+    return config.get("kind") if isinstance(config, dict) else None
+
+
+def picker_with(job_id: str, kind: str):
+    """The run picker showing a job just submitted: its config.json is written only once it starts,
+    so its folder is named before it is listed."""
+    choices = [job_id] + [r for r in runs_of_kind(kind) if r != job_id]
+    return gr.update(choices=choices, value=job_id)
 
 
 def run_folder(run: str | None) -> Path | None:
@@ -75,34 +91,47 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
         job_id = runner.submit("ipr", config.__dict__)
     except WorkbenchError as error:
         return gr.update(), None, f"Not started: {error}"
-    # The job writes its config.json only once it starts, so name its folder before it is listed.
-    choices = [job_id] + [r for r in ipr_runs() if r != job_id]
-    return gr.update(choices=choices, value=job_id), job_id, f"Started IPR run `{job_id}`."
+    return picker_with(job_id, "ipr"), job_id, f"Started IPR run `{job_id}`."
 
 
-def continue_run(runner: JobRunner, run, reviewed: bool):
+def continue_run(runner: JobRunner, run, reviewed: bool, kind: str = "ipr"):
+    """Submit the continuation of a run in its own folder; `reviewed` (IPR) also marks its paused
+    iteration as reviewed."""
     folder = run_folder(run)
     if folder is None:
         return None, "Choose a run to continue."
     try:
-        job_id = runner.submit("ipr", {"resume_dir": str(folder), "reviewed": reviewed})
+        job_id = runner.submit(kind, {"resume_dir": str(folder), **({"reviewed": True} if reviewed else {})})
     except WorkbenchError as error:
         return None, f"Not continued: {error}"
     what = "marked the paused iteration as reviewed and continued" if reviewed else "continuing"
     return job_id, f"Run `{run}`: {what} as job `{job_id}`."
 
 
-def latest_job_for(runner: JobRunner, run: str | None, job_id: str | None):
-    """The job to follow for a run: the one just started, else the newest job working on that run."""
+def latest_job_for(runner: JobRunner, run: str | None, job_id: str | None, kind: str = "ipr"):
+    """The job to follow for a run: the one just started, else the newest job of `kind` working on that run."""
     if job_id and (job := runner.get(job_id)) is not None:
         return job
     folder = run_folder(run)
     if folder is None:
         return None
     for job in runner.list_jobs(200):
-        if job.kind == "ipr" and (job.id == folder.name or job.params.get("resume_dir") == str(folder)):
+        if job.kind == kind and (job.id == folder.name or job.params.get("resume_dir") == str(folder)):
             return job
     return None
+
+
+def cancel_run(runner: JobRunner, run, job_id, kind: str = "ipr") -> str:
+    job = latest_job_for(runner, run, job_id, kind)
+    if job is None or not runner.cancel(job.id):
+        return "Nothing to cancel: no job of this run is queued or running."
+    return f"Cancelling job `{job.id}`; its finished stages and checkpoints are kept (*Continue* resumes)."
+
+
+def job_line(job) -> str:
+    """A job's status, progress and stage, and its error if it failed."""
+    line = f"Job `{job.id}`: **{job.status.value}** {job.progress:.0%} {job.stage}"
+    return line + (f"\n\nError: {job.error}" if job.error else "")
 
 
 def run_status(runner: JobRunner, run, job_id):
@@ -112,9 +141,7 @@ def run_status(runner: JobRunner, run, job_id):
     if job is None:
         status = "Choose a run, or start one." if not run else f"Run `{run}`: no job of this app is working on it."
         return status, "", frame, metrics_table(frame)
-    status = f"Job `{job.id}`: **{job.status.value}** {job.progress:.0%} {job.stage}"
-    if job.error:
-        status += f"\n\nError: {job.error}"
+    status = job_line(job)
     if job.outputs.get("status") == "awaiting_review":
         status += (f"\n\nIteration {job.outputs['iteration'] + 1} waits for review: check its relabels in the "
                    f"Review tab, then press *Reviewed: continue*.")
@@ -122,7 +149,20 @@ def run_status(runner: JobRunner, run, job_id):
 
 
 def build_train_tab(runner: JobRunner) -> gr.Dropdown:
-    """Create the tab inside the current Gradio context; returns the run picker (refreshed on load)."""
+    """Create the tab inside the current Gradio context, one inner tab per method; returns the IPR run
+    picker (refreshed on load); the ReFL picker refreshes when its tab is opened."""
+    from .train_refl import build_refl_section, refl_runs  # it builds on this module's helpers
+
+    with gr.Tabs():
+        with gr.Tab("IPR: Iterative Prompt Relabeling"):
+            run = build_ipr_section(runner)
+        with gr.Tab("RealignDiff: ReFL (coarse stage)") as refl_tab:
+            refl_run = build_refl_section(runner)
+    refl_tab.select(lambda: gr.update(choices=refl_runs()), None, refl_run)
+    return run
+
+
+def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
     gr.Markdown("Iterative Prompt Relabeling: sample, detect, relabel, fine-tune, evaluate, repeat. "
                 "Runs are background jobs; they continue after a crash or cancel with *Continue*.")
     with gr.Row():
@@ -163,14 +203,7 @@ def build_train_tab(runner: JobRunner) -> gr.Dropdown:
     run.change(lambda: None, None, job_state)
     resume.click(lambda r: continue_run(runner, r, False), run, [job_state, status])
     reviewed.click(lambda r: continue_run(runner, r, True), run, [job_state, status])
-
-    def cancel_run(r, job_id):
-        job = latest_job_for(runner, r, job_id)
-        if job is None or not runner.cancel(job.id):
-            return "Nothing to cancel: no job of this run is queued or running."
-        return f"Cancelling job `{job.id}`; its finished stages and checkpoints are kept (*Continue* resumes)."
-
-    cancel.click(cancel_run, [run, job_state], status)
+    cancel.click(lambda r, j: cancel_run(runner, r, j), [run, job_state], status)
     timer = gr.Timer(REFRESH_EVERY_S)
     timer.tick(lambda r, j: run_status(runner, r, j), [run, job_state], [status, log, plot, table])
     return run

@@ -11,7 +11,7 @@ predicted clean latent x0 off the scheduler, decode it and score it. The loss is
 
     L = lambda * ReLU(target - r(x0, prompt)) + L_pretrain
 
-with lambda 1e-3 and L_pretrain the ordinary denoising loss on the model's pre-training data, which
+with lambda balancing the two terms' gradients (the paper's 1e-3 with --reward-weight) and L_pretrain the ordinary denoising loss on the model's pre-training data, which
 keeps the model from drifting toward whatever fools the reward.
 
 How the gradient flows. The paper's caption reward (eq. 4) captions the image and compares caption and
@@ -62,7 +62,11 @@ class ReFLConfig:
     lr: float = 1e-4
     rank: int = 8
     alpha: float = 8.0
-    reward_weight: float = 1e-3  # lambda of eq. 5
+    # lambda of eq. 5. The paper's 1e-3 suits ImageReward-scale rewards; a mean log-likelihood's gradient
+    # is far smaller (measured on the shapes model: ~35x below the denoising loss's at lambda 1), so by
+    # default (None) lambda is set once, at the first step, to the ratio of the two terms' gradient
+    # norms: the reward pulls as hard as the denoising loss holds. The value used is in history.jsonl.
+    reward_weight: float | None = None
     reward_target: float = 0.0  # ReLU(target - r); r is a mean log-probability, at most 0
     # ImageReward's ReFL samples 40 steps and takes the gradient step at 30..39, the last quarter; the
     # same quarter of the 20-step schedule the shapes model generates with costs half as much.
@@ -80,7 +84,8 @@ class ReFLConfig:
     def validate(self) -> None:
         checks = [
             (self.steps >= 1 and self.batch_size >= 1, "ReFL needs at least one step and a batch of one."),
-            (self.lr > 0 and self.reward_weight > 0, "lr and reward_weight must be positive."),
+            (self.lr > 0 and (self.reward_weight is None or self.reward_weight > 0),
+             "lr and reward_weight must be positive."),
             (0 < self.first_grad_step < self.schedule_steps,
              f"first_grad_step must lie inside the {self.schedule_steps}-step schedule."),
             (0 <= self.prompt_dropout < 1, "prompt_dropout must be in [0, 1)."),
@@ -193,7 +198,8 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         with torch.no_grad():
             empty_states = text_encoder(empty_ids)[0]
 
-        start = _load_state(out_dir, unet, optimizer, rng)
+        start, reward_weight = _load_state(out_dir, unet, optimizer, rng)
+        reward_weight = config.reward_weight or reward_weight
         if start:
             log(f"refl: resuming at step {start}")
         history = []
@@ -238,14 +244,17 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
                 pred = unet(noisy, timesteps, states).sample
                 pretrain_loss = F.mse_loss(pred, training_target(noise_scheduler, clean, noise, timesteps))
 
-            loss = config.reward_weight * reward_loss + pretrain_loss
+            if reward_weight is None:
+                reward_weight = _balanced_weight(reward_loss, pretrain_loss, params)
+                log(f"refl: reward weight lambda = {reward_weight:.4g} (balances the two gradients at step 1)")
+            loss = reward_weight * reward_loss + pretrain_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
 
             history.append({"step": step + 1, "reward": r.mean().item(), "pretrain_loss": pretrain_loss.item(),
-                            "grad_step": grad_step})
+                            "grad_step": grad_step, "reward_weight": reward_weight})
             if (step + 1) % 10 == 0 or step + 1 == config.steps:
                 recent = history[-10:]
                 message = (f"step {step + 1}/{config.steps} reward {np.mean([h['reward'] for h in recent]):.4f} "
@@ -256,7 +265,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             _append_jsonl(out_dir / "history.jsonl", history[-1])
             stopping = should_stop is not None and should_stop()
             if (step + 1) % config.checkpoint_every == 0 or stopping:
-                _save_state(out_dir, unet, optimizer, rng, step + 1)
+                _save_state(out_dir, unet, optimizer, rng, step + 1, reward_weight)
             if stopping:
                 from workbench.jobs import JobCancelled
 
@@ -305,27 +314,40 @@ def caption_reward_of_run(eval_dir: Path, config: ReFLConfig) -> float:
 # --- bookkeeping ------------------------------------------------------------------------------------
 
 
-def _save_state(out_dir: Path, unet, optimizer, rng: np.random.Generator, step: int) -> None:
+def _balanced_weight(reward_loss: torch.Tensor, pretrain_loss: torch.Tensor, params: list) -> float:
+    """lambda making the reward term's gradient norm equal to the denoising term's (1 without the latter)."""
+    if not pretrain_loss.requires_grad:
+        return 1.0
+
+    def norm(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+
+    reward_norm = norm(reward_loss)
+    return norm(pretrain_loss) / reward_norm if reward_norm > 0 else 1.0
+
+
+def _save_state(out_dir: Path, unet, optimizer, rng: np.random.Generator, step: int, reward_weight: float) -> None:
     from peft import get_peft_model_state_dict
 
     state = {"step": step, "lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict(),
-             "rng": json.dumps(rng.bit_generator.state)}
+             "rng": json.dumps(rng.bit_generator.state), "reward_weight": reward_weight}
     tmp = out_dir / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out_dir / STATE_FILE)
 
 
-def _load_state(out_dir: Path, unet, optimizer, rng: np.random.Generator) -> int:
+def _load_state(out_dir: Path, unet, optimizer, rng: np.random.Generator) -> tuple[int, float | None]:
     from peft import set_peft_model_state_dict
 
     path = out_dir / STATE_FILE
     if not path.exists():
-        return 0
+        return 0, None
     state = torch.load(path, weights_only=True)
     set_peft_model_state_dict(unet, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
     rng.bit_generator.state = json.loads(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), float(state["reward_weight"])
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
@@ -357,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--eval-prompts", default=defaults.eval_prompts)
             continue
         kind = {int: int, float: float}.get(type(getattr(defaults, f.name)), str)
-        if f.name == "guidance":
+        if f.name in ("guidance", "reward_weight"):
             kind = float
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
     args = vars(parser.parse_args(argv))

@@ -83,13 +83,15 @@ def test_refl_trains_a_lora_the_generation_service_loads(tiny_sd, caption_model,
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3]
     assert all(2 <= h["grad_step"] < 4 and np.isfinite(h["reward"]) and h["pretrain_loss"] > 0 for h in history)
+    assert all(h["reward_weight"] == 1.0 for h in history)  # lambda as given
     base = generate_pixels(tiny_sd, [])
     tuned = generate_pixels(tiny_sd, [LoraSpec(str(adapter), 1.0)])
     assert np.abs(base.astype(int) - tuned.astype(int)).max() > 0
 
 
 def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path):
-    config = tiny_refl(tiny_sd, caption_model, pretrain_data)
+    # lambda left to the gradient balance: set once at step 1, kept through the resume.
+    config = tiny_refl(tiny_sd, caption_model, pretrain_data, reward_weight=None)
     straight = run_refl(config, tmp_path / "straight", log=lambda m: None)
     calls = []
     with pytest.raises(JobCancelled, match="step 2"):
@@ -100,6 +102,8 @@ def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretr
     a = load_file(str(Path(straight["adapter"]) / "pytorch_lora_weights.safetensors"))
     b = load_file(str(Path(resumed["adapter"]) / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    weights = {json.loads(line)["reward_weight"] for line in (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()}
+    assert len(weights) == 1 and weights.pop() > 0
     # The same folder refuses other settings instead of mixing two runs.
     with pytest.raises(InvalidInput, match="other settings"):
         run_refl(replace(config, lr=1e-3), tmp_path / "resumed", log=lambda m: None)

@@ -156,7 +156,7 @@ def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, fi
     rank = _number(rank, "LoRA rank")
     config = ReFLConfig(model=model.strip(), steps=_number(steps, "Steps"), batch_size=_number(batch, "Batch size"),
                         lr=_number(lr, "Learning rate", float), rank=rank, alpha=float(rank),
-                        reward_weight=_number(reward_weight, "Reward weight λ", float),
+                        reward_weight=None if reward_weight in (None, "") else _number(reward_weight, "Reward weight λ", float),
                         schedule_steps=_number(schedule_steps, "Sampling steps"),
                         first_grad_step=_number(first_grad_step, "First gradient step"),
                         guidance=None if guidance in (None, "") else _number(guidance, "Guidance", float),
@@ -203,7 +203,7 @@ def build_refl_section(runner: JobRunner) -> gr.Dropdown:
             batch = gr.Number(8, label="Batch size (prompts per step)", precision=0)
             lr = gr.Number(1e-4, label="Learning rate")
             rank = gr.Number(8, label="LoRA rank", precision=0)
-            reward_weight = gr.Number(1e-3, label="Reward weight λ (eq. 5)")
+            reward_weight = gr.Number(None, label="Reward weight λ (eq. 5; empty: balance the reward's and the denoising loss's gradients)")
         with gr.Column():
             schedule_steps = gr.Number(20, label="Sampling steps", precision=0)
             first_grad_step = gr.Number(15, label="First gradient step", precision=0,

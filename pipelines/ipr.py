@@ -38,6 +38,7 @@ from pathlib import Path
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, pick_detector, run_benchmark
 from workbench.config import get_settings
 from workbench.errors import InvalidInput, WorkbenchError
+from workbench.store import bind_run_config
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.relabel import relabel
 from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
@@ -342,20 +343,8 @@ def _record_metrics(out_dir: Path, k: int, rows: list[dict], scores: dict | None
 
 
 def _check_same_config(config: IPRConfig, out_dir: Path) -> None:
-    """A run folder belongs to one configuration: continuing it with another would mix results."""
-    path = out_dir / "config.json"
-    current = {"kind": "ipr", **asdict(config)}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        # Review is a way of running, not part of the result; the rest must match.
-        differing = sorted(k for k in current if k != "review" and saved.get(k) != current[k])
-        if differing:
-            raise InvalidInput(f"{out_dir} holds an IPR run with other settings ({', '.join(differing)}); "
-                               f"continue it with the same settings or choose a new output folder.")
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2))
-    os.replace(tmp, path)
+    # Review is a way of running, not part of the result; the rest must match.
+    bind_run_config(out_dir, {"kind": "ipr", **asdict(config)}, "an IPR run", ignore=("review",))
 
 
 def load_config(out_dir: Path) -> IPRConfig:

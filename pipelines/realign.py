@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, run_benchmark
 from workbench.errors import InvalidInput, WorkbenchError
+from workbench.store import bind_run_config
 from workbench.generation import LoraSpec
 from workbench.shapes.bench_prompts import training_prompts
 
@@ -356,18 +357,8 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
-    path = out_dir / "config.json"
-    current = {"kind": "refl", **asdict(config)}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        differing = sorted(k for k in current if saved.get(k) != current[k] and k != "eval_seeds")
-        if differing:
-            raise InvalidInput(f"{out_dir} holds a ReFL run with other settings ({', '.join(differing)}); "
-                               f"continue it with the same settings or choose a new output folder.")
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2))
-    os.replace(tmp, path)
+    # More or fewer evaluation seeds re-scores the same adapter; the rest must match.
+    bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,3 +34,15 @@ def tiny_lora(tiny_sd, tmp_path_factory):
     from workbench.tiny_models import build_tiny_lora
 
     return build_tiny_lora(tiny_sd, tmp_path_factory.mktemp("tiny-lora"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads
+    cost a lot: modules that run many of them use one thread (`pytestmark`), then restore the count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -28,13 +28,7 @@ SCENE_PROMPTS = ["a red circle to the left of a blue square", "three green trian
                  "a yellow square above a green circle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches gain little from intra-op threads; on a busy machine spinning threads cost a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from workbench.shapes.bench_prompts import vocabulary
 from workbench.shapes.caption_model import CaptionerConfig, CaptionModel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a busy 2-core machine run far faster on one thread than fighting over two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -249,19 +249,12 @@ def get_caption_reward(captioner_name: str, encoder: SentenceEncoder | str | Non
 
     Both models' files are checked before either is loaded, and everything missing is said in one message.
     """
-    from workbench.perception.backends import check_backend, get_captioner
+    from workbench.perception.backends import check_all, check_backend, get_captioner
 
-    problems = []
     checks = [lambda: check_backend("captioner", captioner_name, **captioner_options)]
     if not isinstance(encoder, SentenceEncoder):
         checks.append(lambda: check_sentence_encoder(encoder))
-    for check in checks:
-        try:
-            check()
-        except ModelNotAvailable as error:
-            problems.append(str(error))
-    if problems:
-        raise ModelNotAvailable("\n".join(problems))
+    check_all(checks)
     if device is not None and captioner_name != "shapes":
         captioner_options = {"device": device, **captioner_options}
     captioner = get_captioner(captioner_name, **captioner_options)

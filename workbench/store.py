@@ -211,3 +211,23 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
     )
+
+
+def bind_run_config(out_dir: Path, settings: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """A run folder belongs to one configuration: write `settings` as its config.json, or check that
+    they match the saved ones (keys in `ignore` may differ), since continuing with others would mix results."""
+    import os
+
+    path = Path(out_dir) / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        differing = sorted(k for k in settings if k not in ignore and saved.get(k) != settings[k])
+        if differing:
+            from .errors import InvalidInput
+
+            raise InvalidInput(f"{out_dir} holds {what} with other settings ({', '.join(differing)}); "
+                               f"continue it with the same settings or choose a new output folder.")
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)

@@ -185,20 +185,26 @@ def _check_sam(**options) -> None:
     check_files(settings["checkpoint_path"], settings["model_type"], settings.get("architecture") is not None)
 
 
-def _check_groundingdino_clip(clip_model: str | None = None, colours=None, **options) -> None:
-    """One message naming everything missing: GroundingDINO's files and the CLIP model."""
+def check_all(checks) -> None:
+    """Run every availability check; one ModelNotAvailable names everything missing, not just the first."""
     from workbench.errors import ModelNotAvailable
-    from workbench.perception.clip_metrics import COLOUR_METRIC, check_clip
 
     problems = []
-    for check in (lambda: _check_groundingdino(**options),
-                  lambda: check_clip(clip_model or clip_settings()["model"], COLOUR_METRIC)):
+    for check in checks:
         try:
             check()
         except ModelNotAvailable as error:
             problems.append(str(error))
     if problems:
         raise ModelNotAvailable("\n".join(problems))
+
+
+def _check_groundingdino_clip(clip_model: str | None = None, colours=None, **options) -> None:
+    """One message naming everything missing: GroundingDINO's files and the CLIP model."""
+    from workbench.perception.clip_metrics import COLOUR_METRIC, check_clip
+
+    check_all([lambda: _check_groundingdino(**options),
+               lambda: check_clip(clip_model or clip_settings()["model"], COLOUR_METRIC)])
 
 
 def _check_clip_tagger(model: str | None = None, **_) -> None:

@@ -14,7 +14,9 @@ from workbench.job_kinds import JOB_KINDS, register_all, saved_config
 from workbench.jobs import JobRunner, JobStatus
 from workbench.ui import train, train_refl as tab
 
-from test_realign import caption_model, one_thread, pretrain_data, tiny_refl  # noqa: F401 (fixtures)
+from test_realign import caption_model, pretrain_data, tiny_refl  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # model, steps, batch, lr, rank, reward weight, sampling steps, first gradient step, guidance,
 # pretrain batch, pretrain data, eval seeds: the order of the tab's inputs

@@ -115,6 +115,22 @@ def test_the_processor_computes_eq_8_on_the_conditional_half(tiny_sd):
         assert not torch.allclose(out[1], AttnProcessor2_0()(attn, hidden, text)[1], atol=1e-3)
 
 
+@pytest.mark.parametrize("edges, pushed_out", [("outside", 15), ("neutral", 12)])
+def test_cells_a_region_covers_in_part_are_left_alone_unless_edges_is_outside(edges, pushed_out):
+    mask = np.zeros((16, 16), bool)
+    mask[:5, :5] = True  # on a 4x4 grid: cell (0, 0) whole, (0, 1), (1, 0), (1, 1) in part
+    regions = TokenRegions("x", masks={1: mask}, tokens={1: "x"}, phrases={"x": [1]})
+    state = ModulationState([regions], strength=1.0, num_train_timesteps=1000, edges=edges)
+    state.before_unet(None, (torch.zeros(2, 4, 4, 4), torch.tensor(500)), {})
+    inside, outside, weight = state.region_tensors((4, 4), 3, "cpu", torch.float32)
+    assert inside[0, :, 1].tolist() == [1.0] + [0.0] * 15
+    assert outside[0, :, 1].sum() == pushed_out and outside[0, 0, 1] == 0
+    assert not inside[0, :, [0, 2]].any() and not outside[0, :, [0, 2]].any(), "tokens without a region: M = 0"
+    assert weight[0, 0].tolist() == pytest.approx([0.0, 1 - 25 / 256, 0.0])
+    with pytest.raises(ValueError, match="edges"):
+        ModulationState([regions], 1.0, 1000, edges="soft")
+
+
 def test_batches_modulate_only_the_images_that_have_regions():
     pipe = load_pipeline("shapes")
     regions, _, _ = left_right_regions(pipe.tokenizer, 64, 64)

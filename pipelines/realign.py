@@ -178,9 +178,8 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         optimizer = torch.optim.AdamW(params, lr=config.lr)
         sampler = DDIMScheduler.from_config(noise_scheduler.config)
         sampler.set_timesteps(config.schedule_steps)
-        reward_name = config.reward or ("shapes" if config.model == "shapes" else "blip")
-        where = {"shapes": "folder", "blip": "model"}.get(reward_name, "model")
-        reward = get_likelihood_reward(reward_name, **({where: config.reward_model} if config.reward_model else {}))
+        reward = get_likelihood_reward(config.reward or ("shapes" if config.model == "shapes" else "blip"),
+                                       model=config.reward_model)
         pretrain = None
         if config.pretrain_batch:
             pretrain = (ShapesPretrainingData(vae) if config.pretrain_data is None else
@@ -191,9 +190,8 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         rng = np.random.default_rng(config.seed)
 
         def encode(texts: list[str]) -> torch.Tensor:
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
-            return ids
+            return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
 
         empty_ids = encode([""])
         with torch.no_grad():

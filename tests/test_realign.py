@@ -49,7 +49,7 @@ def tiny_refl(tiny_sd, caption_model, pretrain_data, **overrides) -> ReFLConfig:
 def test_the_likelihood_reward_is_differentiable_and_prefers_the_true_prompt(caption_model):
     from workbench.likelihood_reward import get_likelihood_reward
 
-    reward = get_likelihood_reward("shapes", folder=caption_model)
+    reward = get_likelihood_reward("shapes", model=caption_model)
     images = torch.zeros(2, 3, 32, 32, requires_grad=True)
     r = reward(images, ["a red circle", "two blue squares left of a triangle"])
     assert r.shape == (2,) and bool((r < 0).all())

@@ -26,10 +26,10 @@ from workbench.errors import InvalidInput
 class ShapesLikelihoodReward:
     """The shipped shapes captioner (workbench.shapes.caption_model) as a reward."""
 
-    def __init__(self, folder=None, device: str = "cpu"):
+    def __init__(self, model: str | None = None, device: str = "cpu"):
         from workbench.shapes.caption_model import load_caption_model
 
-        self.model = load_caption_model(folder, device).requires_grad_(False)
+        self.model = load_caption_model(model, device).requires_grad_(False)  # model: its folder
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         size = self.model.config.image_size

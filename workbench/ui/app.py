@@ -10,6 +10,7 @@ from ..jobs import get_runner
 from .compare import build_compare_tab, compare_runs
 from .generate import build_generate_tab, model_defaults
 from .inspect import build_inspect_tab
+from .local_captions import build_local_captions_tab, past_runs
 from .results import build_results_tab
 from .review import build_review_tab, run_choices
 from .runs import build_runs_tab
@@ -29,6 +30,8 @@ def build_app() -> gr.Blocks:
             model, model_info, sliders = build_generate_tab(runner)
         with gr.Tab("Inspect & Relabel"):
             build_inspect_tab()
+        with gr.Tab("Local captions & masks"):
+            fine_run = build_local_captions_tab()
         with gr.Tab("Review"):
             review_run = build_review_tab()
         with gr.Tab("Train"):
@@ -44,6 +47,7 @@ def build_app() -> gr.Blocks:
         demo.load(lambda: gr.update(choices=run_choices()), None, review_run)
         demo.load(lambda: gr.update(choices=ipr_runs()), None, train_run)
         demo.load(lambda: gr.update(choices=compare_runs()), None, compare_run)
+        demo.load(lambda: gr.update(choices=past_runs()), None, fine_run)
         demo.load(show_results, results_inputs, results_outputs)
     return demo
 

@@ -294,8 +294,12 @@ def local_captions(llm: LLM, prompt: str, objects: list[str], retries: int = 2) 
                     f"\"{_start(prompt, 80)}\"", max_tokens=64 + 32 * len(objects))
 
 
-def write_prompts(llm: LLM, skill: str, description: str, examples: list[str], n: int, retries: int = 2) -> list[str]:
-    """n different prompts for a skill (SELMA's skill-specific prompt sets), none equal to an example."""
+def write_prompts(llm: LLM, skill: str, description: str, examples: list[str], n: int, retries: int = 2, *,
+                  temperature: float = 0.0) -> list[str]:
+    """n different prompts for a skill (SELMA's skill-specific prompt sets), none equal to an example.
+
+    `temperature` > 0 samples (SELMA's prompt generation asks at 1.0 with fresh in-context examples
+    each request, so repeated requests give new prompts)."""
     from workbench.prompt_parser import MAX_PROMPT_CHARS
 
     if not isinstance(skill, str) or not skill.strip():
@@ -332,7 +336,7 @@ def write_prompts(llm: LLM, skill: str, description: str, examples: list[str], n
                 {"role": "user", "content": header + _payload("write_prompts", skill=skill, description=description,
                                                               examples=examples, n=n)}]
     return ask_json(llm, messages, validate, retries, what=f"writing {n} \"{_start(skill, 40)}\" prompts",
-                    max_tokens=64 + 48 * n)
+                    max_tokens=64 + 48 * n, temperature=temperature)
 
 
 # --- "openai": any chat-completions server ---------------------------------------------------------
@@ -579,7 +583,9 @@ class ShapesLLM:
     local_captions: "a <colour> <class>" from the prompt's clauses of that class (the colour only when
     every such clause states the same one); an object the prompt does not mention keeps its name.
     write_prompts: shapes-world prompts for SHAPES_SKILLS from an RNG seeded by `seed` and the skill
-    (the same call gives the same prompts; the first k of n+1 are the n); description is not read.
+    (the same call gives the same prompts; the first k of n+1 are the n); description is not read. At a
+    temperature above 0 the RNG is also seeded by the in-context examples, so SELMA's repeated
+    requests with other examples get other prompts.
     Anything else gets {"error": ...}.
     """
 
@@ -594,7 +600,7 @@ class ShapesLLM:
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.0) -> str:
         payload = _find_task(check_messages(messages))
         tasks = {"score_tags": self._score_tags, "local_captions": self._local_captions,
-                 "write_prompts": self._write_prompts}
+                 "write_prompts": lambda payload: self._write_prompts(payload, sampled=temperature > 0)}
         if payload is None or payload.get("task") not in tasks:
             said = "no task payload found" if payload is None else f"unknown task {payload.get('task')!r}"
             return json.dumps({"error": f"the shapes backend answers only the workbench's tasks "
@@ -629,14 +635,17 @@ class ShapesLLM:
             captions[name] = describe({"include": [clause]})
         return {"captions": captions}
 
-    def _write_prompts(self, payload: dict) -> dict:
+    def _write_prompts(self, payload: dict, sampled: bool = False) -> dict:
         import numpy as np
 
         skill, n = str(payload["skill"]).strip(), int(payload["n"])
         if skill not in SHAPES_SKILLS:
             raise InvalidInput(f"The shapes LLM backend writes prompts only for the skills {', '.join(SHAPES_SKILLS)}; "
                                f"got '{skill}'. Use an \"openai\" or \"transformers\" LLM for other skills.")
-        rng = np.random.default_rng([self.seed, zlib.crc32(skill.encode())])
+        key = [self.seed, zlib.crc32(skill.encode())]
+        if sampled:  # temperature > 0: other in-context examples, other prompts (as sampling an LLM would)
+            key.append(zlib.crc32(json.dumps(payload.get("examples", [])).encode()))
+        rng = np.random.default_rng(key)
         seen = {_normal(e) for e in payload.get("examples", [])}
         prompts = []
         for _ in range(200 * n):

@@ -1,0 +1,744 @@
+"""SELMA (Li, Cho, Sung, Yoon and Bansal, "SELMA: Learning and Merging Skill-Specific Text-to-Image
+Experts with Auto-Generated Data", arXiv 2403.06952).
+
+    python -m pipelines.selma --model shapes --out DIR          # --resume continues DIR
+
+The method (Sec. 3 of the paper), read top to bottom in `run_selma`:
+
+1. prompts: for each skill, an LLM writes prompts from three in-context examples drawn from the
+   skill's seeds and the prompts kept so far, request after request; a prompt is kept only when its
+   ROUGE-L against every kept prompt (seeds included) is at most 0.8 (`workbench.rouge`). Prompts
+   equal to an evaluation prompt (ShapesBench in the shapes world) are dropped, as in IPR, and so
+   are prompts longer than the model's text encoder reads;
+2. images: the base model draws each prompt, or another model (`image_model`: the paper's
+   weak-to-strong setting, images of a weaker model teaching a stronger one);
+3. experts: one LoRA per skill on that skill's pairs only, with the shared engine
+   (`pipelines.trainer`); and, as the paper's comparison, one LoRA on every skill's pairs mixed;
+4. merge: the experts with equal weights 1/n through diffusers' `set_adapters`, as the authors'
+   inference does (`inference/img_gen_merge.py`), or one of peft's `add_weighted_adapter`
+   combinations; `merged/` always holds a single fused adapter in diffusers' LoRA format;
+5. evaluate: the base model, the mixed LoRA, the merged experts (and each expert alone, optional)
+   on ShapesBench or any GenEval-format prompt file; `summary.json` holds the per-tag table.
+
+Every stage writes its result under the run folder before the next starts and is skipped when that
+result exists, so calling `run_selma` again continues a crashed or cancelled run (the trainer
+resumes from its own checkpoints). Folder layout:
+
+    config.json  summary.json
+    prompts/<skill>.json        the skill, its kept prompts and the filter's statistics
+    data/<skill>/images/  data/<skill>/metadata.jsonl    an imagefolder per skill
+    experts/<skill>/  mixed/    LoRA adapters (diffusers format) with train_config.json, log.jsonl
+    merged/                     the fused merged adapter and merge.json
+    eval-base/  eval-mixed/  eval-merged/  eval-expert-<skill>/
+
+Why set_adapters and a fused file agree: diffusers adds each active adapter's output, scaled by its
+weight, so the merged model computes W x + sum_i w_i s_i B_i A_i x (s_i = alpha_i / r_i). peft's
+"cat" combination stacks the w_i s_i A_i and the B_i into one adapter of rank sum(r_i) whose
+product is exactly that sum; "linear" instead averages A and B separately (cross terms appear, so
+it only approximates the sum), and "ties"/"dare_*" prune and re-sign the factors first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, run_benchmark
+from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
+from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
+from workbench.rouge import DEFAULT_THRESHOLD, RougeFilter
+from workbench.skills import Skill, resolve_skills, world_of
+from workbench.store import bind_run_config
+
+# Merging: "set_adapters" is the authors' (every expert active at weight w_i); the rest are peft's
+# add_weighted_adapter combinations, baked into one adapter.
+COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+MERGES = ("set_adapters",) + COMBINATIONS
+PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # these read `density`
+MAX_PROMPTS_PER_SKILL = 5000
+IMAGE_CHUNK = 64  # prompts drawn per generation call (bounds memory; finer progress)
+PATIENCE = 10  # LLM requests in a row that add no prompt before a skill's generation stops
+
+
+@dataclass
+class SelmaConfig:
+    model: str = "shapes"  # the model whose experts are trained
+    image_model: str | None = None  # draws the training images; None: `model` (weak-to-strong: a weaker one)
+    llm: str | None = None  # workbench.llm backend; None: "shapes" for the shapes model, else "openai"
+    llm_temperature: float = 1.0  # the authors sample at 1.0
+    skills: list[str] | None = None  # skill names (workbench.skills); None: the world's built-in five
+    # Shapes-world defaults, sized for a full run (5 experts, the mixed LoRA, 3 evaluations at 4 seeds)
+    # of about 50 minutes on one CPU thread. The shapes world holds only ~80 counting and ~110
+    # colour-binding prompts that pass the ROUGE-L filter once ShapesBench's are removed: those skills
+    # stop short of prompts_per_skill (their stats say so).
+    prompts_per_skill: int = 150
+    prompts_per_request: int = 20  # the authors ask for 20 prompts per request
+    in_context_examples: int = 3  # the authors' num_prompt_instructions
+    rouge_threshold: float = DEFAULT_THRESHOLD  # keep a prompt when its ROUGE-L to every kept one is <= this
+    samples_per_prompt: int = 3
+    sample_steps: int | None = None  # drawing the training images; None: the image model's default
+    guidance: float | None = None
+    # Fine-tuning (pipelines.trainer). The authors: rank 128, lr 3e-4, 5000 steps, batch 64 on SD v1.4;
+    # the shapes defaults are IPR's (rank 8, lr 5e-4, batch 32), which suit the tiny shapes UNet.
+    rank: int = 8
+    alpha: float = 8.0
+    steps: int = 400  # per expert
+    baseline: bool = True  # also train one LoRA on every skill's data mixed (the paper's comparison)
+    # None: n_skills x steps, the optimizer steps of all experts together, so the mixed LoRA sees each
+    # image about as often as its expert does (exactly, for skills of equal size): equal data, equal
+    # compute, and only "one adapter on the mixture" vs "n adapters, merged" differs. (`steps` alone
+    # would show each image n times less often and handicap the baseline.)
+    baseline_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 5e-4
+    prompt_dropout: float = 0.1  # keeps the unconditional branch that guidance subtracts trained
+    # Merging.
+    merge: str = "set_adapters"  # see MERGES
+    merge_weights: list[float] | None = None  # None: 1/n each, as the authors
+    merge_density: float = 0.5  # share of entries ties / dare / magnitude_prune keep
+    # Evaluation.
+    eval_prompts: str = str(SHAPESBENCH)
+    eval_seeds: int = 4  # 0: skip evaluation
+    eval_experts: bool = False  # also score each expert alone
+    detector: str | None = None  # None: the model's own world (shapes model -> shapes detector)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise InvalidInput (one line) for settings that cannot be run as given."""
+        from workbench.llm import LLMS, SHAPES_SKILLS
+        from workbench.registry import resolve
+
+        if self.skills is not None and not isinstance(self.skills, str):
+            self.skills = list(self.skills)  # config.json compares lists, not tuples
+        if self.merge_weights is not None:
+            self.merge_weights = [float(w) for w in self.merge_weights]
+        for name in (self.model, self.image_model):
+            if name is not None and resolve(name).family != "sd":
+                raise InvalidInput(f"SELMA fine-tunes with the shared engine, which trains SD-style models (one CLIP "
+                                   f"text encoder); '{name}' is {resolve(name).family}.")
+        if self.llm is not None and self.llm not in LLMS:
+            raise InvalidInput(f"Unknown LLM backend '{self.llm}'. Available: {', '.join(LLMS)}.")
+        skills = self.skill_list()
+        if self.llm_name() == "shapes":
+            foreign = [s.name for s in skills if s.name not in SHAPES_SKILLS]
+            if foreign:
+                raise InvalidInput(f"The shapes LLM writes prompts only for {', '.join(SHAPES_SKILLS)}; "
+                                   f"{', '.join(foreign)} needs an \"openai\" or \"transformers\" LLM (--llm).")
+        checks = [
+            (1 <= self.prompts_per_skill <= MAX_PROMPTS_PER_SKILL,
+             f"Prompts per skill must be between 1 and {MAX_PROMPTS_PER_SKILL} (got {self.prompts_per_skill})."),
+            (1 <= self.prompts_per_request <= 100,
+             f"Prompts per LLM request must be between 1 and 100 (got {self.prompts_per_request})."),
+            (1 <= self.in_context_examples <= 20,
+             f"In-context examples must be between 1 and 20 (got {self.in_context_examples})."),
+            (0.0 <= self.rouge_threshold <= 1.0,
+             f"The ROUGE-L threshold must be between 0 and 1 (got {self.rouge_threshold})."),
+            (0.0 <= self.llm_temperature <= 2.0,
+             f"The LLM temperature must be between 0 and 2 (got {self.llm_temperature})."),
+            (1 <= self.samples_per_prompt <= 16,
+             f"Images per prompt must be between 1 and 16 (got {self.samples_per_prompt})."),
+            (self.rank >= 1 and self.alpha > 0,
+             f"LoRA rank must be >= 1 and alpha > 0 (got {self.rank}, {self.alpha})."),
+            (self.steps >= 1 and self.batch_size >= 1,
+             "Training needs at least one step and a batch of at least one."),
+            (self.baseline_steps is None or self.baseline_steps >= 1,
+             f"baseline_steps must be at least 1, or None for n_skills x steps (got {self.baseline_steps})."),
+            (self.lr > 0 and math.isfinite(self.lr), f"The learning rate must be a positive number (got {self.lr})."),
+            (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
+            (self.merge in MERGES, f"Unknown merge '{self.merge}'; use one of {', '.join(MERGES)}."),
+            (0.0 < self.merge_density <= 1.0, f"merge_density must be in (0, 1] (got {self.merge_density})."),
+            (self.merge_weights is None or len(self.merge_weights) == len(skills),
+             f"Give one merge weight per skill ({len(skills)}), or none for 1/n each."),
+            (self.merge_weights is None or all(math.isfinite(w) and -4 <= w <= 4 for w in self.merge_weights),
+             "Merge weights must be numbers between -4 and 4."),
+            (0 <= self.eval_seeds <= 16, f"Evaluation seeds must be between 0 and 16 (got {self.eval_seeds})."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(message)
+
+    def world(self) -> str:
+        return world_of(self.model)
+
+    def skill_list(self) -> list[Skill]:
+        return resolve_skills(self.skills, self.world())
+
+    def llm_name(self) -> str:
+        return self.llm or ("shapes" if self.world() == "shapes" else "openai")
+
+    def merge_weight_list(self, n: int) -> list[float]:
+        return list(self.merge_weights) if self.merge_weights is not None else [1.0 / n] * n
+
+    def mixed_steps(self, n: int) -> int:
+        return self.baseline_steps if self.baseline_steps is not None else n * self.steps
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SelmaConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+class Progress:
+    """Progress over the whole run: each task owns a share of [0, 1] in proportion to its rough cost."""
+
+    def __init__(self, report: Callable[[float, str], None] | None, plan: dict[str, float]):
+        self.report, self.plan = report, plan
+        self.total = sum(plan.values()) or 1.0
+
+    def __call__(self, task: str, fraction: float, message: str) -> None:
+        if self.report is None:
+            return
+        names = list(self.plan)
+        before = sum(self.plan[name] for name in names[:names.index(task)])
+        self.report(min(1.0, (before + fraction * self.plan[task]) / self.total), f"{task}: {message}")
+
+
+def plan(config: SelmaConfig, skills: list[Skill]) -> dict[str, float]:
+    """Rough cost of every task, in seconds of the shapes model on one CPU thread (only the ratios matter)."""
+    from workbench.evaluation import load_prompt_file
+
+    image, step = 0.25, 0.35 * config.batch_size / 32
+    tasks = {f"prompts {s.name}": 0.02 * config.prompts_per_skill for s in skills}
+    tasks |= {f"images {s.name}": image * config.prompts_per_skill * config.samples_per_prompt for s in skills}
+    tasks |= {f"expert {s.name}": step * config.steps for s in skills}
+    if config.baseline:
+        tasks["mixed LoRA"] = step * config.mixed_steps(len(skills))
+    tasks["merge"] = 2.0
+    if config.eval_seeds:
+        per_eval = 1.2 * image * len(load_prompt_file(config.eval_prompts)) * config.eval_seeds
+        for label in ["base", "merged"] + (["mixed"] if config.baseline else []):
+            tasks[f"eval {label}"] = per_eval
+        if config.eval_experts:
+            tasks |= {f"eval expert {s.name}": per_eval for s in skills}
+    return tasks
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def run_selma(config: SelmaConfig, out_dir: Path, on_progress: Callable[[float, str], None] | None = None,
+              should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or continue) a SELMA run in `out_dir`; returns the summary (also in summary.json).
+
+    on_progress(fraction of the whole run in [0, 1], "task: message"); should_stop() is polled
+    during every stage and ends the run with JobCancelled (call again to continue).
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(config, out_dir)
+    skills = config.skill_list()
+    progress = Progress(on_progress, plan(config, skills))
+    started = time.time()
+
+    # 1. Skill-specific prompts, written by the LLM and filtered for diversity.
+    llm = None
+    for skill in skills:
+        path = out_dir / "prompts" / f"{skill.name}.json"
+        if not path.exists():
+            llm = llm or make_llm(config)
+            record = write_skill_prompts(config, skill, llm, progress, should_stop)
+            _write_json(path, record)
+            log(f"{skill.name}: {prompt_summary(record['stats'])}")
+
+    # 2. Images of every prompt, by the base model or `image_model`.
+    for skill in skills:
+        folder = out_dir / "data" / skill.name
+        if not (folder / "metadata.jsonl").exists():
+            prompts = json.loads((out_dir / "prompts" / f"{skill.name}.json").read_text())["prompts"]
+            rows = draw_images(config, skill.name, prompts, folder, progress, should_stop)
+            log(f"{skill.name}: {len(rows)} images of {len(prompts)} prompts")
+
+    # 3. One LoRA expert per skill; the mixed-data LoRA as the baseline.
+    experts = {}
+    for skill in skills:
+        experts[skill.name] = train_adapter(config, [out_dir / "data" / skill.name], out_dir / "experts" / skill.name,
+                                            config.steps, f"expert {skill.name}", progress, should_stop)
+    mixed = None
+    if config.baseline:
+        mixed = train_adapter(config, [out_dir / "data" / s.name for s in skills], out_dir / "mixed",
+                              config.mixed_steps(len(skills)), "mixed LoRA", progress, should_stop)
+
+    # 4. Merge the experts.
+    weights = config.merge_weight_list(len(skills))
+    merged = out_dir / "merged"
+    if not (merged / "merge.json").exists():
+        progress("merge", 0.0, f"{config.merge} of {len(skills)} experts")
+        combination = "cat" if config.merge == "set_adapters" else config.merge  # cat: exactly set_adapters
+        merge_experts(config.model, list(experts.values()), weights, merged, combination=combination,
+                      density=config.merge_density, seed=config.seed)
+        progress("merge", 1.0, f"wrote {merged}")
+    merged_loras = merged_variant(config, experts, weights, merged)
+
+    # 5. Evaluate base, mixed and merged (and each expert alone).
+    if config.eval_seeds:
+        variants = {"base": [], "merged": merged_loras}
+        if mixed is not None:
+            variants["mixed"] = [LoraSpec(str(mixed), 1.0)]
+        if config.eval_experts:
+            variants |= {f"expert {name}": [LoraSpec(str(path), 1.0)] for name, path in experts.items()}
+        for label, loras in variants.items():
+            scores = evaluate(config, loras, out_dir / ("eval-" + label.replace(" ", "-")), f"eval {label}", progress,
+                              should_stop)
+            log(f"{label}: {scores['overall']:.1%} overall on {Path(config.eval_prompts).name}")
+
+    summary = write_summary(config, out_dir, seconds=time.time() - started)
+    if summary["table"]["rows"]:
+        log(format_table(summary))
+    return summary
+
+
+def make_llm(config: SelmaConfig):
+    from workbench.llm import get_llm
+
+    name = config.llm_name()
+    return get_llm(name, seed=config.seed) if name == "shapes" else get_llm(name)
+
+
+def write_skill_prompts(config: SelmaConfig, skill: Skill, llm, progress: Progress, should_stop) -> dict:
+    """Stage 1 for one skill (the authors' llm/prompt_generation.py, after Self-Instruct): ask for
+    `prompts_per_request` prompts at a time, each request showing `in_context_examples` prompts drawn
+    from the seeds and the prompts kept so far; keep a prompt when it is no evaluation prompt, fits
+    the text encoder, and its ROUGE-L to every kept prompt (seeds included) is at most the threshold. Stops at
+    `prompts_per_skill`, or when requests stop adding prompts (a small world runs out of new ones)."""
+    from workbench.llm import LLMOutputError, write_prompts
+
+    n, task = config.prompts_per_skill, f"prompts {skill.name}"
+    held_out = evaluation_prompts(config)
+    fits = prompt_fits(config)
+    pool = list(skill.examples)
+    rouge = RougeFilter(pool, config.rouge_threshold)
+    rng = random.Random(zlib.crc32(f"{config.seed}:{skill.name}".encode()))
+    kept: list[str] = []
+    in_evaluation = too_long = requests = failed = stale = 0
+    max_requests = 5 * math.ceil(n / config.prompts_per_request) + PATIENCE
+    while len(kept) < n and requests < max_requests and stale < PATIENCE:
+        if should_stop is not None and should_stop():
+            raise JobCancelled(f"prompt writing for {skill.name} was stopped; resume the run to continue it")
+        examples = rng.sample(pool, min(config.in_context_examples, len(pool)))
+        requests += 1
+        try:
+            batch = write_prompts(llm, skill.name, skill.description, examples, config.prompts_per_request,
+                                  temperature=config.llm_temperature)
+        except LLMOutputError:
+            failed += 1  # an unusable answer costs a request, not the run
+            stale += 1
+            continue
+        before = len(kept)
+        for prompt in batch:
+            if len(kept) == n:
+                break
+            if _normalize(prompt) in held_out:
+                in_evaluation += 1
+            elif not fits(prompt):
+                too_long += 1
+            elif rouge.offer(prompt):
+                kept.append(" ".join(prompt.split()))
+                pool.append(kept[-1])
+        stale = 0 if len(kept) > before else stale + 1
+        progress(task, len(kept) / n, f"{len(kept)}/{n} prompts kept after {requests} request(s)")
+    if not kept:
+        raise InvalidInput(f"The LLM wrote no usable prompt for the skill '{skill.name}' in {requests} request(s) "
+                           f"({failed} unusable answers); check the LLM, or lower the ROUGE-L bar.")
+    stats = rouge.stats.to_dict()
+    stats = {"generated": stats["generated"] + in_evaluation + too_long, "kept": len(kept),
+             "near_duplicates": stats["near_duplicates"], "invalid": stats["invalid"], "in_evaluation": in_evaluation,
+             "too_long": too_long,
+             "asked": n, "requests": requests, "failed_requests": failed, "threshold": config.rouge_threshold,
+             "mean_max_rouge": stats["mean_max_rouge"], "max_rouge": stats["max_rouge"]}
+    return {"skill": skill.to_dict(), "prompts": kept, "stats": stats}
+
+
+def evaluation_prompts(config: SelmaConfig) -> set[str]:
+    """Prompts no skill may train on: the evaluation file's, and ShapesBench's in the shapes world."""
+    from workbench.evaluation import load_prompt_file
+    from workbench.shapes.bench_prompts import shapesbench_prompts
+
+    records = load_prompt_file(config.eval_prompts)
+    if config.world() == "shapes":
+        records = records + shapesbench_prompts()
+    return {_normalize(r["prompt"]) for r in records}
+
+
+def prompt_fits(config: SelmaConfig) -> Callable[[str], bool]:
+    """Whether a prompt fits the text encoders of the trained and the drawing model: a longer one would
+    be cut, so its expert would learn from a caption that stops mid-scene (the shapes model reads 32
+    tokens, and about half of the shapes LLM's long descriptions are longer; SD reads 77)."""
+    from transformers import CLIPTokenizer
+
+    from workbench.registry import resolve
+
+    tokenizers = []
+    for name in dict.fromkeys([config.model, config.image_model or config.model]):
+        entry = resolve(name)
+        try:
+            tokenizers.append(CLIPTokenizer.from_pretrained(entry.source, subfolder="tokenizer", local_files_only=True))
+        except (OSError, ValueError) as error:
+            raise ModelNotAvailable(f"The tokenizer of '{entry.name}' ({entry.source}) could not be loaded: "
+                                    f"{str(error).splitlines()[0][:200]} {entry.fetch_hint}") from None
+
+    def fits(prompt: str) -> bool:
+        return all(len(t(prompt, verbose=False).input_ids) <= t.model_max_length for t in tokenizers)
+
+    return fits
+
+
+def _normalize(prompt: str) -> str:
+    from workbench.shapes.bench_prompts import normalize_prompt
+
+    return normalize_prompt(prompt)
+
+
+def prompt_summary(stats: dict) -> str:
+    return (f"{stats['kept']}/{stats['asked']} prompts kept of {stats['generated']} written in {stats['requests']} "
+            f"request(s): {stats['near_duplicates']} near-duplicates (ROUGE-L > {stats['threshold']}), "
+            f"{stats['in_evaluation']} equal to an evaluation prompt, {stats['too_long']} longer than the text "
+            f"encoder reads, {stats['invalid']} invalid")
+
+
+def draw_images(config: SelmaConfig, skill: str, prompts: list[str], folder: Path, progress: Progress,
+                should_stop) -> list[dict]:
+    """Stage 2 for one skill: `samples_per_prompt` images of every prompt, as an imagefolder
+    (metadata.jsonl written last: it marks the stage done)."""
+    n = config.samples_per_prompt
+    model = config.image_model or config.model
+    rows = []
+    for start in range(0, len(prompts), IMAGE_CHUNK):
+        chunk = prompts[start:start + IMAGE_CHUNK]
+        requests = [GenerationRequest(p, model=model, seeds=list(range(n)), steps=config.sample_steps,
+                                      guidance=config.guidance, batch_size=16) for p in chunk]
+
+        def report(fraction: float, message: str, start=start, size=len(chunk)) -> None:
+            progress(f"images {skill}", (start + fraction * size) / len(prompts),
+                     f"prompts {start + 1}-{start + size} of {len(prompts)}, {message}")
+
+        results = generate_many(requests, on_progress=report, should_stop=should_stop)
+        for offset, prompt in enumerate(chunk):
+            for result in results[offset * n:(offset + 1) * n]:
+                name = f"p{start + offset:05d}_s{result.seed:04d}.png"
+                save_png(result.image, result.metadata, folder / "images", name=name)
+                rows.append({"file_name": f"images/{name}", "text": prompt, "skill": skill, "seed": result.seed})
+    _write_jsonl(folder / "metadata.jsonl", rows)
+    return rows
+
+
+def train_adapter(config: SelmaConfig, data: list[Path], out: Path, steps: int, task: str, progress: Progress,
+                  should_stop) -> Path:
+    """Stage 3: one LoRA on the given imagefolders (skipped when `out/done` exists)."""
+    if (out / "done").exists() and lora_weights_file(str(out)) is not None:
+        return out
+    from pipelines.trainer import TrainConfig, train
+
+    train_config = TrainConfig(model=config.model, data=[str(d) for d in data], out=str(out), lora=True,
+                               rank=config.rank, alpha=config.alpha, steps=steps, batch_size=config.batch_size,
+                               lr=config.lr, prompt_dropout=config.prompt_dropout, seed=config.seed)
+    result = train(train_config, on_progress=lambda f, m: progress(task, f, m), should_stop=should_stop)
+    if result.get("stopped"):
+        raise JobCancelled(f"training of the {task} was stopped; resume the run to continue it")
+    (out / "done").write_text("")
+    return out
+
+
+def merge_experts(model: str, experts: list[str | Path], weights: list[float], out: str | Path,
+                  combination: str = "cat", density: float | None = None, seed: int = 0) -> Path:
+    """Merge LoRA adapters into one with peft's `add_weighted_adapter` and save it in diffusers' LoRA
+    format (`out/pytorch_lora_weights.safetensors`, loadable with `load_lora_weights` or a LoraSpec),
+    plus `out/merge.json`. "cat" reproduces `set_adapters(experts, weights)` exactly (rank = sum of
+    ranks); see the module docstring for the others. `density` is read by ties, dare_* and
+    magnitude_prune; `seed` fixes DARE's random drops."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import safe_open
+
+    from workbench.registry import resolve
+
+    if combination not in COMBINATIONS:
+        raise InvalidInput(f"Unknown combination '{combination}'; use one of {', '.join(COMBINATIONS)}.")
+    if not experts or len(weights) != len(experts):
+        raise InvalidInput(f"Give one weight per adapter ({len(experts)} adapters, {len(weights)} weights).")
+    if combination in PRUNING and not (density is not None and 0 < density <= 1):
+        raise InvalidInput(f"{combination} needs a density in (0, 1] (got {density}).")
+    files = []
+    for expert in experts:
+        weights_file = lora_weights_file(str(expert))
+        if weights_file is None:
+            raise InvalidInput(f"LoRA adapter not found: {expert} (expected a .safetensors file or a folder holding "
+                               f"pytorch_lora_weights.safetensors).")
+        with safe_open(str(weights_file), framework="pt") as handle:
+            if any(key.startswith("text_encoder") for key in handle.keys()):
+                raise InvalidInput(f"{weights_file} adapts the text encoder too; only UNet adapters are merged.")
+        files.append(weights_file)
+
+    entry = resolve(model)
+
+    def load_unet():
+        try:
+            return UNet2DConditionModel.from_pretrained(entry.source, subfolder="unet", local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ModelNotAvailable(f"Model '{entry.name}' ({entry.source}) could not be loaded: "
+                                    f"{str(error).splitlines()[0][:300]} {entry.fetch_hint}") from None
+
+    # diffusers reads each file (format, rank, alpha) into one UNet; peft then holds every expert as a
+    # named adapter of a PeftModel on a clean UNet, which is what add_weighted_adapter works on.
+    names = [f"expert_{i}" for i in range(len(files))]
+    reader = load_unet()
+    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for name, weights_file in zip(names, files):
+            reader.load_lora_adapter(str(weights_file.parent), weight_name=weights_file.name, prefix="unet",
+                                     adapter_name=name, local_files_only=True)
+    configs = {name: copy.deepcopy(reader.peft_config[name]) for name in names}
+    states = {name: get_peft_model_state_dict(reader, adapter_name=name) for name in names}
+    del reader  # one UNet in memory at a time (SD's is 3.4 GB in float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        peft_model = get_peft_model(load_unet(), configs[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.add_adapter(name, configs[name])
+    for name, weights_file in zip(names, files):
+        loaded = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in states[name].items()},
+                                           adapter_name=name)
+        if getattr(loaded, "unexpected_keys", None):
+            raise InvalidInput(f"{weights_file} does not fit {entry.name}'s UNet: {loaded.unexpected_keys[:3]} ...")
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # DARE drops at random: seeded
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            torch.manual_seed(seed)
+            peft_model.base_model.add_weighted_adapter(names, [float(w) for w in weights], "merged",
+                                                       combination_type=combination,
+                                                       density=density if combination in PRUNING else None)
+    except ValueError as error:  # e.g. linear/ties need equal ranks
+        raise InvalidInput(f"Cannot merge these adapters with {combination}: {error}") from None
+
+    state = get_peft_model_state_dict(peft_model, adapter_name="merged")
+    layers = convert_state_dict_to_diffusers({k.removeprefix("base_model.model."): v.contiguous()
+                                              for k, v in state.items()})
+    lora_config = peft_model.peft_config["merged"]
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
+    metadata["base_model_name_or_path"] = None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
+                                              safe_serialization=True)
+    _write_json(out / "merge.json", {"combination": combination, "weights": [float(w) for w in weights],
+                                     "experts": [str(e) for e in experts], "rank": lora_config.r,
+                                     "density": density if combination in PRUNING else None, "seed": seed})
+    return out
+
+
+def merged_variant(config: SelmaConfig, experts: dict[str, Path], weights: list[float], merged: Path) -> list[LoraSpec]:
+    """The adapters that make the merged model: every expert at its weight (set_adapters, as the
+    authors), or the one merged adapter."""
+    if config.merge == "set_adapters":
+        return [LoraSpec(str(path), weight) for path, weight in zip(experts.values(), weights)]
+    return [LoraSpec(str(merged), 1.0)]
+
+
+def evaluate(config: SelmaConfig, loras: list[LoraSpec], out: Path, task: str, progress: Progress,
+             should_stop) -> dict:
+    """Stage 5: the GenEval-style benchmark with these adapters (skipped when already scored)."""
+    scores_file = out / "scores.json"
+    if scores_file.exists():
+        return json.loads(scores_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    bench = BenchmarkConfig(model=config.model, prompts=config.eval_prompts, seeds=config.eval_seeds,
+                            detector=config.detector, loras=loras)
+    return run_benchmark(bench, out, on_progress=lambda f, m: progress(task, f, m), should_stop=should_stop)
+
+
+# --- results ----------------------------------------------------------------------------------------
+
+
+def write_summary(config: SelmaConfig, out_dir: Path, seconds: float | None = None) -> dict:
+    """summary.json: each skill's prompts and images, and the per-tag scores of every evaluated variant."""
+    out_dir = Path(out_dir)
+    skills = {}
+    for skill in config.skill_list():
+        record_path = out_dir / "prompts" / f"{skill.name}.json"
+        if not record_path.exists():
+            continue
+        record = json.loads(record_path.read_text())
+        stats = {k: v for k, v in record["stats"].items() if k != "max_rouge"}
+        metadata = out_dir / "data" / skill.name / "metadata.jsonl"
+        images = sum(1 for line in metadata.read_text().splitlines() if line.strip()) if metadata.exists() else 0
+        expert = out_dir / "experts" / skill.name
+        skills[skill.name] = {"description": skill.description, "prompts": len(record["prompts"]), "images": images,
+                              "expert": str(expert) if (expert / "done").exists() else None, "stats": stats}
+    scores = {}
+    for label in ["base", "mixed", "merged"] + [f"expert {name}" for name in skills]:
+        path = out_dir / ("eval-" + label.replace(" ", "-")) / "scores.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            scores[label] = {"overall": data["overall"],
+                             "per_tag": {t: s["accuracy"] for t, s in data["per_tag"].items()},
+                             "images": data.get("images"), "folder": str(path.parent)}
+    tags = list(dict.fromkeys(tag for entry in scores.values() for tag in entry["per_tag"]))
+    rows = [{"variant": label, **entry["per_tag"], "overall": entry["overall"]} for label, entry in scores.items()]
+    merged = out_dir / "merged" / "merge.json"
+    summary = {"kind": "selma", "run": str(out_dir), "model": config.model,
+               "image_model": config.image_model or config.model, "merge": config.merge,
+               "merge_weights": config.merge_weight_list(len(config.skill_list())),
+               "merged_adapter": str(merged.parent) if merged.exists() else None,
+               "mixed_adapter": str(out_dir / "mixed") if (out_dir / "mixed" / "done").exists() else None,
+               "skills": skills, "scores": scores, "table": {"tags": tags, "rows": rows},
+               "seconds": None if seconds is None else round(seconds, 1)}
+    _write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The per-tag accuracy of every evaluated variant as a text table."""
+    tags, rows = summary["table"]["tags"], summary["table"]["rows"]
+    width = max([len("variant")] + [len(row["variant"]) for row in rows])
+    columns = tags + ["overall"]
+    lines = [f"{'variant':<{width}}  " + "  ".join(f"{c:>{max(len(c), 7)}}" for c in columns)]
+    for row in rows:
+        cells = [f"{row[c]:.1%}" if row.get(c) is not None else "-" for c in columns]
+        lines.append(f"{row['variant']:<{width}}  "
+                     + "  ".join(f"{v:>{max(len(c), 7)}}" for v, c in zip(cells, columns)))
+    return "\n".join(lines)
+
+
+def read_summary(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def finished_stages(out_dir: Path, config: SelmaConfig | None = None) -> dict[str, bool]:
+    """Which stages of a run folder are done (for a UI deciding what *Continue* would still do)."""
+    out_dir = Path(out_dir)
+    config = config or load_config(out_dir)
+    skills = [s.name for s in config.skill_list()]
+    stages = {"prompts": all((out_dir / "prompts" / f"{s}.json").exists() for s in skills),
+              "images": all((out_dir / "data" / s / "metadata.jsonl").exists() for s in skills),
+              "experts": all((out_dir / "experts" / s / "done").exists() for s in skills),
+              "mixed": not config.baseline or (out_dir / "mixed" / "done").exists(),
+              "merge": (out_dir / "merged" / "merge.json").exists()}
+    labels = ["base", "merged"] + (["mixed"] if config.baseline else [])
+    labels += [f"expert-{s}" for s in skills] if config.eval_experts else []
+    stages["eval"] = not config.eval_seeds or all((out_dir / f"eval-{label}" / "scores.json").exists()
+                                                  for label in labels)
+    return stages
+
+
+def _check_same_config(config: SelmaConfig, out_dir: Path) -> None:
+    # Scoring the experts alone adds evaluations without changing any result; the rest must match.
+    bind_run_config(out_dir, {"kind": "selma", **asdict(config)}, "a SELMA run", ignore=("eval_experts",))
+
+
+def load_config(out_dir: Path) -> SelmaConfig:
+    path = Path(out_dir) / "config.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if data.get("kind") != "selma":
+        raise InvalidInput(f"{out_dir} is not a SELMA run (no SELMA config.json).")
+    return SelmaConfig.from_dict(data)
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SelmaConfig()
+    p = argparse.ArgumentParser(prog="python -m pipelines.selma",
+                                description="SELMA: skill-specific LoRA experts on auto-generated data, merged.")
+    p.add_argument("--out", type=Path, help="run folder (created; continued with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    p.add_argument("--list-skills", action="store_true", help="list the skills available for --model and exit")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--image-model", default=None, help="draw the training images with this model (weak-to-strong)")
+    p.add_argument("--llm", default=None, help="LLM backend (shapes, openai, transformers); default: the model's world")
+    p.add_argument("--llm-temperature", type=float, default=d.llm_temperature)
+    p.add_argument("--skill", action="append", dest="skills", default=None,
+                   help="a skill to train an expert for (repeatable; default: the world's five)")
+    p.add_argument("--prompts-per-skill", type=int, default=d.prompts_per_skill)
+    p.add_argument("--prompts-per-request", type=int, default=d.prompts_per_request)
+    p.add_argument("--rouge-threshold", type=float, default=d.rouge_threshold,
+                   help="keep a prompt when its ROUGE-L to every kept prompt is at most this")
+    p.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt)
+    p.add_argument("--sample-steps", type=int, default=None, help="denoising steps for the training images")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps per expert")
+    p.add_argument("--baseline-steps", type=int, default=None,
+                   help="steps of the mixed LoRA (default: n_skills x steps)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the mixed-data LoRA")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--prompt-dropout", type=float, default=d.prompt_dropout)
+    p.add_argument("--merge", choices=MERGES, default=d.merge)
+    p.add_argument("--merge-weight", type=float, action="append", dest="merge_weights", default=None,
+                   help="one per skill, in --skill order (default: 1/n each)")
+    p.add_argument("--merge-density", type=float, default=d.merge_density)
+    p.add_argument("--eval-prompts", default=d.eval_prompts)
+    p.add_argument("--eval-seeds", type=int, default=d.eval_seeds, help="0 skips evaluation")
+    p.add_argument("--eval-experts", action="store_true", help="also score each expert alone")
+    p.add_argument("--detector", default=None)
+    p.add_argument("--seed", type=int, default=d.seed)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.list_skills:
+            from workbench.skills import available_skills
+
+            for skill in available_skills(world_of(args.model)).values():
+                print(f"{skill.name}: {skill.description}")
+            return 0
+        if args.out is None:
+            parser.error("--out is required")
+        if args.resume:
+            config = load_config(args.out)
+            config.eval_experts = config.eval_experts or args.eval_experts
+        else:
+            config = SelmaConfig(
+                model=args.model, image_model=args.image_model, llm=args.llm, llm_temperature=args.llm_temperature,
+                skills=args.skills, prompts_per_skill=args.prompts_per_skill,
+                prompts_per_request=args.prompts_per_request, rouge_threshold=args.rouge_threshold,
+                samples_per_prompt=args.samples_per_prompt, sample_steps=args.sample_steps, rank=args.rank,
+                alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
+                baseline=not args.no_baseline, baseline_steps=args.baseline_steps, batch_size=args.batch_size,
+                lr=args.lr, prompt_dropout=args.prompt_dropout, merge=args.merge, merge_weights=args.merge_weights,
+                merge_density=args.merge_density, eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds,
+                eval_experts=args.eval_experts, detector=args.detector, seed=args.seed)
+        summary = run_selma(config, args.out, log=lambda m: print(m, flush=True))
+    except WorkbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"done in {summary['seconds']} s: experts in {args.out / 'experts'}, "
+          f"merged adapter {summary['merged_adapter']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from workbench.perception.base import Box, Detection, Tag
-from workbench.shapes.captions import long_caption, short_caption
+from workbench.shapes.captions import brief_caption, long_caption, short_caption
 from workbench.shapes.render import coverage
 from workbench.shapes.scene import Scene, ShapeObject
 from workbench.shapes.world import COLOR_RGB, COLORS, PLURALS, SHAPES
@@ -333,18 +333,26 @@ class ShapesTagger:
 
 
 class ShapesCaptioner:
-    """Captions written from the detections with the world's own caption grammar."""
+    """Captions written from the detections with the world's own caption grammar.
 
-    def __init__(self, detector: ShapesDetector | None = None, min_score: float = 0.3):
+    brief_short=True makes the short caption brief, as people write one: objects and counts without
+    colours ("two circles and a square", `brief_caption`); the long one still states every colour
+    and the layout.
+    """
+
+    def __init__(self, detector: ShapesDetector | None = None, min_score: float = 0.3, brief_short: bool = False):
         self.detector = detector or ShapesDetector()
         self.min_score = min_score
+        self.brief_short = brief_short
 
     def caption(self, image: Image.Image, mode: str = "short") -> str:
         if mode not in ("short", "long"):
             raise ValueError(f"caption mode must be 'short' or 'long', not {mode!r}")
         width, height = image.size
         scene = scene_from_detections(self.detector.detect(image), width, height, self.min_score)
-        return long_caption(scene) if mode == "long" else short_caption(scene)
+        if mode == "long":
+            return long_caption(scene)
+        return brief_caption(scene) if self.brief_short else short_caption(scene)
 
 
 def match_scene(scene: Scene, detections: list[Detection], min_iou: float = 0.5) -> tuple[bool, list[float]]:

@@ -134,6 +134,16 @@ def short_caption(scene: Scene) -> str:
     return _write(_mentions(group_objects(scene)), [])
 
 
+def brief_caption(scene: Scene) -> str:
+    """What and how many, as a brief human caption says it: no colours, no layout: "two circles and a
+    square". Shapes are listed left to right by their leftmost object."""
+    by_shape: dict[str, list[ShapeObject]] = {}
+    for obj in scene.objects:
+        by_shape.setdefault(obj.shape, []).append(obj)
+    order = sorted(by_shape.items(), key=lambda kv: (min(o.cx for o in kv[1]), min(o.cy for o in kv[1]), kv[0]))
+    return join_list([object_phrase(shape, None, len(members)) for shape, members in order])
+
+
 def long_caption(scene: Scene) -> str:
     """The short caption plus where each group lies relative to an earlier one."""
     groups = group_objects(scene)

@@ -46,3 +46,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def runner():
+    """A job runner on the test's data folder with every job kind registered (not the process-wide one)."""
+    from workbench.config import get_settings
+    from workbench.job_kinds import register_all
+    from workbench.jobs import JobRunner
+
+    settings = get_settings()
+    runner = JobRunner(settings.db_path, settings.runs_dir)
+    register_all(runner)
+    yield runner
+    runner.shutdown()
+
+
+@pytest.fixture
+def whole_app(monkeypatch):
+    """The whole app as `python app.py` builds it, on a private job runner; (Blocks, its tab labels in order)."""
+    import gradio as gr
+
+    from workbench.config import get_settings
+    from workbench.jobs import JobRunner
+    from workbench.ui import app
+
+    runner = JobRunner(get_settings().db_path, get_settings().runs_dir)  # not the process-wide one
+    monkeypatch.setattr(app, "get_runner", lambda: runner)
+    try:
+        demo = app.build_app()
+    finally:
+        runner.shutdown()
+    return demo, [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]

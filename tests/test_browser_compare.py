@@ -34,8 +34,9 @@ def test_compare_base_and_an_adapter_side_by_side_then_see_it_in_results(tiny_sd
         page.locator("#compare-button").click()
         expect(page.locator("#compare-status")).to_contain_text('wrong.jsonl, line 1: missing "tag"', timeout=30_000)
 
-        # Base model vs the discovered adapter, on one typed prompt, two seeds, two steps.
-        choose(page, "compare-adapter", str(adapter))
+        # Base model vs the discovered adapter (listed by where it is in the data folder), on one typed
+        # prompt, two seeds, two steps.
+        choose(page, "compare-adapter", "runs/lora-run/adapter")
         expect(page.locator("#compare-variants textarea")).to_have_value(f"{adapter}:1", timeout=10_000)
         page.locator("#compare-source").get_by_text("Text").click()
         page.locator("#compare-prompts textarea").fill("a red circle to the left of a blue square")
@@ -87,7 +88,7 @@ def test_the_shapes_model_against_the_shipped_ipr_adapter_on_shapesbench(tmp_pat
     with running_app(env, timeout=300) as url, chromium_page() as page:
         page.goto(url)
         page.get_by_role("tab", name="Compare").click()
-        choose(page, "compare-adapter", str(adapter))
+        choose(page, "compare-adapter", "shipped · ipr-shapes")
         expect(page.locator("#compare-variants textarea")).to_have_value(f"{adapter}:1", timeout=10_000)
         # Defaults: ShapesBench, every tag, 4 prompts per tag, 2 seeds, the model's 20 steps.
         page.locator("#compare-button").click()

@@ -122,19 +122,7 @@ def test_opening_nothing_or_a_broken_run_says_so(data_dir):
     assert tab.past_runs() == [("broken", "broken")]
 
 
-def test_the_app_has_the_tab(monkeypatch, data_dir):
-    import gradio as gr
-
-    from workbench.config import get_settings
-    from workbench.jobs import JobRunner
-    from workbench.ui import app
-
-    runner = JobRunner(get_settings().db_path, get_settings().runs_dir)  # not the process-wide one
-    monkeypatch.setattr(app, "get_runner", lambda: runner)
-    try:
-        demo = app.build_app()
-    finally:
-        runner.shutdown()
-    labels = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+def test_the_app_has_the_tab(whole_app):
+    demo, labels = whole_app
     assert labels.index("Local captions & masks") == labels.index("Inspect & Relabel") + 1
     assert any(getattr(block, "elem_id", None) == "fine-run" for block in demo.blocks.values())

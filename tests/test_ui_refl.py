@@ -10,8 +10,8 @@ import pytest
 from pipelines.realign import ReFLConfig
 from workbench.config import get_settings
 from workbench.errors import InvalidInput
-from workbench.job_kinds import JOB_KINDS, register_all, saved_config
-from workbench.jobs import JobRunner, JobStatus
+from workbench.job_kinds import JOB_KINDS, saved_config
+from workbench.jobs import JobStatus
 from workbench.ui import train, train_refl as tab
 
 from test_realign import caption_model, pretrain_data, tiny_refl  # noqa: F401 (fixtures)
@@ -21,15 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # model, steps, batch, lr, rank, reward weight, sampling steps, first gradient step, guidance,
 # pretrain batch, pretrain data, eval seeds: the order of the tab's inputs
 GOOD = ["shapes", 300, 8, 1e-4, 8, 1e-3, 20, 15, None, 16, "", 4]
-
-
-@pytest.fixture
-def runner():
-    settings = get_settings()
-    runner = JobRunner(settings.db_path, settings.runs_dir)
-    register_all(runner)
-    yield runner
-    runner.shutdown()
 
 
 def settings_with(**changes) -> list:

@@ -8,6 +8,7 @@ from ..config import get_settings
 from ..job_kinds import register_all
 from ..jobs import get_runner
 from .compare import build_compare_tab, compare_runs
+from .data import build_data_tab
 from .generate import build_generate_tab, model_defaults
 from .inspect import build_inspect_tab
 from .local_captions import build_local_captions_tab, past_runs
@@ -34,6 +35,8 @@ def build_app() -> gr.Blocks:
             fine_run = build_local_captions_tab()
         with gr.Tab("Review"):
             review_run = build_review_tab()
+        with gr.Tab("Data"):
+            data_refreshes = build_data_tab(runner)
         with gr.Tab("Train"):
             train_run = build_train_tab(runner)
         with gr.Tab("Compare"):
@@ -49,6 +52,8 @@ def build_app() -> gr.Blocks:
         demo.load(lambda: gr.update(choices=compare_runs()), None, compare_run)
         demo.load(lambda: gr.update(choices=past_runs()), None, fine_run)
         demo.load(show_results, results_inputs, results_outputs)
+        for refresh in data_refreshes:  # datasets, prompt sets and skills made since the app was built
+            demo.load(*refresh)
     return demo
 
 

@@ -21,7 +21,8 @@ from ..generation import LoraSpec
 from ..jobs import JobRunner, JobStatus, run_names
 from ..registry import model_names, resolve
 from ..report import STYLE, grid_html, load_comparison, write_report
-from .generate import discover_adapters, follow_job
+from .adapters import adapter_choices
+from .generate import follow_job
 
 SOURCES = ["ShapesBench tag", "Text", "File"]
 BAR_COLUMNS = ["tag / variant", "accuracy", "variant"]
@@ -38,6 +39,15 @@ def variants_from_text(text: str) -> list[Variant]:
         if line.strip():
             variants.append(Variant.of([LoraSpec.parse(part) for part in line.split("+") if part.strip()]))
     return variants
+
+
+def variants_with(current: str | None, choice: str | None, weight) -> str:
+    """The variants text with the picked adapter added at `weight`; a SELMA run's joined experts (a line
+    of adapters joined by '+') come with their own weights."""
+    lines = [line for line in (current or "").splitlines() if line.strip()]
+    if choice:
+        lines.append(choice if "+" in choice else f"{choice}:{float(weight):g}")
+    return "\n".join(lines)
 
 
 def collect_prompts(source: str, text: str, tag: str, count, upload) -> tuple[list[dict], str]:
@@ -149,7 +159,8 @@ def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
         with gr.Column():
             model = gr.Dropdown(model_names(), value=default_model, label="Model", allow_custom_value=True)
             with gr.Row():
-                adapter_picker = gr.Dropdown(discover_adapters(), value=None, label="Add a variant (LoRA adapter)",
+                adapter_picker = gr.Dropdown(adapter_choices(joined=True), value=None,
+                                             label="Add a variant (LoRA adapter, or a SELMA run's experts joined)",
                                              allow_custom_value=True, scale=3, elem_id="compare-adapter")
                 weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight", scale=1)
             variants = gr.Textbox(label="Variants after the base model, one per line: PATH[:WEIGHT] (join adapters "
@@ -188,8 +199,7 @@ def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
     def add_variant(path, current, w):
         if not path:
             return gr.update(), current
-        lines = [line for line in (current or "").splitlines() if line.strip()]
-        return None, "\n".join(lines + [f"{path}:{float(w):g}"])
+        return None, variants_with(current, path, w)
 
     def show(run_name):
         try:
@@ -206,7 +216,7 @@ def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
 
     run_button.click(on_compare, inputs, [status, grid, table, bars, run])
     run.input(show, run, [status, grid, table, bars])
-    refresh.click(lambda: (gr.update(choices=compare_runs()), gr.update(choices=discover_adapters())), None,
+    refresh.click(lambda: (gr.update(choices=compare_runs()), gr.update(choices=adapter_choices(joined=True))), None,
                   [run, adapter_picker])
     report.click(report_file, run, [report_download, status])
     return run

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
 
 from ..benchmark import BenchmarkConfig, check_detector
-from ..config import ASSETS_DIR, get_settings
+from ..config import get_settings
 from ..errors import WorkbenchError
 from ..generation import SCHEDULERS, GenerationRequest, LoraSpec, read_png_metadata
 from ..jobs import JobStatus
 from ..registry import model_names, resolve
+from .adapters import adapter_choices
 
 EXAMPLE_PROMPTS = [
     "a red circle",
@@ -23,14 +25,6 @@ EXAMPLE_PROMPTS = [
     "two red circles and a blue square",
 ]
 FINISHED = {JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.INTERRUPTED}
-
-
-def discover_adapters() -> list[str]:
-    """LoRA adapters shipped in assets/ or produced by runs in the data folder."""
-    roots = [ASSETS_DIR / "adapters", get_settings().runs_dir]
-    found = {str(path.parent) for root in roots if root.is_dir()
-             for path in root.rglob("pytorch_lora_weights.safetensors")}
-    return sorted(found)
 
 
 def parse_loras(text: str) -> list[LoraSpec]:
@@ -56,6 +50,20 @@ def follow_job(runner, job_id: str, interval: float):
         yield gr.update(), f"Running job `{job_id}`: {job.status.value} {job.progress:.0%} {job.stage or ''}"
         time.sleep(interval)
     return job
+
+
+def follow_job_as(runner, job_id: str, interval: float, outputs: Callable[[str], tuple]):
+    """follow_job, each status line turned into a handler's outputs by `outputs`; returns the finished job.
+
+    Handlers call it with `job = yield from follow_job_as(runner, job_id, 0.5, lambda line: (line, ...))`.
+    """
+    follow = follow_job(runner, job_id, interval)
+    while True:
+        try:
+            _, line = next(follow)
+        except StopIteration as stop:
+            return stop.value
+        yield outputs(line)
 
 
 def build_request(model, prompt, negative, seed, count, steps, guidance, width, height, scheduler,
@@ -89,7 +97,7 @@ def build_generate_tab(runner):
                     height = gr.Slider(32, 1024, value=64, step=8, label="Height")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="default", label="Scheduler")
             with gr.Accordion("LoRA adapters", open=False):
-                adapter_picker = gr.Dropdown(discover_adapters(), label="Add an adapter", value=None,
+                adapter_picker = gr.Dropdown(adapter_choices(), label="Add an adapter", value=None,
                                              allow_custom_value=True)
                 loras = gr.Textbox(label="Adapters, one per line: PATH[:WEIGHT]", lines=3)
             run_button = gr.Button("Generate", variant="primary", elem_id="generate-button")

@@ -8,18 +8,17 @@ As in the IPR section, everything shown is read back from the job store and the 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from ..config import get_settings
-from ..errors import InvalidInput, WorkbenchError
+from ..errors import InvalidInput
 from ..jobs import JobRunner
-from ..registry import model_names, resolve
-from .train import (REFRESH_EVERY_S, cancel_run, continue_run, job_line, latest_job_for, picker_with, run_folder,
-                    runs_of_kind)
+from ..registry import resolve
+from .train_runs import cancel_run  # noqa: F401 (this section's cancel, as its tests call it)
+from .train_runs import (model_picker, number, read_json, run_and_config, run_controls, run_folder, runs_of_kind,
+                         starter, status_and_log)
 
 KIND = "refl"
 HISTORY_COLUMNS = ["step", "reward", "pretrain_loss", "grad_step"]
@@ -34,14 +33,6 @@ def refl_runs() -> list[str]:
 
 
 # --- reading a run ----------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # not there yet, or being written
-    return data if isinstance(data, dict) else None
 
 
 def history_rows(folder: Path | None) -> list[dict]:
@@ -73,11 +64,11 @@ def history_frame(run: str | None, smoothing: int = 1) -> pd.DataFrame:
 def evaluation(folder: Path, name: str) -> dict | None:
     """An evaluation's scores (per_tag, overall) and eq. 4 caption reward, from summary.json when the
     run has finished, else from the evaluation folder as far as it got."""
-    summary = _read_json(folder / "summary.json") or {}
-    scores = summary.get(name) or _read_json(folder / name / "scores.json")
+    summary = read_json(folder / "summary.json") or {}
+    scores = summary.get(name) or read_json(folder / name / "scores.json")
     if scores is None:
         return None
-    if "caption_reward" not in scores and (cached := _read_json(folder / name / "caption_reward.json")):
+    if "caption_reward" not in scores and (cached := read_json(folder / name / "caption_reward.json")):
         scores = {**scores, "caption_reward": cached.get("mean")}
     return scores
 
@@ -108,8 +99,7 @@ def comparison_table(run: str | None) -> pd.DataFrame:
 
 def run_progress(run: str | None) -> str:
     """Where a run stands on disk: steps done, recent reward, adapter, evaluations."""
-    folder = run_folder(run)
-    config = _read_json(folder / "config.json") if folder else None
+    folder, config = run_and_config(run)
     if config is None:
         return ""
     rows = history_rows(folder)
@@ -126,24 +116,11 @@ def run_progress(run: str | None) -> str:
 
 def refl_status(runner: JobRunner, run, job_id, smoothing=1):
     """Status line, log, history plot data and comparison table for the chosen run."""
-    job = latest_job_for(runner, run, job_id, KIND)
-    frame, table, progress = history_frame(run, smoothing), comparison_table(run), run_progress(run)
-    if job is None:
-        status = "Choose a run, or start one." if not run else f"Run `{run}`: no job of this app is working on it."
-        return "\n\n".join(filter(None, [status, progress])), "", frame, table
-    return "\n\n".join(filter(None, [job_line(job), progress])), job.log[-20000:], frame, table
+    status, log = status_and_log(runner, run, job_id, KIND, run_progress(run))
+    return status, log, history_frame(run, smoothing), comparison_table(run)
 
 
 # --- starting ---------------------------------------------------------------------------------------
-
-
-def _number(value, label: str, kind=int):
-    if value is None or value == "":
-        raise InvalidInput(f"{label} needs a value.")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{label} must be a number (got {value!r}).") from None
 
 
 def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, first_grad_step, guidance,
@@ -153,15 +130,15 @@ def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, fi
 
     resolve(model)  # an unknown model is refused now, not when the job starts
     pretrain_data = (pretrain_data or "").strip() or None
-    rank = _number(rank, "LoRA rank")
-    config = ReFLConfig(model=model.strip(), steps=_number(steps, "Steps"), batch_size=_number(batch, "Batch size"),
-                        lr=_number(lr, "Learning rate", float), rank=rank, alpha=float(rank),
-                        reward_weight=None if reward_weight in (None, "") else _number(reward_weight, "Reward weight λ", float),
-                        schedule_steps=_number(schedule_steps, "Sampling steps"),
-                        first_grad_step=_number(first_grad_step, "First gradient step"),
-                        guidance=None if guidance in (None, "") else _number(guidance, "Guidance", float),
-                        pretrain_batch=_number(pretrain_batch, "Pre-training batch"), pretrain_data=pretrain_data,
-                        eval_seeds=_number(eval_seeds, "ShapesBench seeds"))
+    rank = number(rank, "LoRA rank")
+    config = ReFLConfig(model=model.strip(), steps=number(steps, "Steps"), batch_size=number(batch, "Batch size"),
+                        lr=number(lr, "Learning rate", float), rank=rank, alpha=float(rank),
+                        reward_weight=None if reward_weight in (None, "") else number(reward_weight, "Reward weight λ", float),
+                        schedule_steps=number(schedule_steps, "Sampling steps"),
+                        first_grad_step=number(first_grad_step, "First gradient step"),
+                        guidance=None if guidance in (None, "") else number(guidance, "Guidance", float),
+                        pretrain_batch=number(pretrain_batch, "Pre-training batch"), pretrain_data=pretrain_data,
+                        eval_seeds=number(eval_seeds, "ShapesBench seeds"))
     if config.rank < 1 or config.pretrain_batch < 0:
         raise InvalidInput("The LoRA rank must be at least 1 and the pre-training batch at least 0.")
     if not 0 <= config.eval_seeds <= MAX_EVAL_SEEDS:
@@ -177,28 +154,22 @@ def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, fi
     return config
 
 
-def start_refl_run(runner: JobRunner, *settings):
-    """Submit a ReFL job from the tab's settings (see refl_config for their order)."""
-    try:
-        job_id = runner.submit(KIND, asdict(refl_config(*settings)))
-    except WorkbenchError as error:
-        return gr.update(), None, f"Not started: {error}"
-    return picker_with(job_id, KIND), job_id, f"Started ReFL run `{job_id}`."
+# start_refl_run(runner, *settings): submit a ReFL job from the tab's settings, in refl_config's order
+start_refl_run = starter(KIND, "ReFL", refl_config)
 
 
 # --- the section ------------------------------------------------------------------------------------
 
 
-def build_refl_section(runner: JobRunner) -> gr.Dropdown:
-    """Create the section inside the current Gradio context; returns its run picker."""
+def build_refl_section(runner: JobRunner):
+    """Create the section in the current Gradio context; returns (function, inputs, outputs) for its tab's select."""
     gr.Markdown("RealignDiff's coarse stage: reward feedback learning (ReFL) of a LoRA. Each step samples "
                 "prompts from noise down to a random late step, takes that step with gradients and descends "
                 "λ · ReLU(−log p(prompt | x₀)) under the captioner, plus the ordinary denoising loss on "
                 "pre-training data (eq. 5). Runs are background jobs; *Continue* resumes from the last checkpoint.")
     with gr.Row():
         with gr.Column():
-            model = gr.Dropdown(model_names(), value=get_settings().default_model, label="Model",
-                                allow_custom_value=True)
+            model = model_picker()
             steps = gr.Number(300, label="Training steps", precision=0)
             batch = gr.Number(8, label="Batch size (prompts per step)", precision=0)
             lr = gr.Number(1e-4, label="Learning rate")
@@ -213,14 +184,9 @@ def build_refl_section(runner: JobRunner) -> gr.Dropdown:
             pretrain_data = gr.Textbox(label="Pre-training data (imagefolder; the shapes model renders its own)",
                                        placeholder="path/to/imagefolder")
             eval_seeds = gr.Number(4, label="ShapesBench seeds per prompt (0: no evaluation)", precision=0)
-    start = gr.Button("Start ReFL run", variant="primary")
-    with gr.Row():
-        run = gr.Dropdown(refl_runs(), value=None, label="Run", allow_custom_value=False, scale=3)
-        refresh = gr.Button("Refresh runs", scale=1)
-        resume = gr.Button("Continue", scale=1)
-        cancel = gr.Button("Cancel", variant="stop", scale=1)
-    job_state = gr.State(None)
-    status = gr.Markdown(elem_id="refl-status")
+    controls = run_controls(runner, KIND, "ReFL", start_refl_run,
+                            [model, steps, batch, lr, rank, reward_weight, schedule_steps, first_grad_step, guidance,
+                             pretrain_batch, pretrain_data, eval_seeds], "refl-status")
     smoothing = gr.Slider(1, 50, value=10, step=1, label="Smoothing (moving average over steps; 1: raw)")
     empty = pd.DataFrame(columns=HISTORY_COLUMNS)
     with gr.Row():
@@ -232,20 +198,9 @@ def build_refl_section(runner: JobRunner) -> gr.Dropdown:
                          label="Base model vs ReFL adapter: ShapesBench accuracy (%) per tag, caption reward")
     log = gr.Textbox(label="Log", lines=12, max_lines=24, autoscroll=True)
 
-    start.click(lambda *a: start_refl_run(runner, *a),
-                [model, steps, batch, lr, rank, reward_weight, schedule_steps, first_grad_step, guidance,
-                 pretrain_batch, pretrain_data, eval_seeds],
-                [run, job_state, status])
-    refresh.click(lambda: gr.update(choices=refl_runs()), None, run)
-    run.change(lambda: None, None, job_state)
-    resume.click(lambda r: continue_run(runner, r, False, KIND), run, [job_state, status])
-    cancel.click(lambda r, j: cancel_run(runner, r, j, KIND), [run, job_state], status)
-
     def show(r, j, s):
         status_text, log_text, frame, comparison = refl_status(runner, r, j, s)
         return status_text, log_text, frame, frame, comparison
 
-    timer = gr.Timer(REFRESH_EVERY_S)
-    gr.on([timer.tick, smoothing.change], show, [run, job_state, smoothing],
-          [status, log, reward_plot, loss_plot, table])
-    return run
+    controls.follow(show, [smoothing], [log, reward_plot, loss_plot, table], triggers=[smoothing.change])
+    return lambda: gr.update(choices=refl_runs()), None, controls.run

@@ -1,0 +1,91 @@
+"""The LoRA adapters the Generate and Compare tabs offer, under labels a researcher recognises.
+
+Every folder holding `pytorch_lora_weights.safetensors` in assets/adapters/ or in a run is an adapter;
+its label names the method and run it came from and what it is (an IPR iteration, ReFL, a SELMA
+expert, SELMA's mixed-data LoRA or its fused merge, RECAP's alt-text or RECAP fine-tune). The Compare
+tab also offers each finished SELMA run's experts joined into one variant at the run's merge weights
+(1/n each by default): the authors' `set_adapters` inference, which the fused merge reproduces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ASSETS_DIR, get_settings
+from ..errors import WorkbenchError
+from .train_runs import read_json, run_kind
+
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+METHODS = {"ipr": "IPR", "refl": "ReFL", "selma": "SELMA", "recap": "RECAP"}
+
+
+def discover_adapters() -> list[str]:
+    """LoRA adapters shipped in assets/ or produced by runs in the data folder; the trainer's checkpoints
+    (which hold the same file) are left out: two per adapter would bury the finished ones."""
+    roots = [ASSETS_DIR / "adapters", get_settings().runs_dir]
+    found = {str(path.parent) for root in roots if root.is_dir() for path in root.rglob(WEIGHTS_FILE)
+             if "checkpoints" not in path.relative_to(root).parts}
+    return sorted(found)
+
+
+def adapter_label(path: str | Path) -> str:
+    """'SELMA <run> · expert counting', 'RECAP <run> · RECAP fine-tune', 'shipped · ipr-shapes', ...;
+    the path itself for an adapter of no known run."""
+    folder = Path(path)
+    shipped, runs = ASSETS_DIR / "adapters", get_settings().runs_dir
+    if folder.is_relative_to(shipped):
+        return f"shipped · {folder.relative_to(shipped).as_posix()}"
+    if not folder.is_relative_to(runs) or folder == runs:
+        return str(folder)
+    run, *rest = folder.relative_to(runs).parts
+    kind = run_kind(runs / run)
+    what = _part_label(kind, runs / run, rest)
+    return f"{METHODS[kind]} {run} · {what}" if kind in METHODS and what else f"runs/{'/'.join([run, *rest])}"
+
+
+def _part_label(kind: str | None, run: Path, rest: list[str]) -> str | None:
+    if kind == "selma" and rest == ["merged"]:
+        merge = read_json(run / "merged" / "merge.json") or {}
+        return f"merged experts, fused ({merge.get('combination', '?')})"
+    if kind == "selma" and rest == ["mixed"]:
+        return "single LoRA on all skills' data mixed"
+    if kind == "selma" and len(rest) == 2 and rest[0] == "experts":
+        return f"expert {rest[1]}"
+    if kind == "recap" and rest in (["alt-text", "adapter"], ["recap", "adapter"]):
+        return "alt-text fine-tune" if rest[0] == "alt-text" else "RECAP fine-tune"
+    if kind == "ipr" and len(rest) == 2 and rest[1] == "adapter" and rest[0].startswith("iteration-"):
+        return f"iteration {rest[0].removeprefix('iteration-')}"
+    if kind == "refl" and rest == ["adapter"]:
+        return "ReFL adapter"
+    return None
+
+
+def selma_joined_variants() -> list[tuple[str, str]]:
+    """(label, variant line) for every SELMA run whose experts are all trained: the experts joined with
+    '+' at the run's merge weights, one Compare variant."""
+    from pipelines.selma import SelmaConfig
+    from .train_runs import runs_of_kind
+
+    variants = []
+    for run in runs_of_kind("selma"):
+        folder = get_settings().runs_dir / run
+        try:
+            config = SelmaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+            names = [skill.name for skill in config.skill_list()]
+        except (OSError, ValueError, TypeError, WorkbenchError):
+            continue  # unreadable, or a user skill since deleted: its experts are still listed one by one
+        experts = [folder / "experts" / name for name in names]
+        if not all((expert / WEIGHTS_FILE).is_file() for expert in experts):
+            continue
+        weights = config.merge_weight_list(len(experts))
+        line = " + ".join(f"{expert}:{weight:.6g}" for expert, weight in zip(experts, weights))
+        shown = f"1/{len(experts)} each" if config.merge_weights is None else "the run's merge weights"
+        variants.append((f"SELMA {run} · all {len(experts)} experts joined (set_adapters, {shown})", line))
+    return variants
+
+
+def adapter_choices(joined: bool = False) -> list[tuple[str, str]]:
+    """(label, path) of every adapter, by label; with `joined`, SELMA's joined experts too (value: a variant line)."""
+    choices = [(adapter_label(path), path) for path in discover_adapters()]
+    return sorted(choices + (selma_joined_variants() if joined else []))

@@ -78,3 +78,14 @@ def whole_app(monkeypatch):
     finally:
         runner.shutdown()
     return demo, [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+
+
+@pytest.fixture
+def eval_prompts(tmp_path):
+    """A one-prompt benchmark file ("a circle"), enough to run a pipeline's evaluation stage."""
+    import json
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+                                "prompt": "a circle"}) + "\n")
+    return str(path)

@@ -28,14 +28,6 @@ def scripted_detector(monkeypatch):
     monkeypatch.setitem(DETECTORS, "scripted", ScriptedDetector)
 
 
-@pytest.fixture
-def eval_prompts(tmp_path):
-    path = tmp_path / "eval.jsonl"
-    path.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
-                                "prompt": "a circle"}) + "\n")
-    return str(path)
-
-
 def config(tiny_sd, eval_prompts, **overrides) -> IPRConfig:
     settings = dict(model=str(tiny_sd), iterations=2, prompts=8, samples_per_prompt=2, detector="scripted",
                     steps=2, batch_size=2, sample_steps=2, eval_prompts=eval_prompts, eval_seeds=1)

@@ -59,14 +59,6 @@ def scripted(monkeypatch):
     monkeypatch.setitem(DETECTORS, "scripted", ScriptedDetector)
 
 
-@pytest.fixture
-def eval_prompts(tmp_path):
-    path = tmp_path / "eval.jsonl"
-    path.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
-                                "prompt": "a circle"}) + "\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def weak_model(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("weak-sd"), seed=1)

@@ -54,6 +54,7 @@ import numpy as np
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, detector_name, format_scores, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
 from workbench.generation import LoraSpec, lora_weights_file
+from workbench.imagefolder import read_imagefolder
 from workbench.shapes.world import IMAGE_SIZE
 from workbench.store import bind_run_config
 
@@ -285,32 +286,7 @@ def bench_overlap(texts: list[str], prompts: str | Path = SHAPESBENCH) -> float:
 
 def read_alt_text_rows(data: Path, text_field: str = "text") -> list[dict]:
     """The rows of an imagefolder's metadata.jsonl, checked: one-line InvalidInput on any problem."""
-    data = Path(data).expanduser()
-    meta = data / "metadata.jsonl"
-    if not data.is_dir():
-        raise InvalidInput(f"Data folder not found: {data}")
-    if not meta.is_file():
-        raise InvalidInput(f"{data} has no metadata.jsonl: an imagefolder lists its images there, one JSON line "
-                           f'each, e.g. {{"file_name": "images/0001.png", "{text_field}": "alt text"}}.')
-    rows, missing = [], []
-    for number, line in enumerate(meta.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{meta} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InvalidInput(f"{where} is not valid JSON ({error.msg}).") from None
-        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str) or not record["file_name"]:
-            raise InvalidInput(f'{where} has no "file_name" string.')
-        if not isinstance(record.get(text_field), str):
-            raise InvalidInput(f'{where} has no "{text_field}" string (the alt text; use "" for none).')
-        if not (data / record["file_name"]).is_file():
-            missing.append(record["file_name"])
-        rows.append(record)
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise InvalidInput(f"{len(missing)} image file(s) listed in {meta} are missing: {shown}")
+    meta, rows = read_imagefolder(data, text_field, text_hint="the alt text; use \"\" for none")
     if not rows:
         raise InvalidInput(f"{meta} lists no images.")
     return rows

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.errors import InvalidInput, ModelNotAvailable, WorkbenchError
+from workbench.imagefolder import read_imagefolder
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -137,42 +138,20 @@ def read_rows(folders: list[str]) -> Rows:
     rows = Rows()
     for folder in map(Path, folders):
         folder = folder.expanduser()
-        meta = folder / "metadata.jsonl"
-        if not folder.is_dir():
-            raise InvalidInput(f"Training data folder not found: {folder}")
-        if not meta.is_file():
-            raise InvalidInput(f"{folder} has no metadata.jsonl (an imagefolder lists its images there, one JSON "
-                               f'line each: {{"file_name": ..., "text": ..., "weight": ...}}).')
-        missing: list[str] = []
-        before = len(rows.paths)
-        for number, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{meta} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InvalidInput(f"{where} is not valid JSON ({error.msg}).") from None
-            if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
-                raise InvalidInput(f'{where} has no "file_name" string.')
-            if not isinstance(record.get("text"), str):
-                raise InvalidInput(f'{where} has no "text" string (use "" for an empty caption).')
-            weight = record.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
-                raise InvalidInput(f'{where}: "weight" must be a number >= 0 (got {weight!r}).')
-            path = folder / record["file_name"]
-            if not path.is_file():
-                missing.append(record["file_name"])
-                continue
-            rows.paths.append(path)
-            rows.texts.append(record["text"])
-            rows.weights.append(float(weight))
-        if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise InvalidInput(f"{len(missing)} image file(s) listed in {meta} are missing: {shown}")
-        if len(rows.paths) == before:
+        _, records = read_imagefolder(folder, kind="Training data", check_row=_check_weight)
+        if not records:
             raise InvalidInput(f"No training images in {folder}: its metadata.jsonl lists none.")
+        for record in records:
+            rows.paths.append(folder / record["file_name"])
+            rows.texts.append(record["text"])
+            rows.weights.append(float(record.get("weight", 1.0)))
     return rows
+
+
+def _check_weight(record: dict, where: str) -> None:
+    weight = record.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+        raise InvalidInput(f'{where}: "weight" must be a number >= 0 (got {weight!r}).')
 
 
 def load_image(path: Path, resolution: int, center_crop: bool, rng: np.random.Generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ from workbench.ui.adapters import adapter_choices
 from workbench.ui.compare import variants_from_text, variants_with
 
 # fixtures: the scripted LLM and detector, a one-prompt evaluation file
-from test_selma import SKILLS, config as selma_settings, eval_prompts, scripted  # noqa: F401
+from test_selma import SKILLS, config as selma_settings, scripted  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

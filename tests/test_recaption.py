@@ -62,6 +62,13 @@ def test_the_shapes_dataset_is_deterministic_and_its_alt_text_is_noisy(web_data,
     clean = tmp_path / "clean"
     zero = AltTextNoise(**{name: 0.0 for name in vars(AltTextNoise())})
     assert make_shapes_dataset(clean, 10, seed=3, noise=zero)["alt_text_exact"] == 1.0
+    # Scenes follow the shapes model's own pre-training mix of single objects, unless told otherwise.
+    from pipelines.train_shapes import Config
+
+    assert info["settings"]["single_share"] == Config().single_share
+    singles = tmp_path / "singles"
+    make_shapes_dataset(singles, 8, seed=3, single_share=1.0)
+    assert all(len(s["scene"]["objects"]) == 1 for s in read_jsonl(singles / "scenes.jsonl"))
     # Image i depends on (seed, i) alone: a smaller set is the start of a larger one.
     assert (clean / "images/00004.png").read_bytes() == (web_data / "images/00004.png").read_bytes()
 
@@ -89,7 +96,8 @@ def test_recaptioning_keeps_the_alt_text_and_reads_captions_from_the_pixels(web_
     # Pixels, not the recorded scene: an image redrawn after the fact is captioned as it now looks.
     edited = tmp_path / "edited"
     make_shapes_dataset(edited, 4, seed=3)
-    scene = Scene((ShapeObject("square", "purple", 20.0, 30.0, 16.0), ShapeObject("square", "purple", 46.0, 30.0, 16.0)))
+    scene = Scene((ShapeObject("square", "purple", 20.0, 30.0, 16.0),
+                   ShapeObject("square", "purple", 46.0, 30.0, 16.0)))
     render(scene).save(edited / "images/00001.png")
     recaption(edited, edited / "recap", captioner="shapes")
     rows = read_jsonl(edited / "recap" / "metadata.jsonl")

@@ -19,7 +19,10 @@ prompt embeddings; a sampled caption has no gradient. We descend the same captio
 log-likelihood of the prompt, log p(prompt | x0), which is high exactly when the captioner would say
 the prompt of this image and is differentiable in x0 (`workbench.likelihood_reward`: BLIP on real
 models, the project's tiny shapes captioner in the shapes world), so target 0 makes the loss the
-prompt's negative log-likelihood. The eq. 4 caption reward (`workbench.caption_reward`) is logged
+prompt's negative log-likelihood. With `negatives` = k > 0 the reward is instead the log-softmax of
+the prompt's likelihood against k hard negatives (the prompt with colours swapped, the relation
+flipped, a count changed...), which only the facts that set the prompt apart can raise (our
+addition, against the reward hacking the plain likelihood allows; see ContrastiveLikelihoodReward). The eq. 4 caption reward (`workbench.caption_reward`) is logged
 before and after training, so the run reports the reward the paper defines.
 
 The LoRA is trained with the shared engine's pieces (`pipelines.trainer`: components, adapters,
@@ -56,6 +59,11 @@ class ReFLConfig:
     model: str = "shapes"
     reward: str | None = None  # likelihood reward: None picks the model's world ("shapes" or "blip")
     reward_model: str | None = None  # its weights: None is the shipped shapes captioner / $WORKBENCH_BLIP_MODEL
+    # 0: the plain likelihood of the prompt. k > 0: its contrast with k hard negatives (the prompt with
+    # one fact changed; `workbench.likelihood_reward.ContrastiveLikelihoodReward`), our addition to the
+    # paper against reward hacking: pushed hard, the plain likelihood taught the shapes model to paint
+    # every object in one of the prompt's colours.
+    negatives: int = 0
     prompts: int = 500  # training prompts from the shapes grammar (disjoint from ShapesBench)
     prompt_seed: int = 0
     steps: int = 300
@@ -90,6 +98,7 @@ class ReFLConfig:
             (0 < self.first_grad_step < self.schedule_steps,
              f"first_grad_step must lie inside the {self.schedule_steps}-step schedule."),
             (0 <= self.prompt_dropout < 1, "prompt_dropout must be in [0, 1)."),
+            (0 <= self.negatives <= 32, f"negatives must be between 0 and 32 (got {self.negatives})."),
             (self.model == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,
              "A real model needs --pretrain-data (an imagefolder of its pre-training kind of data) for eq. 5's "
              "denoising term, or --pretrain-batch 0 to train on the reward alone."),
@@ -179,7 +188,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         sampler = DDIMScheduler.from_config(noise_scheduler.config)
         sampler.set_timesteps(config.schedule_steps)
         reward = get_likelihood_reward(config.reward or ("shapes" if config.model == "shapes" else "blip"),
-                                       model=config.reward_model)
+                                       negatives=config.negatives, seed=config.seed, model=config.reward_model)
         pretrain = None
         if config.pretrain_batch:
             pretrain = (ShapesPretrainingData(vae) if config.pretrain_data is None else
@@ -225,7 +234,8 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             t = sampler.timesteps[grad_step]
             x0 = sampler.step(guided(sampler.scale_model_input(latents, t), t), t, latents).pred_original_sample
             images = vae.decode(x0 / scaling).sample
-            r = reward(images, prompts)
+            # Hard negatives come from the run's own generator, which checkpoints save, so a resume draws the same.
+            r = reward(images, prompts, rng=rng) if config.negatives else reward(images, prompts)
             reward_loss = F.relu(config.reward_target - r).mean()
 
             # Eq. 5's pre-training term: the plain denoising loss on pre-training data.
@@ -356,7 +366,8 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     # More or fewer evaluation seeds re-scores the same adapter; the rest must match.
-    bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",))
+    bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
+                    implied={"negatives": 0})  # runs from before hard negatives used the plain likelihood
 
 
 def main(argv: list[str] | None = None) -> int:

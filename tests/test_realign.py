@@ -83,9 +83,22 @@ def test_refl_trains_a_lora_the_generation_service_loads(tiny_sd, caption_model,
     assert np.abs(base.astype(int) - tuned.astype(int)).max() > 0
 
 
-def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path):
-    # lambda left to the gradient balance: set once at step 1, kept through the resume.
-    config = tiny_refl(tiny_sd, caption_model, pretrain_data, reward_weight=None)
+def test_a_contrastive_run_trains_on_the_prompt_against_its_hard_negatives(tiny_sd, caption_model, pretrain_data,
+                                                                            tmp_path):
+    result = run_refl(tiny_refl(tiny_sd, caption_model, pretrain_data, negatives=3), tmp_path / "run", log=lambda m: None)
+    weights = load_file(str(Path(result["adapter"]) / "pytorch_lora_weights.safetensors"))
+    assert any(".lora.up." in k and v.abs().sum() > 0 for k, v in weights.items())
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    # A log-softmax over the prompt and 3 negatives: at most 0, and not the plain likelihood's scale.
+    assert len(history) == 3 and all(-20 < h["reward"] <= 0 for h in history)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["negatives"] == 3
+
+
+@pytest.mark.parametrize("negatives", [0, 2])
+def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path, negatives):
+    # lambda left to the gradient balance: set once at step 1, kept through the resume; hard negatives
+    # drawn as in the straight run.
+    config = tiny_refl(tiny_sd, caption_model, pretrain_data, reward_weight=None, negatives=negatives)
     straight = run_refl(config, tmp_path / "straight", log=lambda m: None)
     calls = []
     with pytest.raises(JobCancelled, match="step 2"):
@@ -101,6 +114,12 @@ def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretr
     # The same folder refuses other settings instead of mixing two runs.
     with pytest.raises(InvalidInput, match="other settings"):
         run_refl(replace(config, lr=1e-3), tmp_path / "resumed", log=lambda m: None)
+    # A run saved before hard negatives existed continues as the plain-likelihood run it was.
+    if not negatives:
+        saved = json.loads((tmp_path / "resumed" / "config.json").read_text())
+        del saved["negatives"]
+        (tmp_path / "resumed" / "config.json").write_text(json.dumps(saved))
+        assert run_refl(config, tmp_path / "resumed", log=lambda m: None)["status"] == "done"
 
 
 def test_a_real_model_without_pretraining_data_is_refused_with_a_hint(tmp_path):

@@ -11,6 +11,10 @@ the caption reward beside it.
     reward = get_likelihood_reward("shapes")      # the shapes world's own tiny captioner
     reward = get_likelihood_reward("blip")        # BLIP from $WORKBENCH_BLIP_MODEL (local files only)
     r = reward(images, prompts)                   # images [B, 3, H, W] in [-1, 1]; r: [B], differentiable
+    reward = get_likelihood_reward("shapes", negatives=4)  # contrastive: the prompt against 4 hard negatives
+
+The contrastive form (`negatives` > 0, `ContrastiveLikelihoodReward`) is ours, not the paper's: see
+its doc for why the plain likelihood can be gamed.
 """
 
 from __future__ import annotations
@@ -68,10 +72,61 @@ class BlipLikelihoodReward:
         return (picked * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+class ContrastiveLikelihoodReward:
+    """log softmax of the prompt's likelihood against k hard negatives (`workbench.hard_negatives`: the
+    prompt with colours or objects swapped, the relation flipped, a colour, object or count changed):
+
+        r = s(prompt) - log(exp s(prompt) + sum_j exp s(negative_j)),   s = n_words * mean log p(. | image)
+
+    The plain likelihood rewards an image for every fact of the prompt it shows, so reward feedback
+    learning can raise it by showing the easy facts everywhere: on the shapes world it learned to paint
+    all objects in one of the prompt's colours (colours up, colour binding down). A negative that
+    differs from the prompt in one fact cancels every fact they share, so only the facts that tell the
+    prompt from its negatives earn reward. s is the prompt's total log-probability (mean times words,
+    EOS included), so one wrong word weighs the same in short and long prompts. r <= 0, and is 0 only
+    when the captioner rules out every negative. A prompt without any editable word gets r = 0: it
+    gives no signal rather than a wrong one. New negatives are drawn at each call.
+    """
+
+    def __init__(self, base, negatives: int, vocabulary=None, max_count: int = 6, seed: int = 0):
+        import numpy as np
+
+        self.base, self.k, self.vocabulary, self.max_count = base, negatives, vocabulary, max_count
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], rng=None) -> torch.Tensor:
+        """rng: draw the negatives from it (a training loop passes its own, so a resumed run draws the same)."""
+        from workbench.hard_negatives import hard_negatives
+
+        rng = rng if rng is not None else self.rng
+        negatives = [hard_negatives(p, self.k, rng, self.vocabulary, self.max_count) for p in prompts]
+        has = [k for k, n in enumerate(negatives) if n]
+        reward = images.new_zeros(len(prompts), dtype=torch.float32)
+        if not has:
+            return reward
+        texts = [text for k in has for text in [prompts[k]] + negatives[k]]
+        repeated = images[has].repeat_interleave(self.k + 1, dim=0)
+        words = torch.tensor([len(t.split()) + 1 for t in texts], dtype=torch.float32, device=images.device)
+        scores = (self.base(repeated, texts).float() * words).view(len(has), self.k + 1)
+        contrast = torch.log_softmax(scores, dim=1)[:, 0]
+        return reward.index_put((torch.tensor(has, device=images.device),), contrast)
+
+
 REWARDS: dict[str, Callable[..., object]] = {"shapes": ShapesLikelihoodReward, "blip": BlipLikelihoodReward}
 
 
-def get_likelihood_reward(name: str, **options):
+def get_likelihood_reward(name: str, negatives: int = 0, seed: int = 0, **options):
+    """The likelihood reward `name` ("shapes" or "blip"); with negatives > 0 its contrastive form."""
     if name not in REWARDS:
         raise InvalidInput(f"Unknown reward '{name}'. Available: {', '.join(REWARDS)}.")
-    return REWARDS[name](**options)
+    if negatives < 0:
+        raise InvalidInput(f"The number of hard negatives must be 0 or more (got {negatives}).")
+    base = REWARDS[name](**options)
+    if not negatives:
+        return base
+    if name == "shapes":  # negatives in the words the shapes captioner knows, and counts it can draw
+        from workbench.prompt_parser import shapes_vocabulary
+        from workbench.shapes.world import MAX_OBJECTS
+
+        return ContrastiveLikelihoodReward(base, negatives, shapes_vocabulary(), MAX_OBJECTS, seed)
+    return ContrastiveLikelihoodReward(base, negatives, seed=seed)

@@ -213,14 +213,17 @@ def _job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
-def bind_run_config(out_dir: Path, settings: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
+def bind_run_config(out_dir: Path, settings: dict, what: str, ignore: tuple[str, ...] = (),
+                    implied: dict | None = None) -> None:
     """A run folder belongs to one configuration: write `settings` as its config.json, or check that
-    they match the saved ones (keys in `ignore` may differ), since continuing with others would mix results."""
+    they match the saved ones (keys in `ignore` may differ), since continuing with others would mix results.
+    `implied` gives settings added after older runs were saved, with the value those runs had."""
     import os
 
     path = Path(out_dir) / "config.json"
     if path.exists():
         saved = json.loads(path.read_text())
+        saved = {**(implied or {}), **saved}
         differing = sorted(k for k in settings if k not in ignore and saved.get(k) != settings[k])
         if differing:
             from .errors import InvalidInput

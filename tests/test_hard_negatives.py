@@ -1,0 +1,66 @@
+"""Hard negatives and the contrastive caption reward built on them (workbench.hard_negatives,
+workbench.likelihood_reward.ContrastiveLikelihoodReward)."""
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.hard_negatives import candidate_negatives, hard_negatives
+from workbench.prompt_parser import parse_prompt, shapes_vocabulary
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SHAPES = shapes_vocabulary()
+
+
+def test_negatives_change_one_fact_and_keep_the_prompts_wording():
+    prompt = "A photo of an orange triangle under a yellow square, please."
+    negatives = candidate_negatives(prompt, SHAPES, max_count=4)
+    assert prompt not in negatives and len(negatives) == len(set(negatives))
+    # The binding swaps and the flipped relation are there, with articles fixed and punctuation kept.
+    assert "A photo of a yellow triangle under an orange square, please." in negatives
+    assert "A photo of an orange square under a yellow triangle, please." in negatives
+    assert "A photo of an orange triangle over a yellow square, please." in negatives
+    for negative in negatives:
+        assert negative.startswith("A photo of ") and negative.endswith(", please.")
+        assert parse_prompt(negative, SHAPES) != parse_prompt(prompt, SHAPES)  # a different scene
+    # Counts change within what the world can draw, the noun stays plural.
+    assert set(candidate_negatives("three circles", SHAPES, max_count=4)) == {
+        "two circles", "four circles", "three squares", "three triangles"}
+    assert "5 dogs" in candidate_negatives("2 dogs")  # COCO classes and digits by default
+
+
+def test_k_negatives_prefer_swaps_and_flips_and_nothing_to_edit_gives_none():
+    rng = np.random.default_rng(0)
+    picked = hard_negatives("a red circle left of a blue square", 3, rng, SHAPES, 4)
+    assert sorted(picked) == sorted(["a blue circle left of a red square", "a red square left of a blue circle",
+                                     "a red circle right of a blue square"])
+    # Fewer edits than asked: they repeat, so every prompt gets k.
+    few = hard_negatives("a circle", 5, rng, SHAPES, 4)
+    assert len(few) == 5 and set(few) == {"a square", "a triangle"}
+    assert hard_negatives("a nice picture", 4, rng, SHAPES, 4) == []
+
+
+def test_the_contrastive_reward_prefers_the_true_binding_and_reaches_the_pixels():
+    from workbench.likelihood_reward import get_likelihood_reward
+    from workbench.shapes.render import render_array
+    from workbench.shapes.scene import Scene, ShapeObject
+
+    scene = Scene((ShapeObject("circle", "red", 18.0, 20.0, 14.0), ShapeObject("square", "blue", 44.0, 44.0, 14.0)))
+    image = torch.from_numpy(render_array(scene)).float().permute(2, 0, 1)[None] * 2 - 1
+    images = image.repeat(4, 1, 1, 1).requires_grad_(True)
+    prompts = ["a red circle and a blue square", "a blue circle and a red square",
+               "a red circle above a blue square", "a nice picture"]
+    plain = get_likelihood_reward("shapes")(images, prompts)
+    reward = get_likelihood_reward("shapes", negatives=4, seed=0)
+    r = reward(images, prompts)
+    assert r.shape == (4,) and bool((r[:3] <= 0).all())
+    # The image's own binding wins by a margin in the contrastive reward ...
+    assert r[0] > r[1] + 1.0 and r[2] > r[1]
+    assert r[3] == 0  # no fact to contrast: no signal
+    # ... as it does, by less, in the plain likelihood, which the swap leaves near its own level.
+    assert plain[0] > plain[1]
+    r[:3].sum().backward()
+    assert images.grad is not None and images.grad[:3].abs().sum() > 0 and images.grad[3].abs().sum() == 0
+    with pytest.raises(Exception, match="hard negatives"):
+        get_likelihood_reward("shapes", negatives=-1)

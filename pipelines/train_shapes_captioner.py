@@ -7,7 +7,13 @@ Data, drawn afresh every step: prompts of the training grammar (`training_prompt
 ShapesBench prompt nor one of its held-out colour pairs), each rendered as a scene that satisfies it
 (`scene_from_spec`, a new random layout every time). A quarter of the images go through the shapes model's
 VAE and back first, so the captioner also knows what decoded (generated) images look like. The loss
-is the usual teacher-forced cross-entropy of the prompt's words.
+is the usual teacher-forced cross-entropy of the prompt's words. With `negatives` = k > 0 a
+contrastive term is added: the prompt's total log-probability must beat those of k hard negatives
+(`workbench.hard_negatives`: the prompt with colours or objects swapped, the relation flipped, a
+colour, object or count replaced). Cross-entropy alone leaves the captioner near chance at telling
+"a red circle and a blue square" from "a blue circle and a red square" on generated images
+(`bench/captioner_resolution.py`), and a reward that cannot see binding cannot teach it.
+`--init` continues from a trained captioner instead of starting afresh.
 
 At the end it reports, on held-out prompts, how often the true prompt is more likely than a
 corrupted one (another colour, shape, count or the opposite relation): the reward's resolution.
@@ -87,11 +93,39 @@ def roundtrip(vae, images: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents).sample.clamp(-1, 1)
 
 
+def sequence_log_probs(model: CaptionModel, memory: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Total log-probability of each prompt (EOS included) given its encoded image: [B]."""
+    ids, _ = model.tokenizer(prompts)
+    logp = F.log_softmax(model.decode(memory, ids).float(), dim=-1)
+    target = ids[:, 1:]
+    picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return (picked * (target != PAD).float()).sum(1)
+
+
+def contrastive_loss(model: CaptionModel, memory: torch.Tensor, prompts: list[str], k: int,
+                     rng: np.random.Generator) -> torch.Tensor:
+    """-log softmax of each prompt's log-probability among itself and k hard negatives (mean)."""
+    from workbench.hard_negatives import hard_negatives
+    from workbench.prompt_parser import shapes_vocabulary
+    from workbench.shapes.world import MAX_OBJECTS
+
+    vocabulary = shapes_vocabulary()
+    negatives = [hard_negatives(p, k, rng, vocabulary, MAX_OBJECTS) for p in prompts]
+    has = [i for i, n in enumerate(negatives) if n]
+    if not has:
+        return memory.new_zeros(())
+    texts = [text for i in has for text in [prompts[i]] + negatives[i]]
+    scores = sequence_log_probs(model, memory[has].repeat_interleave(k + 1, dim=0), texts).view(len(has), k + 1)
+    return -torch.log_softmax(scores, dim=1)[:, 0].mean()
+
+
 def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, seed: int = 0,
-          vae_path: str | None = None, log_every: int = 100, bank_size: int = 4096) -> dict:
+          vae_path: str | None = None, log_every: int = 100, bank_size: int = 4096, negatives: int = 0,
+          contrastive_weight: float = 1.0, init: str | None = None) -> dict:
     from diffusers import AutoencoderKL
 
     from workbench.registry import resolve
+    from workbench.shapes.caption_model import load_caption_model
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -99,8 +133,10 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
     seen = {p["prompt"] for p in pool}
     held_out = [r for r in training_prompts(3000, seed=seed + 2000) if r["prompt"] not in seen][:400]
     extra = sorted({w for r in pool for w in re.findall(r"[a-z]+|\d", r["prompt"].lower())})
-    config = CaptionerConfig(vocab=sorted(set(vocabulary()) | set(extra)))
-    model = CaptionModel(config)
+    if init is not None:  # its vocabulary and shape come with it
+        model = load_caption_model(init).train()
+    else:
+        model = CaptionModel(CaptionerConfig(vocab=sorted(set(vocabulary()) | set(extra))))
     vae = AutoencoderKL.from_pretrained(vae_path or resolve("shapes").source, subfolder="vae").eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     print(f"captioner: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -120,8 +156,11 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
         prompts = [bank_prompts[k] for k in decoded] + prompts
         images = images + 0.03 * torch.randn_like(images)
         ids, _ = model.tokenizer(prompts)
-        logits = model.logits(images, ids)
+        memory = model.encode_images(images)
+        logits = model.decode(memory, ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD)
+        if negatives:
+            loss = loss + contrastive_weight * contrastive_loss(model, memory, prompts, negatives, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -129,7 +168,8 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
         if step % log_every == 0 or step == steps:
             print(f"step {step}/{steps} loss {loss.item():.4f} {time.time() - started:.0f}s", flush=True)
     model.eval()
-    facts = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(time.time() - started, 1),
+    facts = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "negatives": negatives,
+             "contrastive_weight": contrastive_weight, "init": init, "seconds": round(time.time() - started, 1),
              "ranking_accuracy_rendered": ranking_accuracy(model, held_out),
              "ranking_accuracy_decoded": ranking_accuracy(model, held_out, vae=vae)}
     model.save(out)
@@ -146,8 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--negatives", type=int, default=0, help="hard negatives per prompt for the contrastive term")
+    parser.add_argument("--contrastive-weight", type=float, default=1.0)
+    parser.add_argument("--init", default=None, help="continue from this captioner folder")
+    parser.add_argument("--bank-size", type=int, default=4096, help="VAE-decoded renders made once and reused")
     args = parser.parse_args(argv)
-    train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=args.log_every)
+    train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=args.log_every,
+          negatives=args.negatives, contrastive_weight=args.contrastive_weight, init=args.init,
+          bank_size=args.bank_size)
 
 
 if __name__ == "__main__":

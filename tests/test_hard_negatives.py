@@ -28,6 +28,9 @@ def test_negatives_change_one_fact_and_keep_the_prompts_wording():
     assert set(candidate_negatives("three circles", SHAPES, max_count=4)) == {
         "two circles", "four circles", "three squares", "three triangles"}
     assert "5 dogs" in candidate_negatives("2 dogs")  # COCO classes and digits by default
+    # Naming the same objects in another order is no negative; with a count or colour attached it is.
+    assert "a triangle and a circle" not in candidate_negatives("a circle and a triangle", SHAPES, 4)
+    assert "two triangles and a circle" in candidate_negatives("two circles and a triangle", SHAPES, 4)
 
 
 def test_k_negatives_prefer_swaps_and_flips_and_nothing_to_edit_gives_none():
@@ -64,3 +67,31 @@ def test_the_contrastive_reward_prefers_the_true_binding_and_reaches_the_pixels(
     assert images.grad is not None and images.grad[:3].abs().sum() > 0 and images.grad[3].abs().sum() == 0
     with pytest.raises(Exception, match="hard negatives"):
         get_likelihood_reward("shapes", negatives=-1)
+
+
+def test_the_captioners_contrastive_term_learns_to_tell_a_prompt_from_its_negatives():
+    from pipelines.train_shapes_captioner import contrastive_loss, render_batch, sequence_log_probs
+    from workbench.shapes.bench_prompts import training_prompts, vocabulary
+    from workbench.shapes.caption_model import CaptionerConfig, CaptionModel
+
+    torch.manual_seed(0)
+    model = CaptionModel(CaptionerConfig(vocab=vocabulary(), width=32, heads=2, decoder_layers=1))
+    records = [r for r in training_prompts(40, seed=5) if "color" in str(r["include"])][:8]
+    images, prompts = render_batch(records, np.random.default_rng(0))
+    memory = model.encode_images(images)
+    # Total log-probability = mean per word x words (EOS included), as the reward's contrast assumes.
+    total = sequence_log_probs(model, memory, prompts)
+    words = torch.tensor([len(model.tokenizer([p])[0][0]) - 1 for p in prompts], dtype=torch.float32)
+    assert torch.allclose(total, model.log_likelihood(images, prompts) * words, atol=1e-4)
+
+    def loss() -> torch.Tensor:  # the same negatives every time
+        return contrastive_loss(model, model.encode_images(images), prompts, 3, np.random.default_rng(1))
+
+    before = loss()
+    assert before > 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss() < 0.5 * before

@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from workbench.prompt_parser import Vocabulary, default_vocabulary
+from workbench.prompt_parser import Vocabulary, default_vocabulary, parse_prompt
 
 NUMBER_WORDS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 FLIPPED_WORDS = {"above": "below", "below": "above", "over": "under", "under": "over",
@@ -77,13 +77,31 @@ def _edits(prompt: str, vocabulary: Vocabulary, max_count: int) -> list[tuple[st
     for i in number_at:
         numbers = [str(n) for n in range(2, max_count + 1)] if word[i].isdigit() else list(NUMBER_WORDS[:max_count - 1])
         edits += [("count", text({i: n})) for n in numbers if n != word[i]]
-    seen = {prompt.lower()}
+    # An edit must describe another scene: "a triangle and a circle" is "a circle and a triangle" again.
+    seen = {scene_key(prompt, vocabulary)}
     unique = []
     for kind, edited in edits:
-        if edited.lower() not in seen:
-            seen.add(edited.lower())
+        key = scene_key(edited, vocabulary)
+        if key not in seen:
+            seen.add(key)
             unique.append((kind, edited))
     return unique
+
+
+def scene_key(prompt: str, vocabulary: Vocabulary) -> tuple:
+    """What the prompt asks for, independent of the order it names things in (for telling edits apart)."""
+    spec = parse_prompt(prompt, vocabulary)
+    include = spec["include"]
+
+    def clause(c: dict) -> tuple:
+        where = None
+        if "position" in c:
+            target = include[c["position"][1]]
+            where = (c["position"][0], target["class"], target.get("color"), target["count"])
+        return c["class"], c.get("color"), c["count"], where
+
+    excluded = sorted((c["class"], c["count"]) for c in spec.get("exclude", []))
+    return tuple(sorted(map(clause, include), key=repr)), tuple(excluded), prompt.lower() if not include else None
 
 
 def candidate_negatives(prompt: str, vocabulary: Vocabulary | None = None, max_count: int = 6) -> list[str]:

@@ -92,7 +92,10 @@ class CaptionModel(nn.Module):
         return self.mixer(grid + self.grid_position)
 
     def logits(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        memory = self.encode_images(images)
+        return self.decode(self.encode_images(images), ids)
+
+    def decode(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Next-word logits for ids (BOS ... EOS, padded) given encoded images: [B, words - 1, vocab]."""
         inputs = ids[:, :-1]
         x = self.embed(inputs) + self.word_position[:, : inputs.shape[1]]
         causal = nn.Transformer.generate_square_subsequent_mask(inputs.shape[1], device=ids.device)

@@ -19,6 +19,9 @@ How a prompt is read (rules, no model):
 * "A <relation> B" (left of, right of, above, below and their phrasings): B becomes a clause
   before A and A points at it, GenEval's order ({"class": A, ..., "position": [relation, index of B]});
   "next to", "beside", "near", "and", "with" name two objects with no relation;
+* "the X" names the X said before, if there is one: "a dog and a cat; the dog is left of the cat"
+  is one dog left of one cat, as the shapes world's captions state relations (a relation that would
+  contradict one already read is ignored);
 * "no X" / "without X" excludes X (an exclude clause of count 1);
 * the same class and colour said twice with no relation is merged ("a dog and a dog": two dogs).
 
@@ -259,6 +262,7 @@ class _NounPhrase:
     color: str | None = None
     at_least: bool = False
     negated: bool = False
+    definite: bool = False  # "the circle": may name an object said before
 
 
 def _match(tokens: tuple[str, ...], start: int, lexicon: _Lexicon) -> tuple[int, list[tuple[str, object]]]:
@@ -320,11 +324,13 @@ def _read(tokens: tuple[str, ...], lexicon: _Lexicon) -> tuple[list[_Mention], l
                     negated.append(cls)
                     last = None
                 else:
-                    last = _mention(phrase, cls, plural)
-                    if pending is not None and pending[1].target is None:
+                    earlier = _referent(mentions, cls, phrase.color) if phrase.definite else None
+                    last = earlier or _mention(phrase, cls, plural)
+                    if pending is not None and pending[1].target is None and not _reaches(last, pending[1]):
                         relation, subject = pending
                         subject.relation, subject.target, last.is_target = relation, last, True
-                    mentions.append(last)
+                    if earlier is None:
+                        mentions.append(last)
                 phrase, pending = _NounPhrase(), None
             elif kind == "color":
                 phrase.color = value
@@ -342,8 +348,29 @@ def _read(tokens: tuple[str, ...], lexicon: _Lexicon) -> tuple[list[_Mention], l
                 phrase, pending = _NounPhrase(), None
         elif tokens[i].isdigit():
             phrase.number = int(tokens[i])
+        elif tokens[i] == "the":
+            phrase.definite = True
         i += length
     return mentions, negated
+
+
+def _referent(mentions: list[_Mention], cls: str, color: str | None) -> _Mention | None:
+    """The object an earlier phrase introduced that "the <color> <cls>" points back to (the latest
+    one of that class, and of that colour when one is said), or None: then it is a new object."""
+    for mention in reversed(mentions):
+        if mention.cls == cls and (color is None or mention.color == color):
+            return mention
+    return None
+
+
+def _reaches(start: _Mention | None, goal: _Mention) -> bool:
+    """Whether following targets from `start` arrives at `goal` (placing goal against start would
+    make a cycle: "the circle is above the square; the square is above the circle")."""
+    while start is not None:
+        if start is goal:
+            return True
+        start = start.target
+    return False
 
 
 def _merge_repeats(mentions: list[_Mention]) -> list[_Mention]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.shapes.captions import caption_words, join_list, object_phrase
+from workbench.shapes.captions import CAPTION_RELATION_PHRASE, caption_words, definite_phrase, join_list, object_phrase
 from workbench.shapes.world import COLORS, COUNT_WORDS, MAX_OBJECTS, PLURALS, RELATION_PHRASES, RELATIONS, SHAPES
 
 SHAPESBENCH_SEED = 43  # GenEval's default seed
@@ -42,6 +42,13 @@ _TWO_TEMPLATES = (
     "{a} and {b}", "a photo of {a} and {b}", "an image of {a} and {b}", "a picture of {a} and {b}",
     "one {na} and one {nb}", "{a} with {b}", "{a} together with {b}", "both {a} and {b}", "{a} as well as {b}",
 )
+
+# Share of training position prompts that state the relation the way the shapes world's captions do,
+# as a clause after the list ("a circle and a square; the circle is above the square") instead of
+# inline ("a circle above a square"). A model that has only seen the clause form draws a single
+# object for the inline one, so IPR would find no relation to relabel; asked in the clause form it
+# draws both objects, and every one it places wrongly is relabeled in the inline form.
+CLAUSE_POSITION_SHARE = 0.5
 
 # Wrappers for training prompts around an object list X; none of them is a ShapesBench template
 # except the bare "{x}", whose collisions training_prompts rejects.
@@ -185,7 +192,12 @@ def _training_record(rng: np.random.Generator) -> dict:
             exclude.append({"class": clause["class"], "count": clause["count"] + 1})
 
     said = [object_phrase(c["class"], c.get("color"), c["count"], numerals) for c in include]
-    if kind == "position":
+    if kind == "position" and rng.random() < CLAUSE_POSITION_SHARE:
+        subject, target = include[1], include[0]
+        relation = CAPTION_RELATION_PHRASE[subject["position"][0]]
+        body = (f"{said[1]} and {said[0]}; {definite_phrase(subject['class'], subject.get('color'), 1)} is "
+                f"{relation} {definite_phrase(target['class'], target.get('color'), 1)}")
+    elif kind == "position":
         relation = include[1]["position"][0]
         body = f"{said[1]} {pick(RELATION_PHRASES[relation])} {said[0]}"
     else:

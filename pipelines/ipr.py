@@ -42,7 +42,7 @@ from workbench.store import bind_run_config
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.relabel import relabel
 from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
-from workbench.shapes.bench_prompts import training_prompts
+from workbench.shapes.bench_prompts import TRAINING_KINDS, training_prompts
 
 # Detection-based loss re-scaling. The authors' released training script weights a sample's
 # denoising loss by 1.0 when the image already matched its prompt and by 0.5 when its prompt was
@@ -60,8 +60,15 @@ class IPRConfig:
     prompts: int = 500  # training prompts, from the shapes grammar (disjoint from ShapesBench)
     samples_per_prompt: int = 3
     prompt_seed: int = 0
+    # Kinds of training request (workbench.shapes.bench_prompts.TRAINING_KINDS), each drawn equally
+    # often; None: all. The paper trains on spatial prompts alone: ["position"].
+    prompt_kinds: list[str] | None = None
     detector: str | None = None  # None: the model's own world (shapes model -> shapes detector)
     box_threshold: float = 0.3
+    # Samples with an object the detector calls but is unsure of (score above the box threshold and
+    # below this) are not trained on: a blob halfway between a square and a circle, labelled either
+    # way, teaches the model to draw it, and each iteration would drift further (0: keep them all).
+    min_confidence: float = 0.0
     # Relabels as true to the image as the detector allows: one clause per colour of a class, and
     # where two single objects are relative to each other whatever the prompt asked (a model that
     # rarely composes a relation learns relations from the pairs that show one).
@@ -75,6 +82,10 @@ class IPRConfig:
     alpha: float = 8.0
     train_text_encoder: bool = False
     steps: int = 800  # per iteration
+    # Iteration k's adapter starts from iteration k-1's (True) or afresh from the base model (False);
+    # either way it trains on the pairs of iterations 0..k. Afresh, the model is never fine-tuned
+    # for more than `steps` on its own images, so errors in them cannot compound across iterations.
+    continue_adapter: bool = True
     batch_size: int = 32
     lr: float = 5e-4
     prompt_dropout: float = 0.1  # keeps the unconditional branch that guidance subtracts trained
@@ -94,13 +105,22 @@ class IPRConfig:
             raise InvalidInput(f"Unknown weighting '{self.weighting}'; use one of {', '.join(WEIGHTINGS)}.")
         if not 0 <= self.box_threshold < 1:
             raise InvalidInput(f"The box threshold must be in [0, 1) (got {self.box_threshold}).")
+        unknown = sorted(set(self.prompt_kinds or ()) - set(TRAINING_KINDS))
+        if unknown:
+            raise InvalidInput(f"Unknown kind of training prompt {', '.join(unknown)}; use {', '.join(TRAINING_KINDS)}.")
+        if not 0 <= self.min_confidence <= 1:
+            raise InvalidInput(f"The minimum confidence must be in [0, 1] (got {self.min_confidence}).")
         if self.steps < 1 or self.batch_size < 1:
             raise InvalidInput("Training needs at least one step and a batch of at least one.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "IPRConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        return cls(**{key: value for key, value in {**OLDER_RUNS, **data}.items() if key in known})
+
+
+# Settings added after runs were saved, with the value those runs had.
+OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None}
 
 
 @dataclass
@@ -147,7 +167,7 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
     _check_same_config(config, out_dir)
     stages = Stages(on_progress, config.iterations, evaluate=config.eval_seeds > 0)
     detector = pick_detector(BenchmarkConfig(model=config.model, detector=config.detector))
-    records = training_prompts(config.prompts, seed=config.prompt_seed)
+    records = training_prompts(config.prompts, seed=config.prompt_seed, kinds=config.prompt_kinds)
     started = time.time()
 
     if config.eval_seeds:
@@ -169,7 +189,7 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
         rows = accumulated_training_rows(out_dir, k)
         next_adapter = folder / "adapter"
         if lora_weights_file(str(next_adapter)) is None or not (next_adapter / "done").exists():
-            train_iteration(config, rows, folder, adapter, stages, k, should_stop)
+            train_iteration(config, rows, folder, adapter if config.continue_adapter else None, stages, k, should_stop)
             (next_adapter / "done").write_text("")
         adapter = next_adapter
         scores = evaluate(config, adapter, folder / "eval", stages, should_stop, log, k) if config.eval_seeds else None
@@ -209,8 +229,14 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         detections = [d.to_dict() for d in detector.detect(image)]
         result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold,
                          split_colors=config.split_colors, say_relations=config.say_relations)
+        keep, reasons = result.keep, result.reasons
+        unsure = [d for d in detections if config.box_threshold < d["score"] < config.min_confidence]
+        if keep and unsure:
+            keep = False
+            reasons = reasons + [f"the detector is unsure of a {unsure[0]['label']} (score {unsure[0]['score']:.2f} < "
+                                 f"{config.min_confidence}): not trained on"]
         samples.append({**item, "spec": result.spec, "detections": detections, "relabeled": result.prompt,
-                        "changed": result.changed, "keep": result.keep, "reasons": result.reasons,
+                        "changed": result.changed, "keep": keep, "reasons": reasons,
                         "weight": sample_weight(config.weighting, result.changed, detections, config.box_threshold)})
         if i % 64 == 0:
             stages(k, "relabel", i / len(images), f"{i}/{len(images)} images")
@@ -344,7 +370,7 @@ def _record_metrics(out_dir: Path, k: int, rows: list[dict], scores: dict | None
 
 def _check_same_config(config: IPRConfig, out_dir: Path) -> None:
     # Review is a way of running, not part of the result; the rest must match.
-    bind_run_config(out_dir, {"kind": "ipr", **asdict(config)}, "an IPR run", ignore=("review",))
+    bind_run_config(out_dir, {"kind": "ipr", **asdict(config)}, "an IPR run", ignore=("review",), implied=OLDER_RUNS)
 
 
 def load_config(out_dir: Path) -> IPRConfig:
@@ -374,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=defaults.iterations)
     parser.add_argument("--prompts", type=int, default=defaults.prompts, help="training prompts per iteration")
     parser.add_argument("--samples-per-prompt", type=int, default=defaults.samples_per_prompt)
+    parser.add_argument("--prompt-kinds", nargs="+", default=defaults.prompt_kinds, metavar="KIND",
+                        help="kinds of training prompt, each drawn equally often (repeat one to draw it more): "
+                             + ", ".join(TRAINING_KINDS) + " (default: all)")
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--lora", action="store_true", default=True, help="train a LoRA adapter (default)")
     kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
@@ -382,12 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per iteration")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--fresh-adapter", action="store_true",
+                        help="train each iteration's adapter afresh from the base model (on all pairs so far) "
+                             "instead of continuing the previous one")
     parser.add_argument("--prompt-dropout", type=float, default=defaults.prompt_dropout,
                         help="share of training captions replaced by the empty prompt")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=defaults.weighting)
     parser.add_argument("--literal-relabels", action="store_true",
                         help="relabels only in terms GenEval's scorer checks: no colour split, relations only where asked")
     parser.add_argument("--box-threshold", type=float, default=defaults.box_threshold)
+    parser.add_argument("--min-confidence", type=float, default=defaults.min_confidence,
+                        help="drop samples with a detection scoring above the box threshold but below this")
     parser.add_argument("--detector", default=None)
     parser.add_argument("--review", action="store_true", help="pause after each relabeling for a manual review")
     parser.add_argument("--eval-prompts", default=defaults.eval_prompts)
@@ -406,12 +440,15 @@ def main(argv: list[str] | None = None) -> int:
                 mark_reviewed(args.out, paused_iteration(args.out))
         else:
             config = IPRConfig(model=args.model, iterations=args.iterations, prompts=args.prompts,
-                               samples_per_prompt=args.samples_per_prompt, lora=not args.full, rank=args.rank,
+                               samples_per_prompt=args.samples_per_prompt, prompt_kinds=args.prompt_kinds,
+                               lora=not args.full, rank=args.rank,
                                alpha=float(args.rank), train_text_encoder=args.train_text_encoder, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
                                weighting=args.weighting, split_colors=not args.literal_relabels,
                                say_relations=not args.literal_relabels,
-                               box_threshold=args.box_threshold, detector=args.detector, review=args.review,
+                               continue_adapter=not args.fresh_adapter,
+                               box_threshold=args.box_threshold, min_confidence=args.min_confidence,
+                               detector=args.detector, review=args.review,
                                eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds, seed=args.seed)
         result = run_ipr(config, args.out, log=lambda m: print(m, flush=True))
     except WorkbenchError as error:

@@ -130,6 +130,35 @@ def test_detector_weighting_scales_by_confidence():
     assert sample_weight("detector", True, detections, 0.3) == pytest.approx(0.35)
 
 
+def test_a_fresh_adapter_per_iteration_still_samples_with_the_last_one(tiny_sd, eval_prompts, tmp_path):
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, continue_adapter=False, eval_seeds=0), out, log=lambda m: None)
+    first_image = out / read_jsonl(out / "iteration-1" / "samples.jsonl")[0]["image"]
+    assert [lora["path"] for lora in read_png_metadata(first_image)["loras"]] == [str(out / "iteration-0" / "adapter")]
+    train_config = json.loads((out / "iteration-1" / "adapter" / "train_config.json").read_text())
+    assert train_config["init_lora"] is None
+    assert train_config["rows"] == sum(len(read_jsonl(out / f"iteration-{k}" / "samples.jsonl")) for k in range(2))
+
+
+def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
+    from PIL import Image
+
+    from pipelines.ipr import Stages, annotate
+
+    def items():
+        return [{"id": "a", "prompt": "a red circle and a blue square", "pil": Image.new("RGB", (32, 32))},
+                {"id": "b", "prompt": "two red circles", "pil": Image.new("RGB", (32, 32))}]
+
+    stages = Stages(None, iterations=1, evaluate=False)
+    kept = annotate(IPRConfig(), items(), 0, ScriptedDetector(), stages)
+    assert [s["keep"] for s in kept] == [True, True]  # default: every detection above the box threshold counts
+
+    strict = annotate(IPRConfig(min_confidence=0.8), items(), 0, ScriptedDetector(), stages)
+    assert [s["keep"] for s in strict] == [False, False]  # the square scores 0.6
+    assert all("unsure of a square (score 0.60" in s["reasons"][-1] for s in strict)
+    assert strict[0]["relabeled"] == kept[0]["relabeled"]  # the relabel itself is unchanged
+
+
 def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):
     out = tmp_path / "run"
     run_ipr(config(tiny_sd, eval_prompts, iterations=1, eval_seeds=0), out, log=lambda m: None)

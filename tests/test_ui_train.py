@@ -39,6 +39,27 @@ def test_bad_settings_are_refused_with_a_message(runner):
     assert "Not started" in message and "Iterations" in message
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (dict(min_confidence=1.5), "minimum confidence"),
+    (dict(prompt_kinds=[]), "at least one kind"),
+    (dict(prompt_kinds=["spatial"]), "Unknown kind of training prompt spatial"),
+])
+def test_bad_relabel_settings_are_refused_with_a_message(runner, extra, expected):
+    run, job, message = tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4,
+                                      **extra)
+    assert job is None
+    assert "Not started" in message and expected in message
+
+
+def test_the_tab_settings_reach_the_run(runner, monkeypatch):
+    submitted = {}
+    monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
+    tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4, 0.8,
+                  tab.ADAPTER_STARTS[1], ["position", "two_object"])
+    assert submitted["min_confidence"] == 0.8 and submitted["continue_adapter"] is False
+    assert submitted["prompt_kinds"] == ["position", "two_object"]
+
+
 def test_an_ipr_job_runs_lists_its_run_and_plots_its_metrics(runner, tiny_sd, tmp_path):
     job_id = runner.submit("ipr", tiny_params(tiny_sd, tmp_path))
     job = runner.wait(job_id, timeout=300)

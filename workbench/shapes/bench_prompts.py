@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.errors import InvalidInput
 from workbench.shapes.captions import CAPTION_RELATION_PHRASE, caption_words, definite_phrase, join_list, object_phrase
 from workbench.shapes.world import COLORS, COUNT_WORDS, MAX_OBJECTS, PLURALS, RELATION_PHRASES, RELATIONS, SHAPES
 
@@ -148,7 +149,10 @@ def _spec_key(include: list[dict]) -> str:
     return json.dumps(sorted(json.dumps(c, sort_keys=True) for c in include))
 
 
-def _training_record(rng: np.random.Generator) -> dict:
+TRAINING_KINDS = ("single_object", "colors", "counting", "two_object", "color_attr", "position", "mixed")
+
+
+def _training_record(rng: np.random.Generator, kinds: tuple[str, ...] = TRAINING_KINDS) -> dict:
     """One random training request in plain English, richer than ShapesBench's (colours on counts
     and positions, several groups, varied wording)."""
 
@@ -159,7 +163,7 @@ def _training_record(rng: np.random.Generator) -> dict:
         return pick(COLORS) if rng.random() < 0.8 else None
 
     numerals = rng.random() < 0.2
-    kind = pick(("single_object", "colors", "counting", "two_object", "color_attr", "position", "mixed"))
+    kind = pick(kinds)
     include: list[dict] = []
     exclude: list[dict] = []
     if kind in ("single_object", "colors"):
@@ -205,13 +209,19 @@ def _training_record(rng: np.random.Generator) -> dict:
     return _record(kind, include, pick(_TRAINING_WRAPPERS).format(x=body), exclude)
 
 
-def training_prompts(n: int, seed: int = 0) -> list[dict]:
+def training_prompts(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] | None = None) -> list[dict]:
     """n training records (ShapesBench's format; tag "mixed" for several groups) whose prompts are
     never a ShapesBench prompt (compared ignoring case, spacing and punctuation) and whose requests
     never repeat one of ShapesBench's color_attr pairs (held out to test generalisation).
 
-    Prompts are distinct while the space allows; beyond that they repeat.
+    `kinds` (default: all of TRAINING_KINDS, equally often) are the kinds of request drawn, each
+    equally often; name one twice to draw it twice as often. Prompts are distinct while the space
+    allows; beyond that they repeat.
     """
+    kinds = tuple(kinds) if kinds else TRAINING_KINDS
+    unknown = sorted(set(kinds) - set(TRAINING_KINDS))
+    if unknown:
+        raise InvalidInput(f"Unknown kind of training prompt {', '.join(unknown)}; use {', '.join(TRAINING_KINDS)}.")
     bench = shapesbench_prompts()
     bench_prompts = {normalize_prompt(r["prompt"]) for r in bench}
     held_out = {_spec_key(r["include"]) for r in bench if r["tag"] == "color_attr"}
@@ -220,7 +230,7 @@ def training_prompts(n: int, seed: int = 0) -> list[dict]:
     seen: set[str] = set()
     misses = 0
     while len(records) < n:
-        record = _training_record(rng)
+        record = _training_record(rng, kinds)
         key = normalize_prompt(record["prompt"])
         if key in bench_prompts or _spec_key(record["include"]) in held_out:
             continue

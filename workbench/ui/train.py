@@ -12,6 +12,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from ..errors import InvalidInput
 from ..jobs import JobRunner
 from .train_runs import (continue_run, latest_job_for, model_picker, run_controls, run_folder, runs_of_kind,
                          status_and_log, submit_run)
@@ -46,18 +47,30 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
-              review, eval_seeds):
+              review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None):
     from pipelines.ipr import IPRConfig
 
+    defaults = IPRConfig()
+
     def settings() -> dict:
+        if prompt_kinds is not None and not list(prompt_kinds):
+            raise InvalidInput("Tick at least one kind of training prompt.")
         config = IPRConfig(model=model, iterations=int(iterations), prompts=int(prompts),
                            samples_per_prompt=int(samples), lora=method == "LoRA", rank=int(rank), alpha=float(rank),
                            steps=int(steps), batch_size=int(batch), lr=float(lr), weighting=weighting,
-                           review=bool(review), eval_seeds=int(eval_seeds))
+                           review=bool(review), eval_seeds=int(eval_seeds),
+                           min_confidence=defaults.min_confidence if min_confidence is None else float(min_confidence),
+                           continue_adapter=(defaults.continue_adapter if adapter_start is None
+                                             else adapter_start == ADAPTER_STARTS[0]),
+                           prompt_kinds=list(prompt_kinds) if prompt_kinds else None)
         config.validate()
         return config.__dict__
 
     return submit_run(runner, "ipr", "IPR", settings)
+
+
+# How each iteration's adapter starts (IPRConfig.continue_adapter True / False).
+ADAPTER_STARTS = ("continue the previous iteration's", "afresh from the base model")
 
 
 def run_status(runner: JobRunner, run, job_id):
@@ -92,6 +105,10 @@ def build_train_tab(runner: JobRunner) -> gr.Dropdown:
 
 
 def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
+    from pipelines.ipr import IPRConfig
+    from workbench.shapes.bench_prompts import TRAINING_KINDS
+
+    defaults = IPRConfig()
     gr.Markdown("Iterative Prompt Relabeling: sample, detect, relabel, fine-tune, evaluate, repeat. "
                 "Runs are background jobs; they continue after a crash or cancel with *Continue*.")
     with gr.Row():
@@ -108,11 +125,21 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             lr = gr.Number(5e-4, label="Learning rate")
             weighting = gr.Radio(["relabel", "detector"], value="relabel", label="Loss re-scaling",
                                  info="relabel: 1.0 matched / 0.5 relabeled; detector: also x detector confidence")
+            min_confidence = gr.Number(defaults.min_confidence, label="Minimum detector confidence",
+                                       info="samples with an object the detector finds but scores below this "
+                                            "are not trained on (0: keep all)")
+            adapter_start = gr.Radio(list(ADAPTER_STARTS),
+                                     value=ADAPTER_STARTS[0 if defaults.continue_adapter else 1],
+                                     label="Each iteration's adapter starts from",
+                                     info="either way it trains on the pairs of every iteration so far")
+            prompt_kinds = gr.CheckboxGroup(list(TRAINING_KINDS), value=list(TRAINING_KINDS),
+                                            label="Kinds of training prompt (the paper: position only)")
             review = gr.Checkbox(False, label="Pause after each relabeling for a manual review")
             eval_seeds = gr.Number(4, label="ShapesBench seeds per prompt (0: no evaluation)", precision=0)
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
-                             eval_seeds], "train-status", extra_buttons=["Reviewed: continue"])
+                             eval_seeds, min_confidence, adapter_start, prompt_kinds], "train-status",
+                            extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")
     table = gr.Dataframe(label="Accuracy (%) per tag", interactive=False)

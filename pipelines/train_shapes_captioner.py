@@ -13,7 +13,8 @@ contrastive term is added: the prompt's total log-probability must beat those of
 colour, object or count replaced). Cross-entropy alone leaves the captioner near chance at telling
 "a red circle and a blue square" from "a blue circle and a red square" on generated images
 (`bench/captioner_resolution.py`), and a reward that cannot see binding cannot teach it.
-`--init` continues from a trained captioner instead of starting afresh.
+`--init` continues from a trained captioner instead of starting afresh; `--generated N` adds N of
+the shapes model's own generations, captioned with what the detector finds in them.
 
 At the end it reports, on held-out prompts, how often the true prompt is more likely than a
 corrupted one (another colour, shape, count or the opposite relation): the reward's resolution.
@@ -119,9 +120,33 @@ def contrastive_loss(model: CaptionModel, memory: torch.Tensor, prompts: list[st
     return -torch.log_softmax(scores, dim=1)[:, 0].mean()
 
 
+def generated_bank(n: int, seed: int, model: str = "shapes") -> tuple[torch.Tensor, list[str]]:
+    """n of the shapes model's own generations for training-grammar prompts, each with the prompt it
+    really satisfies: the prompt where the embedded (exact) detector confirms it, else IPR's relabel of
+    it (`workbench.relabel`). Images showing nothing are left out. A reward model should know the
+    images it will judge: renders and VAE round trips are cleaner than what the UNet draws."""
+    from workbench.generation import GenerationRequest, generate_many
+    from workbench.perception.shapes import ShapesDetector
+    from workbench.relabel import relabel
+
+    seeds = 2
+    records = training_prompts((n + seeds - 1) // seeds, seed=seed)
+    requests = [GenerationRequest(r["prompt"], model=model, seeds=list(range(seeds)), batch_size=16) for r in records]
+    detector = ShapesDetector()
+    images, prompts = [], []
+    for k, result in enumerate(generate_many(requests)[:n]):
+        detections = detector.detect(result.image)
+        if not detections:
+            continue
+        verdict = relabel(records[k // seeds]["prompt"], detections, result.image.width, result.image.height)
+        images.append(np.asarray(result.image.convert("RGB"), dtype=np.float32) / 255.0)
+        prompts.append(verdict.prompt)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) * 2.0 - 1.0, prompts
+
+
 def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, seed: int = 0,
           vae_path: str | None = None, log_every: int = 100, bank_size: int = 4096, negatives: int = 0,
-          contrastive_weight: float = 1.0, init: str | None = None) -> dict:
+          contrastive_weight: float = 1.0, init: str | None = None, generated: int = 0) -> dict:
     from diffusers import AutoencoderKL
 
     from workbench.registry import resolve
@@ -146,6 +171,9 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
     bank_images, bank_prompts = render_batch([pool[k] for k in rng.integers(len(pool), size=bank_size)], rng)
     bank_images = torch.cat([roundtrip(vae, chunk) for chunk in bank_images.split(256)])
     print(f"captioner: {len(bank_images)} decoded images banked, {time.time() - started:.0f}s", flush=True)
+    if generated:  # a quarter of every batch, next to the decoded quarter
+        gen_images, gen_prompts = generated_bank(generated, seed=seed + 3000)
+        print(f"captioner: {len(gen_images)} generated images banked, {time.time() - started:.0f}s", flush=True)
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:  # cosine decay to 10%
             group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
@@ -154,6 +182,10 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
         images, prompts = render_batch(records, rng)
         images = torch.cat([bank_images[torch.from_numpy(decoded)], images])
         prompts = [bank_prompts[k] for k in decoded] + prompts
+        if generated:
+            drawn = rng.integers(len(gen_images), size=batch_size // 4)
+            images = torch.cat([gen_images[torch.from_numpy(drawn)], images[: batch_size - len(drawn)]])
+            prompts = [gen_prompts[k] for k in drawn] + prompts[: batch_size - len(drawn)]
         images = images + 0.03 * torch.randn_like(images)
         ids, _ = model.tokenizer(prompts)
         memory = model.encode_images(images)
@@ -169,7 +201,7 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
             print(f"step {step}/{steps} loss {loss.item():.4f} {time.time() - started:.0f}s", flush=True)
     model.eval()
     facts = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "negatives": negatives,
-             "contrastive_weight": contrastive_weight, "init": init, "seconds": round(time.time() - started, 1),
+             "contrastive_weight": contrastive_weight, "init": init, "generated": generated, "seconds": round(time.time() - started, 1),
              "ranking_accuracy_rendered": ranking_accuracy(model, held_out),
              "ranking_accuracy_decoded": ranking_accuracy(model, held_out, vae=vae)}
     model.save(out)
@@ -190,10 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contrastive-weight", type=float, default=1.0)
     parser.add_argument("--init", default=None, help="continue from this captioner folder")
     parser.add_argument("--bank-size", type=int, default=4096, help="VAE-decoded renders made once and reused")
+    parser.add_argument("--generated", type=int, default=0,
+                        help="also train on this many of the shapes model's own generations (detector-true captions)")
     args = parser.parse_args(argv)
     train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=args.log_every,
           negatives=args.negatives, contrastive_weight=args.contrastive_weight, init=args.init,
-          bank_size=args.bank_size)
+          bank_size=args.bank_size, generated=args.generated)
 
 
 if __name__ == "__main__":

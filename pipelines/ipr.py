@@ -13,7 +13,9 @@ For each iteration k (the method of the paper's Sec. 3, read top to bottom in `r
 3. review (optional, `review=True`): stop so that a person can accept, edit or reject relabels in
    the Review tab; calling `run_ipr` again on the folder continues once `mark_reviewed` was called;
 4. fine-tune on the pairs of iterations 0..k (training sets accumulate) with the detection-based
-   loss re-scaling below, continuing the adapter of iteration k-1;
+   loss re-scaling below, continuing the adapter of iteration k-1 (or afresh from the base model,
+   `continue_adapter=False`); samples with an object the detector is unsure of can be left out
+   (`min_confidence`);
 5. evaluate on ShapesBench (or any GenEval-format prompt file).
 
 Every stage writes its result under the run folder before the next starts and is skipped when
@@ -67,8 +69,9 @@ class IPRConfig:
     box_threshold: float = 0.3
     # Samples with an object the detector calls but is unsure of (score above the box threshold and
     # below this) are not trained on: a blob halfway between a square and a circle, labelled either
-    # way, teaches the model to draw it, and each iteration would drift further (0: keep them all).
-    min_confidence: float = 0.0
+    # way, teaches the model to draw it, and each iteration would drift further. None: the
+    # detector's own `confident_score` (the shapes detector's 0.9; none for others); 0: keep all.
+    min_confidence: float | None = None
     # Relabels as true to the image as the detector allows: one clause per colour of a class, and
     # where two single objects are relative to each other whatever the prompt asked (a model that
     # rarely composes a relation learns relations from the pairs that show one).
@@ -108,7 +111,7 @@ class IPRConfig:
         unknown = sorted(set(self.prompt_kinds or ()) - set(TRAINING_KINDS))
         if unknown:
             raise InvalidInput(f"Unknown kind of training prompt {', '.join(unknown)}; use {', '.join(TRAINING_KINDS)}.")
-        if not 0 <= self.min_confidence <= 1:
+        if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
             raise InvalidInput(f"The minimum confidence must be in [0, 1] (got {self.min_confidence}).")
         if self.steps < 1 or self.batch_size < 1:
             raise InvalidInput("Training needs at least one step and a batch of at least one.")
@@ -223,6 +226,9 @@ def sample(config: IPRConfig, records: list[dict], k: int, adapter: Path | None,
 
 def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: Stages) -> list[dict]:
     """Stage 2: detect, relabel and weight every sample."""
+    min_confidence = config.min_confidence
+    if min_confidence is None:
+        min_confidence = getattr(detector, "confident_score", 0.0)
     samples = []
     for i, item in enumerate(images):
         image = item.pop("pil")
@@ -230,11 +236,11 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold,
                          split_colors=config.split_colors, say_relations=config.say_relations)
         keep, reasons = result.keep, result.reasons
-        unsure = [d for d in detections if config.box_threshold < d["score"] < config.min_confidence]
+        unsure = [d for d in detections if config.box_threshold < d["score"] < min_confidence]
         if keep and unsure:
             keep = False
             reasons = reasons + [f"the detector is unsure of a {unsure[0]['label']} (score {unsure[0]['score']:.2f} < "
-                                 f"{config.min_confidence}): not trained on"]
+                                 f"{min_confidence}): not trained on"]
         samples.append({**item, "spec": result.spec, "detections": detections, "relabeled": result.prompt,
                         "changed": result.changed, "keep": keep, "reasons": reasons,
                         "weight": sample_weight(config.weighting, result.changed, detections, config.box_threshold)})
@@ -421,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relabels only in terms GenEval's scorer checks: no colour split, relations only where asked")
     parser.add_argument("--box-threshold", type=float, default=defaults.box_threshold)
     parser.add_argument("--min-confidence", type=float, default=defaults.min_confidence,
-                        help="drop samples with a detection scoring above the box threshold but below this")
+                        help="drop samples with a detection scoring above the box threshold but below this "
+                             "(default: the detector's own confident score, 0.9 for the shapes detector; 0: keep all)")
     parser.add_argument("--detector", default=None)
     parser.add_argument("--review", action="store_true", help="pause after each relabeling for a manual review")
     parser.add_argument("--eval-prompts", default=defaults.eval_prompts)

@@ -158,6 +158,13 @@ def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
     assert all("unsure of a square (score 0.60" in s["reasons"][-1] for s in strict)
     assert strict[0]["relabeled"] == kept[0]["relabeled"]  # the relabel itself is unchanged
 
+    class SureFromPoint8(ScriptedDetector):
+        confident_score = 0.8
+
+    by_detector = annotate(IPRConfig(), items(), 0, SureFromPoint8(), stages)  # the detector's own default
+    assert [s["keep"] for s in by_detector] == [False, False]
+    assert [s["keep"] for s in annotate(IPRConfig(min_confidence=0.0), items(), 0, SureFromPoint8(), stages)] == [True, True]
+
 
 def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):
     out = tmp_path / "run"

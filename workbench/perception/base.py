@@ -48,6 +48,9 @@ class Tag:
 
 @runtime_checkable
 class Detector(Protocol):
+    # A detector may also say, as `confident_score`, the score from which its detections are
+    # unambiguous objects (IPR leaves out images with a detection below it); none: every score counts.
+
     def detect(self, image: Image.Image, labels: list[str] | None = None) -> list[Detection]:
         """Objects in the image, best first; with `labels`, only those matching one of them."""
         ...

@@ -246,6 +246,11 @@ def _matches(detection: Detection, labels: list[str]) -> bool:
 class ShapesDetector:
     """Finds the world's shapes with their colours; scores say how cleanly each one is drawn."""
 
+    # Below this a detection is a blob that fits two shapes almost equally (an ambiguous fit halves
+    # the score) or is impure in colour: something is there, but which shape is a guess. IPR does
+    # not train on images holding one (`IPRConfig.min_confidence`).
+    confident_score = 0.9
+
     def __init__(self, min_score: float = 0.05, min_area: int = 12):
         self.min_score = min_score
         self.min_area = min_area  # pixels in a 64x64 image; scaled with the image's area

@@ -59,7 +59,7 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                            samples_per_prompt=int(samples), lora=method == "LoRA", rank=int(rank), alpha=float(rank),
                            steps=int(steps), batch_size=int(batch), lr=float(lr), weighting=weighting,
                            review=bool(review), eval_seeds=int(eval_seeds),
-                           min_confidence=defaults.min_confidence if min_confidence is None else float(min_confidence),
+                           min_confidence=None if min_confidence in (None, "") else float(min_confidence),
                            continue_adapter=(defaults.continue_adapter if adapter_start is None
                                              else adapter_start == ADAPTER_STARTS[0]),
                            prompt_kinds=list(prompt_kinds) if prompt_kinds else None)
@@ -125,9 +125,10 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             lr = gr.Number(5e-4, label="Learning rate")
             weighting = gr.Radio(["relabel", "detector"], value="relabel", label="Loss re-scaling",
                                  info="relabel: 1.0 matched / 0.5 relabeled; detector: also x detector confidence")
-            min_confidence = gr.Number(defaults.min_confidence, label="Minimum detector confidence",
+            min_confidence = gr.Number(None, label="Minimum detector confidence",
                                        info="samples with an object the detector finds but scores below this "
-                                            "are not trained on (0: keep all)")
+                                            "are not trained on (blank: the detector's own, 0.9 for the shapes "
+                                            "detector; 0: keep all)")
             adapter_start = gr.Radio(list(ADAPTER_STARTS),
                                      value=ADAPTER_STARTS[0 if defaults.continue_adapter else 1],
                                      label="Each iteration's adapter starts from",

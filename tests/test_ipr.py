@@ -166,6 +166,21 @@ def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
     assert [s["keep"] for s in annotate(IPRConfig(min_confidence=0.0), items(), 0, SureFromPoint8(), stages)] == [True, True]
 
 
+def test_a_run_saved_before_the_newer_settings_continues_with_what_it_had(tmp_path):
+    from dataclasses import asdict
+
+    from pipelines.ipr import _check_same_config, load_config
+
+    saved = {"kind": "ipr", **asdict(IPRConfig())}
+    for key in ("min_confidence", "continue_adapter", "prompt_kinds"):
+        saved.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = load_config(tmp_path)
+    assert (config.min_confidence, config.continue_adapter, config.prompt_kinds) == (0.0, True, None)
+    _check_same_config(config, tmp_path)  # no "other settings" refusal
+    assert IPRConfig().prompt_kinds == ["position"] and IPRConfig().min_confidence is None  # new runs
+
+
 def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):
     out = tmp_path / "run"
     run_ipr(config(tiny_sd, eval_prompts, iterations=1, eval_seeds=0), out, log=lambda m: None)

@@ -62,7 +62,7 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                            min_confidence=None if min_confidence in (None, "") else float(min_confidence),
                            continue_adapter=(defaults.continue_adapter if adapter_start is None
                                              else adapter_start == ADAPTER_STARTS[0]),
-                           prompt_kinds=list(prompt_kinds) if prompt_kinds else None)
+                           prompt_kinds=defaults.prompt_kinds if prompt_kinds is None else list(prompt_kinds))
         config.validate()
         return config.__dict__
 
@@ -133,7 +133,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
                                      value=ADAPTER_STARTS[0 if defaults.continue_adapter else 1],
                                      label="Each iteration's adapter starts from",
                                      info="either way it trains on the pairs of every iteration so far")
-            prompt_kinds = gr.CheckboxGroup(list(TRAINING_KINDS), value=list(TRAINING_KINDS),
+            prompt_kinds = gr.CheckboxGroup(list(TRAINING_KINDS), value=list(defaults.prompt_kinds or TRAINING_KINDS),
                                             label="Kinds of training prompt (the paper: position only)")
             review = gr.Checkbox(False, label="Pause after each relabeling for a manual review")
             eval_seeds = gr.Number(4, label="ShapesBench seeds per prompt (0: no evaluation)", precision=0)

@@ -238,13 +238,13 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold,
                          split_colors=config.split_colors, say_relations=config.say_relations)
         keep, reasons = result.keep, result.reasons
-        unsure = [d for d in detections if config.box_threshold < d["score"] < min_confidence]
-        if keep and unsure:
+        unsure = [d for d in detections if config.box_threshold < d["score"] < min_confidence] if keep else []
+        if unsure:
             keep = False
             reasons = reasons + [f"the detector is unsure of a {unsure[0]['label']} (score {unsure[0]['score']:.2f} < "
                                  f"{min_confidence}): not trained on"]
         samples.append({**item, "spec": result.spec, "detections": detections, "relabeled": result.prompt,
-                        "changed": result.changed, "keep": keep, "reasons": reasons,
+                        "changed": result.changed, "keep": keep, "unsure": bool(unsure), "reasons": reasons,
                         "weight": sample_weight(config.weighting, result.changed, detections, config.box_threshold)})
         if i % 64 == 0:
             stages(k, "relabel", i / len(images), f"{i}/{len(images)} images")
@@ -341,15 +341,17 @@ def paused_iteration(out_dir: Path) -> int:
 
 def relabel_counts(samples: list[dict]) -> dict:
     """How an iteration's samples fared: matched their prompt, relabeled, or dropped."""
-    return {"samples": len(samples), "matched": sum(not s["changed"] for s in samples),
+    return {"samples": len(samples), "matched": sum(not s["changed"] and s["keep"] for s in samples),
             "relabeled": sum(s["changed"] and s["keep"] for s in samples),
-            "dropped": sum(not s["keep"] for s in samples)}
+            "dropped": sum(not s["keep"] and not s.get("unsure") for s in samples),
+            "unsure": sum(bool(s.get("unsure")) for s in samples)}
 
 
 def relabel_summary(samples: list[dict]) -> str:
     c = relabel_counts(samples)
     return (f"{c['samples']} samples, {c['matched']} matched their prompt, {c['relabeled']} relabeled, "
-            f"{c['dropped']} dropped (nothing asked for was found)")
+            f"{c['dropped']} dropped (nothing asked for was found), {c['unsure']} left out (an object the "
+            f"detector is unsure of)")
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

@@ -143,7 +143,7 @@ def test_a_fresh_adapter_per_iteration_still_samples_with_the_last_one(tiny_sd, 
 def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
     from PIL import Image
 
-    from pipelines.ipr import Stages, annotate
+    from pipelines.ipr import Stages, annotate, relabel_counts
 
     def items():
         return [{"id": "a", "prompt": "a red circle and a blue square", "pil": Image.new("RGB", (32, 32))},
@@ -156,6 +156,7 @@ def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
     strict = annotate(IPRConfig(min_confidence=0.8), items(), 0, ScriptedDetector(), stages)
     assert [s["keep"] for s in strict] == [False, False]  # the square scores 0.6
     assert all("unsure of a square (score 0.60" in s["reasons"][-1] for s in strict)
+    assert relabel_counts(strict) == {"samples": 2, "matched": 0, "relabeled": 0, "dropped": 0, "unsure": 2}
     assert strict[0]["relabeled"] == kept[0]["relabeled"]  # the relabel itself is unchanged
 
     class SureFromPoint8(ScriptedDetector):

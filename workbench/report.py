@@ -174,7 +174,7 @@ def metrics_html(metrics: list[dict]) -> str:
     rows = []
     for entry in metrics:
         row = {key: entry.get(key, "") for key in ("iteration", "label", "samples", "matched", "relabeled",
-                                                    "dropped", "training_pairs")}
+                                                    "dropped", "unsure", "training_pairs")}
         if entry.get("overall") is not None:
             row["overall %"] = round(100 * entry["overall"], 1)
         row.update({f"{tag} %": round(100 * value, 1) for tag, value in entry.get("per_tag", {}).items()})

@@ -44,7 +44,7 @@ from workbench.store import bind_run_config
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.relabel import relabel
 from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
-from workbench.shapes.bench_prompts import TRAINING_KINDS, training_prompts
+from workbench.shapes.bench_prompts import TRAINING_KINDS, check_training_kinds, training_prompts
 
 # Detection-based loss re-scaling. The authors' released training script weights a sample's
 # denoising loss by 1.0 when the image already matched its prompt and by 0.5 when its prompt was
@@ -110,9 +110,7 @@ class IPRConfig:
             raise InvalidInput(f"Unknown weighting '{self.weighting}'; use one of {', '.join(WEIGHTINGS)}.")
         if not 0 <= self.box_threshold < 1:
             raise InvalidInput(f"The box threshold must be in [0, 1) (got {self.box_threshold}).")
-        unknown = sorted(set(self.prompt_kinds or ()) - set(TRAINING_KINDS))
-        if unknown:
-            raise InvalidInput(f"Unknown kind of training prompt {', '.join(unknown)}; use {', '.join(TRAINING_KINDS)}.")
+        check_training_kinds(self.prompt_kinds)
         if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
             raise InvalidInput(f"The minimum confidence must be in [0, 1] (got {self.min_confidence}).")
         if self.steps < 1 or self.batch_size < 1:
@@ -340,7 +338,8 @@ def paused_iteration(out_dir: Path) -> int:
 
 
 def relabel_counts(samples: list[dict]) -> dict:
-    """How an iteration's samples fared: matched their prompt, relabeled, or dropped."""
+    """How an iteration's samples fared: matched their prompt, relabeled, dropped (nothing asked for
+    was found) or left out (an object the detector is unsure of)."""
     return {"samples": len(samples), "matched": sum(not s["changed"] and s["keep"] for s in samples),
             "relabeled": sum(s["changed"] and s["keep"] for s in samples),
             "dropped": sum(not s["keep"] and not s.get("unsure") for s in samples),

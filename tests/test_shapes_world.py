@@ -358,6 +358,16 @@ def test_training_prompts_never_repeat_shapesbench():
     assert {"colors", "counting", "position", "color_attr", "mixed"} <= {r["tag"] for r in records}
 
 
+def test_training_prompts_of_chosen_kinds_state_relations_both_ways():
+    records = training_prompts(300, seed=5, kinds=["position"])
+    assert {r["tag"] for r in records} == {"position"}
+    clause = [r for r in records if ";" in r["prompt"]]  # "a circle and a square; the circle is above the square"
+    assert 0.3 < len(clause) / len(records) < 0.7
+    assert all(" is " in r["prompt"].split(";")[1] for r in clause)
+    with pytest.raises(InvalidInput, match="Unknown kind of training prompt spatial"):
+        training_prompts(5, kinds=["spatial"])
+
+
 def test_training_prompts_pass_the_prompt_file_validator(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in training_prompts(200, seed=1)))

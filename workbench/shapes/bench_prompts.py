@@ -209,6 +209,15 @@ def _training_record(rng: np.random.Generator, kinds: tuple[str, ...] = TRAINING
     return _record(kind, include, pick(_TRAINING_WRAPPERS).format(x=body), exclude)
 
 
+def check_training_kinds(kinds: tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The kinds to draw (all for None or none given), or InvalidInput naming the unknown ones."""
+    kinds = tuple(kinds) if kinds else TRAINING_KINDS
+    unknown = sorted(set(kinds) - set(TRAINING_KINDS))
+    if unknown:
+        raise InvalidInput(f"Unknown kind of training prompt {', '.join(unknown)}; use {', '.join(TRAINING_KINDS)}.")
+    return kinds
+
+
 def training_prompts(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] | None = None) -> list[dict]:
     """n training records (ShapesBench's format; tag "mixed" for several groups) whose prompts are
     never a ShapesBench prompt (compared ignoring case, spacing and punctuation) and whose requests
@@ -218,10 +227,7 @@ def training_prompts(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] |
     equally often; name one twice to draw it twice as often. Prompts are distinct while the space
     allows; beyond that they repeat.
     """
-    kinds = tuple(kinds) if kinds else TRAINING_KINDS
-    unknown = sorted(set(kinds) - set(TRAINING_KINDS))
-    if unknown:
-        raise InvalidInput(f"Unknown kind of training prompt {', '.join(unknown)}; use {', '.join(TRAINING_KINDS)}.")
+    kinds = check_training_kinds(kinds)
     bench = shapesbench_prompts()
     bench_prompts = {normalize_prompt(r["prompt"]) for r in bench}
     held_out = {_spec_key(r["include"]) for r in bench if r["tag"] == "color_attr"}

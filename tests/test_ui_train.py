@@ -55,9 +55,11 @@ def test_the_tab_settings_reach_the_run(runner, monkeypatch):
     submitted = {}
     monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
     tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4, 0.8,
-                  tab.ADAPTER_STARTS[1], ["position", "two_object"])
+                  tab.ADAPTER_STARTS[1], ["position", "two_object"], False)
     assert submitted["min_confidence"] == 0.8 and submitted["continue_adapter"] is False
-    assert submitted["prompt_kinds"] == ["position", "two_object"]
+    assert submitted["prompt_kinds"] == ["position", "two_object"] and submitted["train_text_encoder"] is False
+    tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4)
+    assert submitted["prompt_kinds"] == ["position"] and submitted["train_text_encoder"] is True  # the defaults
 
 
 def test_an_ipr_job_runs_lists_its_run_and_plots_its_metrics(runner, tiny_sd, tmp_path):

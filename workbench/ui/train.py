@@ -47,7 +47,8 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
-              review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None):
+              review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None,
+              train_text_encoder=None):
     from pipelines.ipr import IPRConfig
 
     defaults = IPRConfig()
@@ -62,7 +63,9 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                            min_confidence=None if min_confidence in (None, "") else float(min_confidence),
                            continue_adapter=(defaults.continue_adapter if adapter_start is None
                                              else adapter_start == ADAPTER_STARTS[0]),
-                           prompt_kinds=defaults.prompt_kinds if prompt_kinds is None else list(prompt_kinds))
+                           prompt_kinds=defaults.prompt_kinds if prompt_kinds is None else list(prompt_kinds),
+                           train_text_encoder=(defaults.train_text_encoder if train_text_encoder is None
+                                               else bool(train_text_encoder)))
         config.validate()
         return config.__dict__
 
@@ -119,6 +122,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             samples = gr.Number(3, label="Images per prompt", precision=0)
             method = gr.Radio(["LoRA", "Full"], value="LoRA", label="Fine-tuning")
             rank = gr.Number(8, label="LoRA rank", precision=0)
+            train_text_encoder = gr.Checkbox(defaults.train_text_encoder, label="Train the text encoder too")
         with gr.Column():
             steps = gr.Number(800, label="Training steps per iteration", precision=0)
             batch = gr.Number(32, label="Batch size", precision=0)
@@ -139,7 +143,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             eval_seeds = gr.Number(4, label="ShapesBench seeds per prompt (0: no evaluation)", precision=0)
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
-                             eval_seeds, min_confidence, adapter_start, prompt_kinds], "train-status",
+                             eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder], "train-status",
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")

@@ -134,8 +134,8 @@ def test_a_stopped_run_resumes_without_redoing_finished_stages(tiny_sd, eval_pro
     with pytest.raises(JobCancelled):  # stopped while the second expert trains
         run_selma(settings, out, should_stop=lambda: (out / "experts" / "everyday_scene").exists(),
                   log=lambda m: None)
-    assert finished_stages(out) == {"prompts": True, "images": True, "experts": False, "mixed": False,
-                                    "merge": False, "eval": True}  # eval_seeds=0: nothing to score
+    assert finished_stages(out) == {"prompts": True, "images": True, "verify": True, "experts": False,
+                                    "mixed": False, "merge": False, "eval": True}  # nothing to verify or score
     assert not (out / "experts" / "everyday_scene" / "done").exists()
     finished = [out / "prompts" / "counting.json", out / "data" / "everyday_scene" / "metadata.jsonl",
                 lora_weights_file(str(out / "experts" / "counting"))]
@@ -275,3 +275,80 @@ def test_cli(tmp_path, capsys):
     assert "is not a SELMA run" in capsys.readouterr().err
     assert selma_main(["--list-skills", "--model", "shapes"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("counting: ")
+
+
+# --- verify: train only on the images that show their prompt ----------------------------------------
+
+
+class FixedLLM:
+    """Writes the same diverse prompts whatever it is shown; only "a red circle" is what the scripted
+    detector (one confident red circle in every image) sees."""
+
+    label = "fixed LLM"
+
+    def chat(self, messages, *, max_tokens=512, temperature=0.0):
+        return json.dumps({"prompts": ["a red circle", "two blue squares", "a green triangle above a dog",
+                                       "three cats"][:_find_task(messages)["n"]]})
+
+
+class ColourKeyedDetector:
+    """Finds, in a solid-colour image, the detections listed for its colour; confident above 0.9."""
+
+    confident_score = 0.9
+
+    def __init__(self, by_colour):
+        self.by_colour = by_colour
+
+    def detect(self, image, labels=None):
+        return self.by_colour[image.getpixel((0, 0))]
+
+
+def test_verify_keeps_only_the_images_that_show_their_prompt(tmp_path):
+    from PIL import Image
+
+    from pipelines.selma import verify_images
+    from workbench.imagefolder import read_imagefolder
+
+    folder = tmp_path / "skill"
+    (folder / "images").mkdir(parents=True)
+    cases = [  # colour key, prompt, detections
+        ((255, 0, 0), "two red circles", [Detection("circle", (1, 1, 9, 9), 0.95, "red"),
+                                          Detection("circle", (20, 1, 29, 9), 0.97, "red")]),
+        ((0, 255, 0), "two red circles", [Detection("circle", (1, 1, 9, 9), 0.95, "red")]),  # one: a miss
+        ((0, 0, 255), "a blue square", [Detection("square", (1, 1, 9, 9), 0.6, "blue")]),  # unsure of it
+        ((9, 9, 9), "a blue square", []),  # nothing at all
+    ]
+    rows = []
+    for i, (colour, prompt, _) in enumerate(cases):
+        Image.new("RGB", (32, 32), colour).save(folder / "images" / f"{i}.png")
+        rows.append({"file_name": f"images/{i}.png", "text": prompt})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    stats = verify_images(folder, ColourKeyedDetector({c: d for c, _, d in cases}))
+    assert stats == {"images": 4, "kept": 1, "missed": 2, "unsure": 1}
+    # The verified set is an imagefolder of its own, naming the original images (none copied).
+    _, kept = read_imagefolder(folder / "verified")
+    assert [(r["file_name"], r["text"]) for r in kept] == [("../images/0.png", "two red circles")]
+    assert not (folder / "verified" / "images").exists()
+
+    with pytest.raises(InvalidInput, match="None of the 1 images .* shows its prompt"):
+        (folder / "metadata.jsonl").write_text(json.dumps(rows[1]) + "\n")
+        (folder / "verified" / "metadata.jsonl").unlink()
+        verify_images(folder, ColourKeyedDetector({c: d for c, _, d in cases}))
+
+
+def test_a_verified_run_trains_each_expert_on_the_images_that_show_their_prompt(tiny_sd, eval_prompts, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setitem(LLMS, "fixed", FixedLLM)
+    out = tmp_path / "run"
+    summary = run_selma(config(tiny_sd, eval_prompts, llm="fixed", eval_seeds=0, verify=True), out,
+                        log=lambda m: None)
+    for name in SKILLS:
+        assert len(read_jsonl(out / "data" / name / "metadata.jsonl")) == 3  # every prompt was drawn
+        kept = read_jsonl(out / "data" / name / "verified" / "metadata.jsonl")
+        assert [r["text"] for r in kept] == ["a red circle"]
+        trained = json.loads((out / "experts" / name / "train_config.json").read_text())
+        assert trained["rows"] == 1 and trained["data"] == [str(out / "data" / name / "verified")]
+        assert summary["skills"][name]["verified"] == 1
+    assert json.loads((out / "mixed" / "train_config.json").read_text())["rows"] == 2
+    assert finished_stages(out)["verify"]

@@ -98,6 +98,13 @@ class IPRConfig:
     batch_size: int = 32
     lr: float = 5e-4
     prompt_dropout: float = 0.1  # keeps the unconditional branch that guidance subtracts trained
+    # Prior preservation (not in the paper; DreamBooth's remedy for the same drift): pairs of the
+    # model's pre-training kind of data mixed into every iteration's training set, so the adapter keeps
+    # drawing clean shapes while it learns from its own, blurrier images. `prior_data`: an imagefolder
+    # (needed for real models); for the shapes model, `prior_images` scenes rendered with the web-style
+    # alt text it was pre-trained on. 0 and None: off.
+    prior_images: int = 0
+    prior_data: str | None = None
     seed: int = 0
     # Sampling and evaluation.
     sample_steps: int | None = None  # None: the model's default
@@ -119,6 +126,11 @@ class IPRConfig:
             raise InvalidInput(f"The minimum confidence must be in [0, 1] (got {self.min_confidence}).")
         if self.steps < 1 or self.batch_size < 1:
             raise InvalidInput("Training needs at least one step and a batch of at least one.")
+        if self.prior_images < 0:
+            raise InvalidInput(f"Prior images must be 0 or more (got {self.prior_images}).")
+        if self.prior_images and self.prior_data is None and self.model != "shapes":
+            raise InvalidInput("Prior preservation on a model other than the shapes model needs --prior-data, an "
+                               "imagefolder of the model's pre-training kind of data.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "IPRConfig":
@@ -127,7 +139,8 @@ class IPRConfig:
 
 
 # Settings added after runs were saved, with the value those runs had.
-OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None}
+OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
+              "prior_data": None}
 
 
 @dataclass
@@ -180,6 +193,7 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
     if config.eval_seeds:
         evaluate(config, None, out_dir / "eval-base", stages, should_stop, log)
 
+    prior = prior_folder(config, out_dir, should_stop)
     adapter: Path | None = None
     for k in range(config.iterations):
         folder = out_dir / f"iteration-{k}"
@@ -196,7 +210,8 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
         rows = accumulated_training_rows(out_dir, k)
         next_adapter = folder / "adapter"
         if lora_weights_file(str(next_adapter)) is None or not (next_adapter / "done").exists():
-            train_iteration(config, rows, folder, adapter if config.continue_adapter else None, stages, k, should_stop)
+            train_iteration(config, rows, folder, adapter if config.continue_adapter else None, stages, k, should_stop,
+                            prior)
             (next_adapter / "done").write_text("")
         adapter = next_adapter
         scores = evaluate(config, adapter, folder / "eval", stages, should_stop, log, k) if config.eval_seeds else None
@@ -277,9 +292,23 @@ def accumulated_training_rows(out_dir: Path, k: int) -> list[dict]:
     return rows
 
 
+def prior_folder(config: IPRConfig, out_dir: Path, should_stop=None) -> Path | None:
+    """The imagefolder of prior-preservation pairs (see IPRConfig.prior_images): the user's, or for the
+    shapes model `prior_images` pre-training scenes rendered once into `out_dir/prior`; None when off."""
+    if config.prior_data is not None:
+        return Path(config.prior_data)
+    if not config.prior_images:
+        return None
+    from pipelines.recap import make_shapes_dataset
+
+    make_shapes_dataset(out_dir / "prior", config.prior_images, seed=config.seed + 1, should_stop=should_stop)
+    return out_dir / "prior"
+
+
 def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adapter: Path | None, stages: Stages,
-                    k: int, should_stop) -> dict:
-    """Stage 4: fine-tune on the accumulated pairs, continuing the previous iteration's adapter."""
+                    k: int, should_stop, prior: Path | None = None) -> dict:
+    """Stage 4: fine-tune on the accumulated pairs (and the prior-preservation pairs), continuing the
+    previous iteration's adapter."""
     from pipelines.trainer import TrainConfig, train
 
     data_dir = folder / "train"
@@ -288,7 +317,8 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
     _write_jsonl(data_dir / "metadata.jsonl",
                  [{"file_name": str((run_root / row["file_name"]).resolve()), "text": row["text"],
                    "weight": row["weight"]} for row in rows])
-    train_config = TrainConfig(model=config.model, data=[str(data_dir)], out=str(folder / "adapter"),
+    train_config = TrainConfig(model=config.model, data=[str(data_dir)] + ([str(prior)] if prior else []),
+                               out=str(folder / "adapter"),
                                lora=config.lora, rank=config.rank, alpha=config.alpha,
                                train_text_encoder=config.train_text_encoder,
                                init_lora=str(init_adapter) if init_adapter is not None else None,
@@ -430,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "instead of continuing the previous one")
     parser.add_argument("--prompt-dropout", type=float, default=defaults.prompt_dropout,
                         help="share of training captions replaced by the empty prompt")
+    parser.add_argument("--prior-images", type=int, default=defaults.prior_images,
+                        help="shapes model: render this many pre-training scenes and mix them into every iteration's "
+                             "training set (prior preservation; not in the paper; 0: off)")
+    parser.add_argument("--prior-data", default=None,
+                        help="imagefolder of the model's pre-training kind of data to mix in instead (real models)")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=defaults.weighting)
     parser.add_argument("--literal-relabels", action="store_true",
                         help="relabels only in terms GenEval's scorer checks: no colour split, relations only where asked")
@@ -459,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                                lora=not args.full, rank=args.rank,
                                alpha=float(args.rank), train_text_encoder=args.train_text_encoder, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
-                               weighting=args.weighting, split_colors=not args.literal_relabels,
+                               prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting, split_colors=not args.literal_relabels,
                                say_relations=not args.literal_relabels,
                                continue_adapter=not args.fresh_adapter,
                                box_threshold=args.box_threshold, min_confidence=args.min_confidence,

@@ -173,13 +173,43 @@ def test_a_run_saved_before_the_newer_settings_continues_with_what_it_had(tmp_pa
     from pipelines.ipr import _check_same_config, load_config
 
     saved = {"kind": "ipr", **asdict(IPRConfig())}
-    for key in ("min_confidence", "continue_adapter", "prompt_kinds"):
+    for key in ("min_confidence", "continue_adapter", "prompt_kinds", "prior_images", "prior_data"):
         saved.pop(key)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = load_config(tmp_path)
-    assert (config.min_confidence, config.continue_adapter, config.prompt_kinds) == (0.0, True, None)
+    assert (config.min_confidence, config.continue_adapter, config.prompt_kinds, config.prior_images,
+            config.prior_data) == (0.0, True, None, 0, None)
     _check_same_config(config, tmp_path)  # no "other settings" refusal
     assert IPRConfig().prompt_kinds == ["position"] and IPRConfig().min_confidence is None  # new runs
+
+
+def test_prior_preservation_mixes_pretraining_pairs_into_every_iteration(tiny_sd, eval_prompts, tmp_path):
+    from PIL import Image
+
+    prior = tmp_path / "prior"
+    (prior / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(prior / "images" / f"{i}.png")
+    (prior / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"images/{i}.png", "text": "a circle"}) + "\n"
+                                                  for i in range(3)))
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, eval_seeds=0, prior_data=str(prior)), out, log=lambda m: None)
+    for k in range(2):
+        pairs = len(read_jsonl(out / f"iteration-{k}" / "train" / "metadata.jsonl"))
+        trained = json.loads((out / f"iteration-{k}" / "adapter" / "train_config.json").read_text())
+        assert trained["data"][1:] == [str(prior)] and trained["rows"] == pairs + 3
+
+
+def test_prior_preservation_renders_the_shapes_worlds_pretraining_data_or_asks_for_a_folder(tmp_path):
+    from pipelines.ipr import prior_folder
+    from workbench.errors import InvalidInput
+
+    folder = prior_folder(IPRConfig(prior_images=5), tmp_path)
+    rows = read_jsonl(folder / "metadata.jsonl")
+    assert len(rows) == 5 and all((folder / r["file_name"]).is_file() and r["text"] for r in rows)
+    assert prior_folder(IPRConfig(), tmp_path / "off") is None
+    with pytest.raises(InvalidInput, match="needs --prior-data"):
+        IPRConfig(model="sd15", prior_images=100).validate()
 
 
 def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):

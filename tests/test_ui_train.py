@@ -60,6 +60,17 @@ def test_the_tab_settings_reach_the_run(runner, monkeypatch):
     assert submitted["prompt_kinds"] == ["position", "two_object"] and submitted["train_text_encoder"] is False
     tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4)
     assert submitted["prompt_kinds"] == ["position"] and submitted["train_text_encoder"] is True  # the defaults
+    assert submitted["prior_images"] == 0 and submitted["prior_data"] is None
+    tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4, None, None, None, True,
+                  1000)
+    assert submitted["prior_images"] == 1000
+
+
+def test_a_prior_preservation_folder_outside_the_data_folder_is_refused(runner, monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "submit", lambda kind, settings: pytest.fail("submitted"))
+    run, job, message = tab.start_run(runner, "sd15", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4,
+                                      None, None, None, True, 0, str(tmp_path))
+    assert job is None and "outside the data folder" in message
 
 
 def test_an_ipr_job_runs_lists_its_run_and_plots_its_metrics(runner, tiny_sd, tmp_path):

@@ -48,8 +48,9 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
               review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None,
-              train_text_encoder=None):
+              train_text_encoder=None, prior_images=None, prior_data=None):
     from pipelines.ipr import IPRConfig
+    from workbench.datasets import inside_data_folder
 
     defaults = IPRConfig()
 
@@ -65,7 +66,9 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                                              else adapter_start == ADAPTER_STARTS[0]),
                            prompt_kinds=defaults.prompt_kinds if prompt_kinds is None else list(prompt_kinds),
                            train_text_encoder=(defaults.train_text_encoder if train_text_encoder is None
-                                               else bool(train_text_encoder)))
+                                               else bool(train_text_encoder)),
+                           prior_images=int(prior_images or 0),
+                           prior_data=str(inside_data_folder(prior_data.strip())) if (prior_data or "").strip() else None)
         config.validate()
         return config.__dict__
 
@@ -139,11 +142,17 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
                                      info="either way it trains on the pairs of every iteration so far")
             prompt_kinds = gr.CheckboxGroup(list(TRAINING_KINDS), value=list(defaults.prompt_kinds or TRAINING_KINDS),
                                             label="Kinds of training prompt (the paper: position only)")
+            with gr.Row():
+                prior_images = gr.Number(0, label="Prior-preservation images (shapes model; 0: off)", precision=0,
+                                         info="pre-training scenes mixed into every iteration's training set, "
+                                              "against drift (not in the paper)")
+                prior_data = gr.Textbox(label="Prior-preservation imagefolder (other models)")
             review = gr.Checkbox(False, label="Pause after each relabeling for a manual review")
             eval_seeds = gr.Number(4, label="ShapesBench seeds per prompt (0: no evaluation)", precision=0)
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
-                             eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder], "train-status",
+                             eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder, prior_images,
+                             prior_data], "train-status",
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")

@@ -11,8 +11,9 @@ The method (Sec. 3 of the paper), read top to bottom in `run_selma`:
    equal to an evaluation prompt (ShapesBench in the shapes world) are dropped, as in IPR, and so
    are prompts longer than the model's text encoder reads;
 2. images: the base model draws each prompt, or another model (`image_model`: the paper's
-   weak-to-strong setting, images of a weaker model teaching a stronger one); with `verify`, only
-   the images the detector finds to show their prompt are trained on (not in the paper);
+   weak-to-strong setting, images of a weaker model teaching a stronger one); optionally (not in the
+   paper, `image_check`) the detector then checks each image: "verify" keeps only the images that
+   show their prompt, "relabel" gives the others the prompt they do show, as IPR does;
 3. experts: one LoRA per skill on that skill's pairs only, with the shared engine
    (`pipelines.trainer`); and, as the paper's comparison, one LoRA on every skill's pairs mixed;
 4. merge: the experts with equal weights 1/n through diffusers' `set_adapters`, as the authors'
@@ -28,7 +29,7 @@ resumes from its own checkpoints). Folder layout:
     config.json  summary.json
     prompts/<skill>.json        the skill, its kept prompts and the filter's statistics
     data/<skill>/images/  data/<skill>/metadata.jsonl    an imagefolder per skill
-    data/<skill>/verified/metadata.jsonl  verify.json    (verify) the images that show their prompt
+    data/<skill>/checked/metadata.jsonl  check.json      (image_check) what each expert trains on
     experts/<skill>/  mixed/    LoRA adapters (diffusers format) with train_config.json, log.jsonl
     merged/                     the fused merged adapter and merge.json
     eval-base/  eval-mixed/  eval-merged/  eval-expert-<skill>/
@@ -67,6 +68,7 @@ from workbench.store import bind_run_config
 # add_weighted_adapter combinations, baked into one adapter.
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 MERGES = ("set_adapters",) + COMBINATIONS
+IMAGE_CHECKS = ("none", "verify", "relabel")  # see SelmaConfig.image_check and check_images
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # these read `density`
 MAX_PROMPTS_PER_SKILL = 5000
 IMAGE_CHUNK = 64  # prompts drawn per generation call (bounds memory; finer progress)
@@ -91,10 +93,12 @@ class SelmaConfig:
     samples_per_prompt: int = 3
     sample_steps: int | None = None  # drawing the training images; None: the image model's default
     guidance: float | None = None
-    # Train only on the images the detector finds to show their prompt (a workbench addition: the
-    # paper trains on every image). A model that misses half its prompts otherwise teaches each expert
-    # its own mistakes: on the shapes model the unchecked experts fell 3.2 points below the base.
-    verify: bool = False
+    # What the detector does with the images before training (a workbench addition; see IMAGE_CHECKS).
+    # A model that misses most of its prompts otherwise teaches each expert its own mistakes: on the
+    # shapes model the unchecked experts fell 3.2 points below the base. "verify" leaves too little of
+    # a skill the model rarely gets right (3 of 450 spatial images on the shapes model); "relabel"
+    # keeps every image that shows something asked for, under the prompt it shows.
+    image_check: str = "none"
     # Fine-tuning (pipelines.trainer). The authors: rank 128, lr 3e-4, 5000 steps, batch 64 on SD v1.4;
     # the shapes defaults are IPR's (rank 8, lr 5e-4, batch 32), which suit the tiny shapes UNet.
     rank: int = 8
@@ -163,6 +167,8 @@ class SelmaConfig:
             (self.lr > 0 and math.isfinite(self.lr), f"The learning rate must be a positive number (got {self.lr})."),
             (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
             (self.merge in MERGES, f"Unknown merge '{self.merge}'; use one of {', '.join(MERGES)}."),
+            (self.image_check in IMAGE_CHECKS,
+             f"Unknown image check '{self.image_check}'; use one of {', '.join(IMAGE_CHECKS)}."),
             (0.0 < self.merge_density <= 1.0, f"merge_density must be in (0, 1] (got {self.merge_density})."),
             (self.merge_weights is None or len(self.merge_weights) == len(skills),
              f"Give one merge weight per skill ({len(skills)}), or none for 1/n each."),
@@ -217,8 +223,8 @@ def plan(config: SelmaConfig, skills: list[Skill]) -> dict[str, float]:
     image, step = 0.25, 0.35 * config.batch_size / 32
     tasks = {f"prompts {s.name}": 0.02 * config.prompts_per_skill for s in skills}
     tasks |= {f"images {s.name}": image * config.prompts_per_skill * config.samples_per_prompt for s in skills}
-    if config.verify:
-        tasks |= {f"verify {s.name}": 0.01 * config.prompts_per_skill * config.samples_per_prompt for s in skills}
+    if config.image_check != "none":
+        tasks |= {f"check {s.name}": 0.01 * config.prompts_per_skill * config.samples_per_prompt for s in skills}
     tasks |= {f"expert {s.name}": step * config.steps for s in skills}
     if config.baseline:
         tasks["mixed LoRA"] = step * config.mixed_steps(len(skills))
@@ -268,18 +274,18 @@ def run_selma(config: SelmaConfig, out_dir: Path, on_progress: Callable[[float, 
             rows = draw_images(config, skill.name, prompts, folder, progress, should_stop)
             log(f"{skill.name}: {len(rows)} images of {len(prompts)} prompts")
 
-    # 2b. Optionally, only the images that show their prompt.
+    # 2b. Optionally, the detector checks the images: keep those that show their prompt, or relabel.
     data = {skill.name: out_dir / "data" / skill.name for skill in skills}
-    if config.verify:
+    if config.image_check != "none":
         detector = None
         for skill in skills:
-            verified = data[skill.name] / "verified"
-            if not (verified / "metadata.jsonl").exists():
+            checked = data[skill.name] / "checked"
+            if not (checked / "metadata.jsonl").exists():
                 detector = detector or _detector(config)
-                stats = verify_images(data[skill.name], detector, lambda f, m, s=skill.name: progress(f"verify {s}", f, m),
-                                      should_stop)
-                log(f"{skill.name}: {verify_summary(stats)}")
-            data[skill.name] = verified
+                stats = check_images(data[skill.name], detector, config.image_check,
+                                     lambda f, m, s=skill.name: progress(f"check {s}", f, m), should_stop)
+                log(f"{skill.name}: {check_summary(stats)}")
+            data[skill.name] = checked
 
     # 3. One LoRA expert per skill; the mixed-data LoRA as the baseline.
     experts = {}
@@ -460,48 +466,63 @@ def _detector(config: SelmaConfig):
     return pick_detector(BenchmarkConfig(model=config.model, detector=config.detector))
 
 
-def verify_images(folder: Path, detector, report: Callable[[float, str], None] | None = None,
-                  should_stop=None, box_threshold: float = 0.3) -> dict:
-    """Stage 2b for one skill: detect the objects of every image of `folder` (an imagefolder) and keep
-    the images that show their prompt as written (IPR's relabeler leaves the prompt unchanged, and no
-    object is one the detector is unsure of). Writes `folder/verified/metadata.jsonl` (rows naming
-    `../images/...`, so no image is copied) and `verify.json` with the counts; returns those counts."""
+def check_images(folder: Path, detector, mode: str, report: Callable[[float, str], None] | None = None,
+                 should_stop=None, box_threshold: float = 0.3) -> dict:
+    """Stage 2b for one skill: detect the objects of every image of `folder` (an imagefolder) and run
+    IPR's relabeler on its prompt. An image that shows its prompt (GenEval's verdict) is kept as it is;
+    one that misses it is left out ("verify") or kept under the prompt it does show, at IPR's loss
+    weight for a relabeled pair ("relabel"); images showing nothing asked for, or an object the
+    detector is unsure of, are always left out. Writes `folder/checked/metadata.jsonl` (rows naming
+    `../images/...`, so no image is copied) and `check.json` with the counts; returns those counts."""
     from PIL import Image
 
+    from pipelines.ipr import MATCHED_WEIGHT, RELABELED_WEIGHT
     from workbench.relabel import relabel
 
+    if mode not in IMAGE_CHECKS[1:]:
+        raise InvalidInput(f"Unknown image check '{mode}'; use one of {', '.join(IMAGE_CHECKS[1:])}.")
     min_confidence = getattr(detector, "confident_score", 0.0)
     _, rows = read_imagefolder(folder, kind="SELMA skill data")
-    kept, missed, unsure = [], 0, 0
+    kept, counts = [], {"matched": 0, "relabeled": 0, "missed": 0, "dropped": 0, "unsure": 0}
     for i, row in enumerate(rows):
         if should_stop is not None and should_stop():
             raise JobCancelled(f"checking the images of {folder.name} was stopped; resume the run to continue it")
         with Image.open(folder / row["file_name"]) as image:
             image = image.convert("RGB")
             detections = [d.to_dict() for d in detector.detect(image)]
-        result = relabel(row["text"], detections, image.width, image.height, box_threshold=box_threshold)
-        if not result.keep or result.changed:
-            missed += 1
+        result = relabel(row["text"], detections, image.width, image.height, box_threshold=box_threshold,
+                         split_colors=True, say_relations=True)  # IPR's relabels (see IPRConfig)
+        if not result.keep:
+            counts["dropped"] += 1
         elif any(box_threshold < d["score"] < min_confidence for d in detections):
-            unsure += 1
+            counts["unsure"] += 1
+        elif not result.changed:
+            counts["matched"] += 1
+            kept.append({**row, "file_name": "../" + row["file_name"], "weight": MATCHED_WEIGHT})
+        elif mode == "relabel":
+            counts["relabeled"] += 1
+            kept.append({**row, "file_name": "../" + row["file_name"], "text": result.prompt,
+                         "prompt": row["text"], "weight": RELABELED_WEIGHT})
         else:
-            kept.append({**row, "file_name": "../" + row["file_name"]})
+            counts["missed"] += 1
         if report is not None and i % 64 == 0:
-            report(i / len(rows), f"{i}/{len(rows)} images, {len(kept)} show their prompt")
-    stats = {"images": len(rows), "kept": len(kept), "missed": missed, "unsure": unsure}
+            report(i / len(rows), f"{i}/{len(rows)} images, {len(kept)} kept")
+    stats = {"mode": mode, "images": len(rows), "kept": len(kept), **counts}
     if not kept:
-        raise InvalidInput(f"None of the {len(rows)} images in {folder} shows its prompt to the detector, so there is "
-                           f"nothing to train this skill's expert on; run without verify, or draw more images per prompt.")
-    verified = folder / "verified"
-    verified.mkdir(parents=True, exist_ok=True)
-    _write_json(verified / "verify.json", stats)
-    _write_jsonl(verified / "metadata.jsonl", kept)  # last: it marks the stage done
+        raise InvalidInput(f"The detector kept none of the {len(rows)} images in {folder}, so there is nothing to "
+                           f"train this skill's expert on; try the image check \"relabel\" or \"none\", or draw "
+                           f"more images per prompt.")
+    checked = folder / "checked"
+    checked.mkdir(parents=True, exist_ok=True)
+    _write_json(checked / "check.json", stats)
+    _write_jsonl(checked / "metadata.jsonl", kept)  # last: it marks the stage done
     return stats
 
 
-def verify_summary(stats: dict) -> str:
-    return (f"{stats['kept']}/{stats['images']} images show their prompt ({stats['missed']} miss it, "
-            f"{stats['unsure']} with an object the detector is unsure of)")
+def check_summary(stats: dict) -> str:
+    return (f"{stats['kept']}/{stats['images']} images kept ({stats['mode']}): {stats['matched']} show their prompt, "
+            f"{stats['relabeled']} relabeled to what they show, {stats['missed']} miss it, {stats['dropped']} show "
+            f"nothing asked for, {stats['unsure']} with an object the detector is unsure of")
 
 
 def train_adapter(config: SelmaConfig, data: list[Path], out: Path, steps: int, task: str, progress: Progress,
@@ -648,9 +669,9 @@ def write_summary(config: SelmaConfig, out_dir: Path, seconds: float | None = No
         metadata = out_dir / "data" / skill.name / "metadata.jsonl"
         images = sum(1 for line in metadata.read_text().splitlines() if line.strip()) if metadata.exists() else 0
         expert = out_dir / "experts" / skill.name
-        verified = out_dir / "data" / skill.name / "verified" / "verify.json"
+        checked = out_dir / "data" / skill.name / "checked" / "check.json"
         skills[skill.name] = {"description": skill.description, "prompts": len(record["prompts"]), "images": images,
-                              "verified": json.loads(verified.read_text())["kept"] if verified.exists() else None,
+                              "check": json.loads(checked.read_text()) if checked.exists() else None,
                               "expert": str(expert) if (expert / "done").exists() else None, "stats": stats}
     scores = {}
     for label in ["base", "mixed", "merged"] + [f"expert {name}" for name in skills]:
@@ -699,8 +720,8 @@ def finished_stages(out_dir: Path, config: SelmaConfig | None = None) -> dict[st
     skills = [s.name for s in config.skill_list()]
     stages = {"prompts": all((out_dir / "prompts" / f"{s}.json").exists() for s in skills),
               "images": all((out_dir / "data" / s / "metadata.jsonl").exists() for s in skills),
-              "verify": not config.verify or all((out_dir / "data" / s / "verified" / "metadata.jsonl").exists()
-                                                 for s in skills),
+              "check": config.image_check == "none" or all((out_dir / "data" / s / "checked" / "metadata.jsonl")
+                                                           .exists() for s in skills),
               "experts": all((out_dir / "experts" / s / "done").exists() for s in skills),
               "mixed": not config.baseline or (out_dir / "mixed" / "done").exists(),
               "merge": (out_dir / "merged" / "merge.json").exists()}
@@ -713,7 +734,8 @@ def finished_stages(out_dir: Path, config: SelmaConfig | None = None) -> dict[st
 
 def _check_same_config(config: SelmaConfig, out_dir: Path) -> None:
     # Scoring the experts alone adds evaluations without changing any result; the rest must match.
-    bind_run_config(out_dir, {"kind": "selma", **asdict(config)}, "a SELMA run", ignore=("eval_experts",))
+    bind_run_config(out_dir, {"kind": "selma", **asdict(config)}, "a SELMA run", ignore=("eval_experts",),
+                    implied={"image_check": "none"})  # runs saved before the check existed had none
 
 
 def load_config(out_dir: Path) -> SelmaConfig:
@@ -760,8 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a prompt when its ROUGE-L to every kept prompt is at most this")
     p.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt)
     p.add_argument("--sample-steps", type=int, default=None, help="denoising steps for the training images")
-    p.add_argument("--verify", action="store_true",
-                   help="train only on the images the detector finds to show their prompt (not in the paper)")
+    p.add_argument("--image-check", choices=IMAGE_CHECKS, default=d.image_check,
+                   help="what the detector does with the images before training (not in the paper): none, "
+                        "verify (keep those that show their prompt), relabel (the others get the prompt they show)")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per expert")
@@ -803,7 +826,8 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, image_model=args.image_model, llm=args.llm, llm_temperature=args.llm_temperature,
                 skills=args.skills, prompts_per_skill=args.prompts_per_skill,
                 prompts_per_request=args.prompts_per_request, rouge_threshold=args.rouge_threshold,
-                samples_per_prompt=args.samples_per_prompt, sample_steps=args.sample_steps, verify=args.verify,
+                samples_per_prompt=args.samples_per_prompt, sample_steps=args.sample_steps,
+                image_check=args.image_check,
                 rank=args.rank,
                 alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
                 baseline=not args.no_baseline, baseline_steps=args.baseline_steps, batch_size=args.batch_size,

@@ -134,7 +134,7 @@ def test_a_stopped_run_resumes_without_redoing_finished_stages(tiny_sd, eval_pro
     with pytest.raises(JobCancelled):  # stopped while the second expert trains
         run_selma(settings, out, should_stop=lambda: (out / "experts" / "everyday_scene").exists(),
                   log=lambda m: None)
-    assert finished_stages(out) == {"prompts": True, "images": True, "verify": True, "experts": False,
+    assert finished_stages(out) == {"prompts": True, "images": True, "check": True, "experts": False,
                                     "mixed": False, "merge": False, "eval": True}  # nothing to verify or score
     assert not (out / "experts" / "everyday_scene" / "done").exists()
     finished = [out / "prompts" / "counting.json", out / "data" / "everyday_scene" / "metadata.jsonl",
@@ -277,7 +277,7 @@ def test_cli(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0].startswith("counting: ")
 
 
-# --- verify: train only on the images that show their prompt ----------------------------------------
+# --- image checks: verify or relabel the images before training -----------------------------------
 
 
 class FixedLLM:
@@ -303,52 +303,69 @@ class ColourKeyedDetector:
         return self.by_colour[image.getpixel((0, 0))]
 
 
-def test_verify_keeps_only_the_images_that_show_their_prompt(tmp_path):
-    from PIL import Image
+CHECK_CASES = [  # colour key, prompt, detections
+    ((255, 0, 0), "two red circles", [Detection("circle", (1, 1, 9, 9), 0.95, "red"),
+                                      Detection("circle", (20, 1, 29, 9), 0.97, "red")]),
+    ((0, 255, 0), "two red circles", [Detection("circle", (1, 1, 9, 9), 0.95, "red")]),  # one: a miss
+    ((0, 0, 255), "a blue square", [Detection("square", (1, 1, 9, 9), 0.6, "blue")]),  # unsure of it
+    ((9, 9, 9), "a blue square", []),  # nothing asked for
+]
 
-    from pipelines.selma import verify_images
-    from workbench.imagefolder import read_imagefolder
+
+@pytest.fixture
+def skill_folder(tmp_path):
+    from PIL import Image
 
     folder = tmp_path / "skill"
     (folder / "images").mkdir(parents=True)
-    cases = [  # colour key, prompt, detections
-        ((255, 0, 0), "two red circles", [Detection("circle", (1, 1, 9, 9), 0.95, "red"),
-                                          Detection("circle", (20, 1, 29, 9), 0.97, "red")]),
-        ((0, 255, 0), "two red circles", [Detection("circle", (1, 1, 9, 9), 0.95, "red")]),  # one: a miss
-        ((0, 0, 255), "a blue square", [Detection("square", (1, 1, 9, 9), 0.6, "blue")]),  # unsure of it
-        ((9, 9, 9), "a blue square", []),  # nothing at all
-    ]
     rows = []
-    for i, (colour, prompt, _) in enumerate(cases):
+    for i, (colour, prompt, _) in enumerate(CHECK_CASES):
         Image.new("RGB", (32, 32), colour).save(folder / "images" / f"{i}.png")
         rows.append({"file_name": f"images/{i}.png", "text": prompt})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    stats = verify_images(folder, ColourKeyedDetector({c: d for c, _, d in cases}))
-    assert stats == {"images": 4, "kept": 1, "missed": 2, "unsure": 1}
-    # The verified set is an imagefolder of its own, naming the original images (none copied).
-    _, kept = read_imagefolder(folder / "verified")
-    assert [(r["file_name"], r["text"]) for r in kept] == [("../images/0.png", "two red circles")]
-    assert not (folder / "verified" / "images").exists()
-
-    with pytest.raises(InvalidInput, match="None of the 1 images .* shows its prompt"):
-        (folder / "metadata.jsonl").write_text(json.dumps(rows[1]) + "\n")
-        (folder / "verified" / "metadata.jsonl").unlink()
-        verify_images(folder, ColourKeyedDetector({c: d for c, _, d in cases}))
+    return folder
 
 
-def test_a_verified_run_trains_each_expert_on_the_images_that_show_their_prompt(tiny_sd, eval_prompts, tmp_path,
-                                                                                 monkeypatch):
+@pytest.mark.parametrize("mode, expected", [
+    ("verify", [("../images/0.png", "two red circles", 1.0)]),
+    ("relabel", [("../images/0.png", "two red circles", 1.0), ("../images/1.png", "a red circle", 0.5)]),
+])
+def test_the_image_check_keeps_matches_and_drops_or_relabels_misses(skill_folder, mode, expected):
+    from pipelines.selma import check_images
+    from workbench.imagefolder import read_imagefolder
+
+    stats = check_images(skill_folder, ColourKeyedDetector({c: d for c, _, d in CHECK_CASES}), mode)
+    relabeled = 1 if mode == "relabel" else 0
+    assert stats == {"mode": mode, "images": 4, "kept": 1 + relabeled, "matched": 1, "relabeled": relabeled,
+                     "missed": 1 - relabeled, "dropped": 1, "unsure": 1}
+    # The checked set is an imagefolder of its own that the trainer reads, naming the original images.
+    _, kept = read_imagefolder(skill_folder / "checked")
+    assert [(r["file_name"], r["text"], r["weight"]) for r in kept] == expected
+    assert not (skill_folder / "checked" / "images").exists()
+
+
+def test_an_image_check_that_keeps_nothing_says_what_to_do(skill_folder):
+    from pipelines.selma import check_images
+
+    (skill_folder / "metadata.jsonl").write_text(json.dumps({"file_name": "images/1.png", "text": "two red circles"}))
+    with pytest.raises(InvalidInput, match="kept none of the 1 images .* try the image check \"relabel\""):
+        check_images(skill_folder, ColourKeyedDetector({c: d for c, _, d in CHECK_CASES}), "verify")
+    with pytest.raises(InvalidInput, match="Unknown image check"):
+        SelmaConfig(image_check="filter").validate()
+
+
+def test_a_checked_run_trains_each_expert_on_the_images_that_show_their_prompt(tiny_sd, eval_prompts, tmp_path,
+                                                                                monkeypatch):
     monkeypatch.setitem(LLMS, "fixed", FixedLLM)
     out = tmp_path / "run"
-    summary = run_selma(config(tiny_sd, eval_prompts, llm="fixed", eval_seeds=0, verify=True), out,
+    summary = run_selma(config(tiny_sd, eval_prompts, llm="fixed", eval_seeds=0, image_check="verify"), out,
                         log=lambda m: None)
     for name in SKILLS:
         assert len(read_jsonl(out / "data" / name / "metadata.jsonl")) == 3  # every prompt was drawn
-        kept = read_jsonl(out / "data" / name / "verified" / "metadata.jsonl")
+        kept = read_jsonl(out / "data" / name / "checked" / "metadata.jsonl")
         assert [r["text"] for r in kept] == ["a red circle"]
         trained = json.loads((out / "experts" / name / "train_config.json").read_text())
-        assert trained["rows"] == 1 and trained["data"] == [str(out / "data" / name / "verified")]
-        assert summary["skills"][name]["verified"] == 1
+        assert trained["rows"] == 1 and trained["data"] == [str(out / "data" / name / "checked")]
+        assert summary["skills"][name]["check"]["kept"] == 1
     assert json.loads((out / "mixed" / "train_config.json").read_text())["rows"] == 2
-    assert finished_stages(out)["verify"]
+    assert finished_stages(out)["check"]

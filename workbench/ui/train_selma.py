@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from pipelines.selma import MERGES, SelmaConfig
+from pipelines.selma import IMAGE_CHECKS, MERGES, SelmaConfig
 from ..jobs import JobRunner
 from ..llm import LLMS
 from ..rouge import DEFAULT_THRESHOLD
@@ -87,8 +87,8 @@ def stage_line(run: str | None) -> str:
         evaluations = [path for path in evaluations if path.parent.name != "eval-mixed"]
     parts = [f"prompts {count([folder / 'prompts' / f'{s}.json' for s in skills])}",
              f"images {count([folder / 'data' / s / 'metadata.jsonl' for s in skills])}",
-             *([f"verified {count([folder / 'data' / s / 'verified' / 'metadata.jsonl' for s in skills])}"]
-               if config.get("verify") else []),
+             *([f"checked {count([folder / 'data' / s / 'checked' / 'metadata.jsonl' for s in skills])}"]
+               if config.get("image_check", "none") != "none" else []),
              f"experts {count([folder / 'experts' / s / 'done' for s in skills])}",
              f"mixed LoRA {count([folder / 'mixed' / 'done'] if config.get('baseline', True) else [])}",
              f"merge {count([folder / 'merged' / 'merge.json'])}",
@@ -121,14 +121,14 @@ def selma_status(runner: JobRunner, run, job_id):
 
 
 def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank, lr,
-                 merge, eval_seeds, eval_experts, verify=False) -> SelmaConfig:
+                 merge, eval_seeds, eval_experts, image_check="none") -> SelmaConfig:
     """The section's settings as a validated SelmaConfig; InvalidInput says what is wrong."""
     rank = number(rank, "LoRA rank")
     config = SelmaConfig(model=(model or "").strip(), image_model=(image_model or "").strip() or None,
                          llm=None if llm in (None, "", AUTO) else llm, skills=list(skills or []),
                          prompts_per_skill=number(prompts_per_skill, "Prompts per skill"),
                          rouge_threshold=number(rouge_threshold, "ROUGE-L threshold", float),
-                         samples_per_prompt=number(samples, "Images per prompt"), verify=bool(verify),
+                         samples_per_prompt=number(samples, "Images per prompt"), image_check=image_check or "none",
                          steps=number(steps, "Steps per expert"),
                          rank=rank, alpha=float(rank), lr=number(lr, "Learning rate", float), merge=merge,
                          eval_seeds=number(eval_seeds, "ShapesBench seeds"), eval_experts=bool(eval_experts))
@@ -159,8 +159,9 @@ def build_selma_section(runner: JobRunner):
                 rouge_threshold = gr.Slider(0, 1, value=DEFAULT_THRESHOLD, step=0.05, label="ROUGE-L threshold")
         with gr.Column():
             samples = gr.Number(3, label="Images per prompt", precision=0)
-            verify = gr.Checkbox(False, label="Train only on images the detector finds to show their prompt "
-                                 "(not in the paper)")
+            image_check = gr.Radio(list(IMAGE_CHECKS), value=IMAGE_CHECKS[0], label="Detector check of the images",
+                                   info="not in the paper. verify: train only on images that show their prompt; "
+                                        "relabel: the others under the prompt they show (IPR)")
             steps = gr.Number(400, label="Training steps per expert (mixed LoRA: n_skills x this)", precision=0)
             rank = gr.Number(8, label="LoRA rank", precision=0)
             lr = gr.Number(5e-4, label="Learning rate")
@@ -170,7 +171,7 @@ def build_selma_section(runner: JobRunner):
             eval_experts = gr.Checkbox(False, label="Also score each expert alone")
     controls = run_controls(runner, KIND, "SELMA", start_selma_run,
                             [model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank,
-                             lr, merge, eval_seeds, eval_experts, verify], "selma-status", extra_buttons=[SCORE_EXPERTS])
+                             lr, merge, eval_seeds, eval_experts, image_check], "selma-status", extra_buttons=[SCORE_EXPERTS])
     table = gr.Dataframe(pd.DataFrame(columns=["variant"]), interactive=False,
                          label="ShapesBench accuracy (%) per tag: base, single LoRA on mixed data, merged experts")
     stats = gr.Dataframe(stats_frame([]), interactive=False, label="Prompts per skill: written, kept, dropped")

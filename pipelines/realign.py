@@ -71,6 +71,9 @@ class ReFLConfig:
     lr: float = 1e-4
     rank: int = 8
     alpha: float = 8.0
+    # A LoRA on the text encoder too (our addition): the reward's gradient then also reaches how the
+    # prompt's words are encoded, the lever that moved IPR's position score on the shapes model.
+    train_text_encoder: bool = False
     # lambda of eq. 5. The paper's 1e-3 suits ImageReward-scale rewards; a mean log-likelihood's gradient
     # is far smaller (measured on the shapes model: ~35x below the denoising loss's at lambda 1), so by
     # default (None) lambda is set once, at the first step, to the ratio of the two terms' gradient
@@ -181,9 +184,11 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             entry.source, entry, torch.float32, torch.float32, torch.float32)
         for module in (text_encoder, vae, unet):
             module.requires_grad_(False)
-        add_lora(TrainConfig(model=config.model, data=["-"], out="-", rank=config.rank, alpha=config.alpha),
-                 unet, text_encoder)
+        te_trained = add_lora(TrainConfig(model=config.model, data=["-"], out="-", rank=config.rank, alpha=config.alpha,
+                                          train_text_encoder=config.train_text_encoder), unet, text_encoder)
         params = [p for p in unet.parameters() if p.requires_grad]
+        if te_trained:
+            params += [p for p in text_encoder.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr)
         sampler = DDIMScheduler.from_config(noise_scheduler.config)
         sampler.set_timesteps(config.schedule_steps)
@@ -203,10 +208,13 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
                              return_tensors="pt").input_ids
 
         empty_ids = encode([""])
-        with torch.no_grad():
-            empty_states = text_encoder(empty_ids)[0]
 
-        start, reward_weight = _load_state(out_dir, unet, optimizer, rng)
+        def embed(ids: torch.Tensor) -> torch.Tensor:
+            # With gradients only where they reach a trained adapter.
+            with torch.set_grad_enabled(te_trained):
+                return text_encoder(ids)[0]
+
+        start, reward_weight = _load_state(out_dir, unet, optimizer, rng, text_encoder if te_trained else None)
         reward_weight = config.reward_weight or reward_weight
         if start:
             log(f"refl: resuming at step {start}")
@@ -214,9 +222,8 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         unet.train()
         for step in range(start, config.steps):
             prompts = [records[k]["prompt"] for k in rng.integers(len(records), size=config.batch_size)]
-            with torch.no_grad():
-                cond = text_encoder(encode(prompts))[0]
-            uncond = empty_states.expand(len(prompts), -1, -1)
+            cond = embed(encode(prompts))
+            uncond = embed(empty_ids).expand(len(prompts), -1, -1)
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
             latents = torch.randn((len(prompts), unet.config.in_channels, unet.config.sample_size,
                                    unet.config.sample_size), generator=generator) * sampler.init_noise_sigma
@@ -244,8 +251,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
                 clean, captions = pretrain.batch(config.pretrain_batch, rng, generator)
                 clean = clean * scaling
                 ids = drop_prompts(encode(captions), empty_ids, config.prompt_dropout, generator)
-                with torch.no_grad():
-                    states = text_encoder(ids)[0]
+                states = embed(ids)
                 noise = torch.randn(clean.shape, generator=generator)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(clean),),
                                           generator=generator)
@@ -274,12 +280,12 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             _append_jsonl(out_dir / "history.jsonl", history[-1])
             stopping = should_stop is not None and should_stop()
             if (step + 1) % config.checkpoint_every == 0 or stopping:
-                _save_state(out_dir, unet, optimizer, rng, step + 1, reward_weight)
+                _save_state(out_dir, unet, optimizer, rng, step + 1, reward_weight, text_encoder if te_trained else None)
             if stopping:
                 from workbench.jobs import JobCancelled
 
                 raise JobCancelled(f"ReFL stopped at step {step + 1}; resume the run to continue it")
-        save_lora(adapter_dir, unet)
+        save_lora(adapter_dir, unet, text_encoder if te_trained else None)
         (adapter_dir / "done").write_text(json.dumps({"seconds": round(time.time() - started, 1)}))
         log(f"refl: adapter written to {adapter_dir}")
 
@@ -336,17 +342,21 @@ def _balanced_weight(reward_loss: torch.Tensor, pretrain_loss: torch.Tensor, par
     return norm(pretrain_loss) / reward_norm if reward_norm > 0 else 1.0
 
 
-def _save_state(out_dir: Path, unet, optimizer, rng: np.random.Generator, step: int, reward_weight: float) -> None:
+def _save_state(out_dir: Path, unet, optimizer, rng: np.random.Generator, step: int, reward_weight: float,
+                text_encoder=None) -> None:
     from peft import get_peft_model_state_dict
 
     state = {"step": step, "lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict(),
              "rng": json.dumps(rng.bit_generator.state), "reward_weight": reward_weight}
+    if text_encoder is not None:
+        state["text_encoder_lora"] = get_peft_model_state_dict(text_encoder)
     tmp = out_dir / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out_dir / STATE_FILE)
 
 
-def _load_state(out_dir: Path, unet, optimizer, rng: np.random.Generator) -> tuple[int, float | None]:
+def _load_state(out_dir: Path, unet, optimizer, rng: np.random.Generator,
+                text_encoder=None) -> tuple[int, float | None]:
     from peft import set_peft_model_state_dict
 
     path = out_dir / STATE_FILE
@@ -354,6 +364,8 @@ def _load_state(out_dir: Path, unet, optimizer, rng: np.random.Generator) -> tup
         return 0, None
     state = torch.load(path, weights_only=True)
     set_peft_model_state_dict(unet, state["lora"])
+    if text_encoder is not None:
+        set_peft_model_state_dict(text_encoder, state["text_encoder_lora"])
     optimizer.load_state_dict(state["optimizer"])
     rng.bit_generator.state = json.loads(state["rng"])
     return int(state["step"]), float(state["reward_weight"])
@@ -367,7 +379,7 @@ def _append_jsonl(path: Path, row: dict) -> None:
 def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     # More or fewer evaluation seeds re-scores the same adapter; the rest must match.
     bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
-                    implied={"negatives": 0})  # runs from before hard negatives used the plain likelihood
+                    implied={"negatives": 0, "train_text_encoder": False})  # what runs saved before these had
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(ReFLConfig):
         if f.name in ("eval_prompts",):
             parser.add_argument("--eval-prompts", default=defaults.eval_prompts)
+            continue
+        if isinstance(getattr(defaults, f.name), bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=getattr(defaults, f.name))
             continue
         kind = {int: int, float: float}.get(type(getattr(defaults, f.name)), str)
         if f.name in ("guidance", "reward_weight"):

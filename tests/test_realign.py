@@ -94,11 +94,13 @@ def test_a_contrastive_run_trains_on_the_prompt_against_its_hard_negatives(tiny_
     assert json.loads((tmp_path / "run" / "config.json").read_text())["negatives"] == 3
 
 
-@pytest.mark.parametrize("negatives", [0, 2])
-def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path, negatives):
+@pytest.mark.parametrize("negatives, text_encoder", [(0, False), (2, True)])
+def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path, negatives,
+                                                   text_encoder):
     # lambda left to the gradient balance: set once at step 1, kept through the resume; hard negatives
-    # drawn as in the straight run.
-    config = tiny_refl(tiny_sd, caption_model, pretrain_data, reward_weight=None, negatives=negatives)
+    # drawn as in the straight run; a text-encoder LoRA restored with the UNet's.
+    config = tiny_refl(tiny_sd, caption_model, pretrain_data, reward_weight=None, negatives=negatives,
+                       train_text_encoder=text_encoder)
     straight = run_refl(config, tmp_path / "straight", log=lambda m: None)
     calls = []
     with pytest.raises(JobCancelled, match="step 2"):
@@ -109,6 +111,10 @@ def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretr
     a = load_file(str(Path(straight["adapter"]) / "pytorch_lora_weights.safetensors"))
     b = load_file(str(Path(resumed["adapter"]) / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    text_encoder_keys = [k for k in a if k.startswith("text_encoder.")]
+    assert bool(text_encoder_keys) == text_encoder
+    trained_up = [k for k in text_encoder_keys if ".up." in k]  # diffusers' lora_linear_layer.up (the zero init)
+    assert bool(trained_up) == text_encoder and all(a[k].abs().sum() > 0 for k in trained_up)
     weights = {json.loads(line)["reward_weight"] for line in (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()}
     assert len(weights) == 1 and weights.pop() > 0
     # The same folder refuses other settings instead of mixing two runs.
@@ -117,7 +123,7 @@ def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretr
     # A run saved before hard negatives existed continues as the plain-likelihood run it was.
     if not negatives:
         saved = json.loads((tmp_path / "resumed" / "config.json").read_text())
-        del saved["negatives"]
+        del saved["negatives"], saved["train_text_encoder"]
         (tmp_path / "resumed" / "config.json").write_text(json.dumps(saved))
         assert run_refl(config, tmp_path / "resumed", log=lambda m: None)["status"] == "done"
 

@@ -19,13 +19,13 @@ from test_realign import caption_model, pretrain_data, tiny_refl  # noqa: F401 (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # model, steps, batch, lr, rank, reward weight, sampling steps, first gradient step, guidance,
-# pretrain batch, pretrain data, eval seeds, hard negatives: the order of the tab's inputs
-GOOD = ["shapes", 300, 8, 1e-4, 8, 1e-3, 20, 15, None, 16, "", 4, 0]
+# pretrain batch, pretrain data, eval seeds, hard negatives, text-encoder LoRA: the order of the tab's inputs
+GOOD = ["shapes", 300, 8, 1e-4, 8, 1e-3, 20, 15, None, 16, "", 4, 0, False]
 
 
 def settings_with(**changes) -> list:
     names = ["model", "steps", "batch", "lr", "rank", "reward_weight", "schedule_steps", "first_grad_step",
-             "guidance", "pretrain_batch", "pretrain_data", "eval_seeds", "negatives"]
+             "guidance", "pretrain_batch", "pretrain_data", "eval_seeds", "negatives", "train_text_encoder"]
     return [changes.get(name, value) for name, value in zip(names, GOOD)]
 
 
@@ -59,12 +59,13 @@ def test_bad_settings_are_refused_with_a_message(runner, changes, words):
 
 def test_good_settings_submit_a_refl_job(runner):
     runner.register("refl", lambda params, ctx: {"params": params})  # record instead of training
-    run, job_id, message = tab.start_refl_run(runner, *settings_with(steps=120, guidance=3.5, pretrain_batch=0, negatives=4))
+    run, job_id, message = tab.start_refl_run(runner, *settings_with(steps=120, guidance=3.5, pretrain_batch=0, negatives=4,
+                                                                     train_text_encoder=True))
     assert job_id and job_id in message and run["value"] == job_id and job_id in run["choices"]
     params = runner.wait(job_id, timeout=30).outputs["params"]
     config = ReFLConfig.from_dict(params)
-    assert (config.steps, config.guidance, config.pretrain_batch, config.rank, config.alpha, config.negatives) == (
-        120, 3.5, 0, 8, 8.0, 4)
+    assert (config.steps, config.guidance, config.pretrain_batch, config.rank, config.alpha, config.negatives,
+            config.train_text_encoder) == (120, 3.5, 0, 8, 8.0, 4, True)
 
 
 def test_a_refl_job_runs_lists_its_run_and_plots_its_history(runner, tiny_sd, caption_model, pretrain_data):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +144,26 @@ def test_generate_many_batches_prompts_and_matches_single_generation(tiny_sd):
     assert np.abs(pixels(results[3]) - pixels(alone)).max() <= 2, "batching does not change an image"
     with pytest.raises(InvalidInput, match="share"):
         generate_many([requests[0], GenerationRequest("x", model=str(tiny_sd), steps=5)])
+
+
+
+def test_a_text_encoder_lora_is_loaded_with_its_weights():
+    # The shipped IPR adapter of the shipped shapes model adapts the text encoder too. (transformers 5 may
+    # print a load report calling these weights MISSING while diffusers injects the adapter; they load.)
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from workbench.generation import _set_adapters, lora_weights_file
+
+    adapter = Path(__file__).resolve().parents[1] / "assets" / "adapters" / "ipr-shapes"
+    saved = {k: v for k, v in load_file(str(lora_weights_file(str(adapter)))).items()
+             if k.startswith("text_encoder.") and ".up." in k}
+    assert saved
+    pipe = StableDiffusionPipeline.from_pretrained(resolve("shapes").source, safety_checker=None, local_files_only=True)
+    _set_adapters(pipe, [LoraSpec(str(adapter), 1.0)])
+    loaded = {name: p for name, p in pipe.text_encoder.named_parameters() if "lora_B" in name}
+    for key, value in saved.items():
+        module = key.removeprefix("text_encoder.").removesuffix(".lora_linear_layer.up.weight")
+        match = [p for name, p in loaded.items() if name.startswith(module + ".lora_B.")]
+        assert len(match) == 1 and torch.equal(match[0], value), key

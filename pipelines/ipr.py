@@ -255,7 +255,7 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold,
                          split_colors=config.split_colors, say_relations=config.say_relations)
         keep, reasons = result.keep, result.reasons
-        unsure = [d for d in detections if config.box_threshold < d["score"] < min_confidence] if keep else []
+        unsure = unsure_detections(detections, config.box_threshold, min_confidence) if keep else []
         if unsure:
             keep = False
             reasons = reasons + [f"the detector is unsure of a {unsure[0]['label']} (score {unsure[0]['score']:.2f} < "
@@ -266,6 +266,11 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         if i % 64 == 0:
             stages(k, "relabel", i / len(images), f"{i}/{len(images)} images")
     return samples
+
+
+def unsure_detections(detections: list[dict], box_threshold: float, min_confidence: float) -> list[dict]:
+    """Detections the detector calls (above the box threshold) but is unsure of (below min_confidence)."""
+    return [d for d in detections if box_threshold < d["score"] < min_confidence]
 
 
 def sample_weight(weighting: str, changed: bool, detections: list[dict], box_threshold: float) -> float:
@@ -494,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                                lora=not args.full, rank=args.rank,
                                alpha=float(args.rank), train_text_encoder=args.train_text_encoder, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
-                               prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting, split_colors=not args.literal_relabels,
+                               prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting,
+                               split_colors=not args.literal_relabels,
                                say_relations=not args.literal_relabels,
                                continue_adapter=not args.fresh_adapter,
                                box_threshold=args.box_threshold, min_confidence=args.min_confidence,

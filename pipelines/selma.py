@@ -476,7 +476,7 @@ def check_images(folder: Path, detector, mode: str, report: Callable[[float, str
     `../images/...`, so no image is copied) and `check.json` with the counts; returns those counts."""
     from PIL import Image
 
-    from pipelines.ipr import MATCHED_WEIGHT, RELABELED_WEIGHT
+    from pipelines.ipr import sample_weight, unsure_detections
     from workbench.relabel import relabel
 
     if mode not in IMAGE_CHECKS[1:]:
@@ -494,17 +494,14 @@ def check_images(folder: Path, detector, mode: str, report: Callable[[float, str
                          split_colors=True, say_relations=True)  # IPR's relabels (see IPRConfig)
         if not result.keep:
             counts["dropped"] += 1
-        elif any(box_threshold < d["score"] < min_confidence for d in detections):
+        elif unsure_detections(detections, box_threshold, min_confidence):
             counts["unsure"] += 1
-        elif not result.changed:
-            counts["matched"] += 1
-            kept.append({**row, "file_name": "../" + row["file_name"], "weight": MATCHED_WEIGHT})
-        elif mode == "relabel":
-            counts["relabeled"] += 1
-            kept.append({**row, "file_name": "../" + row["file_name"], "text": result.prompt,
-                         "prompt": row["text"], "weight": RELABELED_WEIGHT})
-        else:
+        elif result.changed and mode == "verify":
             counts["missed"] += 1
+        else:
+            counts["relabeled" if result.changed else "matched"] += 1
+            kept.append({**row, "file_name": "../" + row["file_name"], "text": result.prompt, "prompt": row["text"],
+                         "weight": sample_weight("relabel", result.changed, detections, box_threshold)})
         if report is not None and i % 64 == 0:
             report(i / len(rows), f"{i}/{len(rows)} images, {len(kept)} kept")
     stats = {"mode": mode, "images": len(rows), "kept": len(kept), **counts}

@@ -29,7 +29,7 @@ def scripted_detector(monkeypatch):
 
 
 def config(tiny_sd, eval_prompts, **overrides) -> IPRConfig:
-    settings = dict(model=str(tiny_sd), iterations=2, prompts=8, samples_per_prompt=2, detector="scripted",
+    settings = dict(model=str(tiny_sd), iterations=2, continue_adapter=True, prompts=8, samples_per_prompt=2, detector="scripted",
                     steps=2, batch_size=2, sample_steps=2, eval_prompts=eval_prompts, eval_seeds=1)
     return IPRConfig(**{**settings, **overrides})
 
@@ -181,6 +181,7 @@ def test_a_run_saved_before_the_newer_settings_continues_with_what_it_had(tmp_pa
             config.prior_data) == (0.0, True, None, 0, None)
     _check_same_config(config, tmp_path)  # no "other settings" refusal
     assert IPRConfig().prompt_kinds == ["position"] and IPRConfig().min_confidence is None  # new runs
+    assert IPRConfig().continue_adapter is False
 
 
 def test_prior_preservation_mixes_pretraining_pairs_into_every_iteration(tiny_sd, eval_prompts, tmp_path):

@@ -248,9 +248,7 @@ def sample(config: IPRConfig, records: list[dict], k: int, adapter: Path | None,
 
 def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: Stages) -> list[dict]:
     """Stage 2: detect, relabel and weight every sample."""
-    min_confidence = config.min_confidence
-    if min_confidence is None:
-        min_confidence = getattr(detector, "confident_score", 0.0)
+    min_confidence = confidence_bar(detector, config.min_confidence)
     samples = []
     for i, item in enumerate(images):
         image = item.pop("pil")
@@ -269,6 +267,12 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         if i % 64 == 0:
             stages(k, "relabel", i / len(images), f"{i}/{len(images)} images")
     return samples
+
+
+def confidence_bar(detector, min_confidence: float | None = None) -> float:
+    """The score under which a detection counts as unsure: the one given, else the detector's own
+    `confident_score` (0.9 for the shapes detector; 0, none unsure, for detectors without one)."""
+    return getattr(detector, "confident_score", 0.0) if min_confidence is None else min_confidence
 
 
 def unsure_detections(detections: list[dict], box_threshold: float, min_confidence: float) -> list[dict]:

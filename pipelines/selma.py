@@ -58,6 +58,7 @@ from pathlib import Path
 
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
+from workbench.evaluation import THRESHOLD
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.imagefolder import read_imagefolder
 from workbench.rouge import DEFAULT_THRESHOLD, RougeFilter
@@ -467,7 +468,7 @@ def _detector(config: SelmaConfig):
 
 
 def check_images(folder: Path, detector, mode: str, report: Callable[[float, str], None] | None = None,
-                 should_stop=None, box_threshold: float = 0.3) -> dict:
+                 should_stop=None, box_threshold: float = THRESHOLD) -> dict:
     """Stage 2b for one skill: detect the objects of every image of `folder` (an imagefolder) and run
     IPR's relabeler on its prompt. An image that shows its prompt (GenEval's verdict) is kept as it is;
     one that misses it is left out ("verify") or kept under the prompt it does show, at IPR's loss
@@ -476,12 +477,12 @@ def check_images(folder: Path, detector, mode: str, report: Callable[[float, str
     `../images/...`, so no image is copied) and `check.json` with the counts; returns those counts."""
     from PIL import Image
 
-    from pipelines.ipr import sample_weight, unsure_detections
+    from pipelines.ipr import confidence_bar, sample_weight, unsure_detections
     from workbench.relabel import relabel
 
     if mode not in IMAGE_CHECKS[1:]:
         raise InvalidInput(f"Unknown image check '{mode}'; use one of {', '.join(IMAGE_CHECKS[1:])}.")
-    min_confidence = getattr(detector, "confident_score", 0.0)
+    min_confidence = confidence_bar(detector)
     _, rows = read_imagefolder(folder, kind="SELMA skill data")
     kept, counts = [], {"matched": 0, "relabeled": 0, "missed": 0, "dropped": 0, "unsure": 0}
     for i, row in enumerate(rows):

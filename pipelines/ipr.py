@@ -101,10 +101,6 @@ class IPRConfig:
     batch_size: int = 32
     lr: float = 5e-4
     prompt_dropout: float = 0.1  # keeps the unconditional branch that guidance subtracts trained
-    # Dropped captions learn the base model's unconditional prediction instead of the noise
-    # (pipelines.trainer.TrainConfig.uncond_anchor): trained on its own two-object samples, the
-    # model's unconditional prediction drifts toward them and guidance blanks out single objects.
-    uncond_anchor: bool = False
     # Prior preservation (not in the paper; DreamBooth's remedy for the same drift): pairs of the
     # model's pre-training kind of data mixed into every iteration's training set, so the adapter keeps
     # drawing clean shapes while it learns from its own, blurrier images. `prior_data`: an imagefolder
@@ -133,9 +129,6 @@ class IPRConfig:
             raise InvalidInput(f"The minimum confidence must be in [0, 1] (got {self.min_confidence}).")
         if self.steps < 1 or self.batch_size < 1:
             raise InvalidInput("Training needs at least one step and a batch of at least one.")
-        if self.uncond_anchor and not (self.lora and self.prompt_dropout > 0):
-            raise InvalidInput("The unconditional anchor needs a LoRA run with prompt dropout above 0 (it acts on the "
-                               "dropped captions, with the adapter switched off for the base prediction).")
         if self.prior_images < 0:
             raise InvalidInput(f"Prior images must be 0 or more (got {self.prior_images}).")
         if self.prior_images and self.prior_data is None and self.model != "shapes":
@@ -150,7 +143,7 @@ class IPRConfig:
 
 # Settings added after runs were saved, with the value those runs had.
 OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
-              "prior_data": None, "uncond_anchor": False}
+              "prior_data": None}
 
 
 @dataclass
@@ -342,8 +335,7 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
                                train_text_encoder=config.train_text_encoder,
                                init_lora=str(init_adapter) if init_adapter is not None else None,
                                steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                               prompt_dropout=config.prompt_dropout, uncond_anchor=config.uncond_anchor,
-                               seed=config.seed + k)
+                               prompt_dropout=config.prompt_dropout, seed=config.seed + k)
     result = train(train_config, on_progress=lambda f, m: stages(k, "train", f, m), should_stop=should_stop)
     if result.get("stopped"):
         from workbench.jobs import JobCancelled
@@ -480,9 +472,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "model (either way it trains on all pairs so far)")
     parser.add_argument("--prompt-dropout", type=float, default=defaults.prompt_dropout,
                         help="share of training captions replaced by the empty prompt")
-    parser.add_argument("--uncond-anchor", action=argparse.BooleanOptionalAction, default=defaults.uncond_anchor,
-                        help="LoRA: dropped captions learn the base model's unconditional prediction, so guidance "
-                             "keeps its reference point")
     parser.add_argument("--prior-images", type=int, default=defaults.prior_images,
                         help="shapes model: render this many pre-training scenes and mix them into every iteration's "
                              "training set (prior preservation; not in the paper; 0: off)")
@@ -517,7 +506,6 @@ def main(argv: list[str] | None = None) -> int:
                                lora=not args.full, rank=args.rank,
                                alpha=float(args.rank), train_text_encoder=args.train_text_encoder, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
-                               uncond_anchor=args.uncond_anchor,
                                prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting,
                                split_colors=not args.literal_relabels,
                                say_relations=not args.literal_relabels,

@@ -53,8 +53,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 KEEP_CHECKPOINTS = 2
 # Settings a checkpoint is bound to: resuming with other values would not continue the same run.
 RUN_IDENTITY = ("model", "data", "lora", "rank", "alpha", "target_modules", "train_text_encoder", "init_lora",
-                "seed", "batch_size", "grad_accum", "resolution", "center_crop", "random_flip", "prompt_dropout",
-                "uncond_anchor")
+                "seed", "batch_size", "grad_accum", "resolution", "center_crop", "random_flip", "prompt_dropout")
 
 
 @dataclass
@@ -85,13 +84,6 @@ class TrainConfig:
     # it keeps training the unconditional prediction that classifier-free guidance subtracts, so a
     # fine-tune on guided samples does not drift the two apart (guidance would amplify the drift).
     prompt_dropout: float = 0.0
-    # LoRA only: the rows whose caption was dropped learn the base model's unconditional prediction
-    # (adapter off, same noisy latent) instead of the noise. Fine-tuning on one kind of image (a
-    # model's own two-object samples, say) pulls the unconditional prediction toward that kind, and
-    # guidance then subtracts it from every prompt: objects vanish where it expects them (blank
-    # images for "a circle" at guidance 7.5, none at guidance 1). Anchored, guidance keeps the base
-    # model's reference point while the conditional prediction learns.
-    uncond_anchor: bool = False
     seed: int = 0
     checkpoint_every: int = 50  # accelerate save_state under out/checkpoints/step-N, last 2 kept
     log_every: int = 10
@@ -125,10 +117,6 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be at least 1 (got {self.log_every})."),
             (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
             (self.init_lora is None or self.lora, "init_lora continues a LoRA: it needs lora=True (drop --full)."),
-            (not self.uncond_anchor or self.lora,
-             "uncond_anchor needs lora=True: the base model's prediction comes from switching the adapter off."),
-            (not self.uncond_anchor or self.prompt_dropout > 0,
-             "uncond_anchor acts on the rows whose caption is dropped: set prompt_dropout above 0."),
         ]
         for ok, message in checks:
             if not ok:
@@ -241,32 +229,12 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
     raise InvalidInput(f"Cannot train a model with prediction_type {prediction_type!r} (epsilon or v_prediction).")
 
 
-def drop_mask(n: int, share: float, generator: torch.Generator) -> torch.Tensor:
-    """Which of n rows lose their caption (probability `share` each)."""
-    if not share:
-        return torch.zeros(n, dtype=torch.bool)  # draws nothing, so runs without dropout keep their random streams
-    return torch.rand(n, generator=generator) < share
-
-
 def drop_prompts(ids: torch.Tensor, empty_ids: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
     """Token ids with each row replaced by the empty prompt's with probability `share`."""
     if not share:
-        return ids
-    dropped = drop_mask(len(ids), share, generator)
+        return ids  # draws nothing, so runs without dropout keep their random streams
+    dropped = torch.rand(len(ids), generator=generator) < share
     return torch.where(dropped[:, None], empty_ids, ids)
-
-
-@torch.no_grad()
-def base_unconditional(unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                       empty_states: torch.Tensor) -> torch.Tensor:
-    """The base model's unconditional prediction: the UNet with its LoRA switched off, fed the base
-    text encoder's embedding of the empty prompt."""
-    unet.disable_adapters()
-    try:
-        states = empty_states.expand(len(noisy_latents), -1, -1)
-        return unet(noisy_latents, timesteps, states, return_dict=False)[0]
-    finally:
-        unet.enable_adapters()
 
 
 def min_snr_weights(noise_scheduler, gamma: float) -> torch.Tensor:
@@ -512,12 +480,6 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
 
     for module in (vae, text_encoder, unet):
         module.requires_grad_(False)
-    base_empty_states = None
-    if config.uncond_anchor:  # before any adapter goes on the text encoder
-        with torch.no_grad():
-            empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
-            base_empty_states = text_encoder(empty, return_dict=False)[0]
     te_has_lora = False
     if config.lora:
         with torch.random.fork_rng(devices=[]):  # the LoRA init follows the seed; the caller's RNG is left alone
@@ -654,18 +616,12 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
                 latents, noise = latents.to(device, weight_dtype), noise.to(device, weight_dtype)
                 timesteps = timesteps.to(device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                dropped = drop_mask(len(picked), config.prompt_dropout, generator)
-                ids = torch.where(dropped[:, None], empty_ids, input_ids[picked])
+                ids = drop_prompts(input_ids[picked], empty_ids, config.prompt_dropout, generator)
 
                 with torch.set_grad_enabled(config.train_text_encoder):
                     encoder_hidden_states = te_model(ids.to(device), return_dict=False)[0]
                 pred = model(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                 target = training_target(noise_scheduler, latents, noise, timesteps)
-                if base_empty_states is not None and dropped.any():
-                    target = target.clone()
-                    target[dropped.to(device)] = base_unconditional(
-                        unwrap(model), noisy_latents[dropped.to(device)], timesteps[dropped.to(device)],
-                        base_empty_states.to(device, weight_dtype)).to(target.dtype)
                 weights = sample_weights[picked].to(device)
                 if snr_weights is not None:
                     weights = weights * snr_weights[timesteps]
@@ -779,8 +735,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     p.add_argument("--random-flip", action="store_true", help="horizontal flips (break left/right prompts)")
     p.add_argument("--prompt-dropout", type=float, default=d.prompt_dropout,
                    help="share of captions replaced by the empty prompt (Stable Diffusion trained with 0.1)")
-    p.add_argument("--uncond-anchor", action="store_true",
-                   help="LoRA: dropped captions learn the base model's unconditional prediction, not the noise")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -793,8 +747,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
         max_grad_norm=a.max_grad_norm, mixed_precision=a.mixed_precision, ema_decay=a.ema_decay,
         snr_gamma=a.snr_gamma, resolution=a.resolution, center_crop=not a.no_center_crop,
-        random_flip=a.random_flip, prompt_dropout=a.prompt_dropout, uncond_anchor=a.uncond_anchor, seed=a.seed,
-        checkpoint_every=a.checkpoint_every, log_every=a.log_every)
+        random_flip=a.random_flip, prompt_dropout=a.prompt_dropout, seed=a.seed, checkpoint_every=a.checkpoint_every, log_every=a.log_every)
     return config, not a.no_resume
 
 

@@ -202,22 +202,6 @@ def test_prompt_dropout_swaps_about_that_share_of_captions_for_the_empty_prompt(
     assert drop_prompts(ids, empty, 0.0, torch.Generator()) is ids
 
 
-def test_anchored_prompt_dropout_keeps_the_base_unconditional_prediction(tiny_sd, shapes_data, tmp_path):
-    # Every caption dropped. Anchored, each target is what the base model (adapter off) predicts for
-    # the empty prompt, which a fresh LoRA (B = 0) already predicts: nothing moves. Plain dropout
-    # pulls the unconditional prediction toward the training images.
-    def largest_lora_up(out: Path) -> float:
-        weights = load_file(out / "pytorch_lora_weights.safetensors")
-        return max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
-
-    anchored = tiny_config(tiny_sd, [shapes_data], tmp_path / "anchored", prompt_dropout=0.999, uncond_anchor=True,
-                           train_text_encoder=True)
-    train(anchored)
-    train(replace(anchored, out=str(tmp_path / "plain"), uncond_anchor=False))
-    assert largest_lora_up(tmp_path / "anchored") == 0.0
-    assert largest_lora_up(tmp_path / "plain") > 1e-4
-
-
 def test_the_target_follows_the_scheduler_prediction_type():
     from diffusers import DDPMScheduler
 
@@ -308,8 +292,6 @@ def test_accelerate_launch_with_two_processes_keeps_replicas_in_sync(tiny_sd, sh
     ({"mixed_precision": "fp8"}, "mixed_precision must be no, fp16 or bf16"),
     ({"prompt_dropout": 1.0}, "prompt_dropout must be in"),
     ({"lora": False, "init_lora": "x"}, "init_lora continues a LoRA"),
-    ({"lora": False, "uncond_anchor": True, "prompt_dropout": 0.1}, "uncond_anchor needs lora=True"),
-    ({"uncond_anchor": True}, "uncond_anchor acts on the rows whose caption is dropped"),
     ({"model": "no-such-model"}, "Unknown model"),
 ])
 def test_bad_settings_fail_before_any_work(tiny_sd, shapes_data, tmp_path, overrides, expected):

@@ -64,9 +64,6 @@ def test_the_tab_settings_reach_the_run(runner, monkeypatch):
     tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4, None, None, None, True,
                   1000)
     assert submitted["prior_images"] == 1000
-    tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4, None, None, None, True,
-                  0, "", True)
-    assert submitted["uncond_anchor"] is True
 
 
 def test_a_prior_preservation_folder_outside_the_data_folder_is_refused(runner, monkeypatch, tmp_path):
@@ -119,9 +116,3 @@ def test_continue_needs_a_run():
 def test_run_names_cannot_leave_the_runs_folder(tmp_path):
     assert tab.run_folder("../../etc") is None
     assert tab.run_folder(None) is None
-
-
-def test_the_unconditional_anchor_on_a_full_fine_tune_is_refused(runner):
-    run, job, message = tab.start_run(runner, "shapes", 2, 500, 3, "Full", 8, 800, 32, 5e-4, "relabel", False, 4,
-                                      None, None, None, True, 0, "", True)
-    assert job is None and "unconditional anchor needs a LoRA" in message

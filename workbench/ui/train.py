@@ -48,7 +48,7 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
               review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None,
-              train_text_encoder=None, prior_images=None, prior_data=None, uncond_anchor=None):
+              train_text_encoder=None, prior_images=None, prior_data=None):
     from pipelines.ipr import IPRConfig
     from workbench.datasets import inside_data_folder
 
@@ -68,7 +68,6 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                            train_text_encoder=(defaults.train_text_encoder if train_text_encoder is None
                                                else bool(train_text_encoder)),
                            prior_images=int(prior_images or 0),
-                           uncond_anchor=defaults.uncond_anchor if uncond_anchor is None else bool(uncond_anchor),
                            prior_data=str(inside_data_folder(prior_data.strip())) if (prior_data or "").strip() else None)
         config.validate()
         return config.__dict__
@@ -127,9 +126,6 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             method = gr.Radio(["LoRA", "Full"], value="LoRA", label="Fine-tuning")
             rank = gr.Number(8, label="LoRA rank", precision=0)
             train_text_encoder = gr.Checkbox(defaults.train_text_encoder, label="Train the text encoder too")
-            uncond_anchor = gr.Checkbox(defaults.uncond_anchor, label="Anchor the unconditional prediction",
-                                        info="dropped captions learn the base model's prediction, so guidance "
-                                             "does not blank out objects (LoRA)")
         with gr.Column():
             steps = gr.Number(800, label="Training steps per iteration", precision=0)
             batch = gr.Number(32, label="Batch size", precision=0)
@@ -156,7 +152,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
                              eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder, prior_images,
-                             prior_data, uncond_anchor], "train-status",
+                             prior_data], "train-status",
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")

@@ -139,7 +139,7 @@ def generated_bank(n: int, seed: int, model: str = "shapes") -> tuple[torch.Tens
         if not detections:
             continue
         verdict = relabel(records[k // seeds]["prompt"], detections, result.image.width, result.image.height)
-        if not verdict.keep or not verdict.prompt.strip():
+        if not verdict.keep:
             continue  # shows nothing that was asked for: IPR drops such images too
         images.append(np.asarray(result.image.convert("RGB"), dtype=np.float32) / 255.0)
         prompts.append(verdict.prompt)

@@ -146,7 +146,6 @@ def test_generate_many_batches_prompts_and_matches_single_generation(tiny_sd):
         generate_many([requests[0], GenerationRequest("x", model=str(tiny_sd), steps=5)])
 
 
-
 def test_a_text_encoder_lora_is_loaded_with_its_weights():
     # The shipped IPR adapter of the shipped shapes model adapts the text encoder too. (transformers 5 may
     # print a load report calling these weights MISSING while diffusers injects the adapter; they load.)

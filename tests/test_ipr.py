@@ -29,8 +29,8 @@ def scripted_detector(monkeypatch):
 
 
 def config(tiny_sd, eval_prompts, **overrides) -> IPRConfig:
-    settings = dict(model=str(tiny_sd), iterations=2, continue_adapter=True, prompts=8, samples_per_prompt=2, detector="scripted",
-                    steps=2, batch_size=2, sample_steps=2, eval_prompts=eval_prompts, eval_seeds=1)
+    settings = dict(model=str(tiny_sd), iterations=2, continue_adapter=True, prompts=8, samples_per_prompt=2,
+                    detector="scripted", steps=2, batch_size=2, sample_steps=2, eval_prompts=eval_prompts, eval_seeds=1)
     return IPRConfig(**{**settings, **overrides})
 
 

@@ -5,7 +5,10 @@ pipeline's eval folder writes them) and scores every (image, prompt) with the sh
 likelihood reward: plain (mean log-probability of the prompt) and contrastive (against
 `--negatives` hard negatives, what `pipelines.realign --negatives K` descends). Prints, per tag, the
 AUC of each reward for correct against wrong images: 0.5 is chance, and a reward below it pushes the
-model away from what the benchmark counts as right.
+model away from what the benchmark counts as right. It also prints the mean contrastive reward of the
+correct and the wrong images and of a blank white canvas under the same prompts: a canvas that shows
+nothing scores about log(1 / (K + 1)), and where that beats the model's own images, ReFL can climb the
+reward by making images unreadable.
 
     python bench/reward_ranking.py --eval data/runs/RUN/eval-base [--captioner FOLDER ...] [--negatives 4]
 """
@@ -50,8 +53,9 @@ def score(rows: list[dict], folder: Path, captioner: str | None, negatives: int,
             prompts = [row["prompt"] for row in chunk]
             # The negatives of a chunk are drawn from its own seeded generator: the same for every captioner.
             drawn = contrastive(images, prompts, rng=np.random.default_rng(start))
-            for row, a, b in zip(chunk, plain(images, prompts).tolist(), drawn.tolist()):
-                row["plain"], row["contrastive"] = a, b
+            blank = contrastive(torch.ones_like(images), prompts, rng=np.random.default_rng(start))
+            for row, a, b, c in zip(chunk, plain(images, prompts).tolist(), drawn.tolist(), blank.tolist()):
+                row["plain"], row["contrastive"], row["blank"] = a, b, c
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,14 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     for captioner in args.captioner or [None]:
         score(rows, args.eval, captioner, args.negatives)
         print(f"captioner {captioner or 'shipped'} on {args.eval} ({len(rows)} images)")
-        print(f"{'tag':<15}{'correct':>9}{'AUC plain':>11}{'AUC contrastive':>17}")
+        print(f"{'tag':<15}{'correct':>9}{'AUC plain':>11}{'AUC contrastive':>17}"
+              f"{'mean r right':>14}{'mean r wrong':>14}{'mean r blank':>14}")
         for tag in tags:
             tagged = [row for row in rows if row["tag"] == tag]
             right = [row for row in tagged if row["correct"]]
             wrong = [row for row in tagged if not row["correct"]]
             print(f"{tag:<15}{len(right):>5}/{len(tagged):<3}"
                   f"{auc([r['plain'] for r in right], [r['plain'] for r in wrong]):>11.3f}"
-                  f"{auc([r['contrastive'] for r in right], [r['contrastive'] for r in wrong]):>17.3f}")
+                  f"{auc([r['contrastive'] for r in right], [r['contrastive'] for r in wrong]):>17.3f}"
+                  + "".join(f"{np.mean([r[key] for r in group]) if group else float('nan'):>14.3f}"
+                            for key, group in (("contrastive", right), ("contrastive", wrong), ("blank", tagged))))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,16 @@ class ReFLConfig:
     # same quarter of the 20-step schedule the shapes model generates with costs half as much.
     schedule_steps: int = 20
     first_grad_step: int = 15
+    # Exclusive upper bound of the drawn gradient step; None: the end of the schedule (ImageReward's choice).
+    # A late step can only retouch an image whose layout the gradient-free steps already fixed; drawing it
+    # earlier lets the reward reach what a compositional prompt is about (how many objects, and where).
+    last_grad_step: int | None = None
     guidance: float | None = None  # None: the model's default; the sampled states look like generation's
+    # The gradient step's unconditional prediction without gradients (our addition). Through guidance the
+    # reward reaches it with weight (1 - guidance), -6.5 at 7.5: each prompt's reward then moves the
+    # one prediction that guidance subtracts from every prompt, which on the shapes model emptied
+    # single-object images (the blank images IPR's empty captions also caused).
+    detach_uncond: bool = False
     pretrain_batch: int = 16
     pretrain_data: str | None = None  # imagefolder for real models; the shapes model renders its own
     prompt_dropout: float = 0.1
@@ -100,6 +109,8 @@ class ReFLConfig:
              "lr and reward_weight must be positive."),
             (0 < self.first_grad_step < self.schedule_steps,
              f"first_grad_step must lie inside the {self.schedule_steps}-step schedule."),
+            (self.last_grad_step is None or self.first_grad_step < self.last_grad_step <= self.schedule_steps,
+             f"last_grad_step must lie after first_grad_step and at most at {self.schedule_steps}."),
             (0 <= self.prompt_dropout < 1, "prompt_dropout must be in [0, 1)."),
             (0 <= self.negatives <= 32, f"negatives must be between 0 and 32 (got {self.negatives})."),
             (self.model == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,
@@ -227,11 +238,16 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
             latents = torch.randn((len(prompts), unet.config.in_channels, unet.config.sample_size,
                                    unet.config.sample_size), generator=generator) * sampler.init_noise_sigma
-            grad_step = int(rng.integers(config.first_grad_step, config.schedule_steps))
+            grad_step = int(rng.integers(config.first_grad_step, config.last_grad_step or config.schedule_steps))
 
-            def guided(x: torch.Tensor, t) -> torch.Tensor:
-                pred = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
-                pred_uncond, pred_cond = pred.chunk(2)
+            def guided(x: torch.Tensor, t, detach_uncond: bool = False) -> torch.Tensor:
+                if detach_uncond:
+                    with torch.no_grad():
+                        pred_uncond = unet(x, t, uncond.detach()).sample
+                    pred_cond = unet(x, t, cond).sample
+                else:
+                    pred = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
+                    pred_uncond, pred_cond = pred.chunk(2)
                 return pred_uncond + guidance * (pred_cond - pred_uncond)
 
             # Sample without gradients down to the drawn step, then take that step with gradients.
@@ -239,7 +255,8 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
                 for t in sampler.timesteps[:grad_step]:
                     latents = sampler.step(guided(sampler.scale_model_input(latents, t), t), t, latents).prev_sample
             t = sampler.timesteps[grad_step]
-            x0 = sampler.step(guided(sampler.scale_model_input(latents, t), t), t, latents).pred_original_sample
+            x0 = sampler.step(guided(sampler.scale_model_input(latents, t), t, config.detach_uncond), t,
+                              latents).pred_original_sample
             images = vae.decode(x0 / scaling).sample
             # Hard negatives come from the run's own generator, which checkpoints save, so a resume draws the same.
             r = reward(images, prompts, rng=rng) if config.negatives else reward(images, prompts)
@@ -379,7 +396,8 @@ def _append_jsonl(path: Path, row: dict) -> None:
 def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     # More or fewer evaluation seeds re-scores the same adapter; the rest must match.
     bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
-                    implied={"negatives": 0, "train_text_encoder": False})  # what runs saved before these had
+                    implied={"negatives": 0, "train_text_encoder": False, "last_grad_step": None,
+                             "detach_uncond": False})  # what runs saved before these had
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         kind = {int: int, float: float}.get(type(getattr(defaults, f.name)), str)
         if f.name in ("guidance", "reward_weight"):
             kind = float
+        if f.name == "last_grad_step":
+            kind = int
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
     args = vars(parser.parse_args(argv))
     out = args.pop("out")

@@ -104,6 +104,9 @@ class SelmaConfig:
     # the shapes defaults are IPR's (rank 8, lr 5e-4, batch 32), which suit the tiny shapes UNet.
     rank: int = 8
     alpha: float = 8.0
+    # A LoRA on the text encoder too (our addition; IPR's position gain on the shapes model needed it).
+    # Merging then combines the text-encoder adapters the same way as the UNet's.
+    train_text_encoder: bool = False
     steps: int = 400  # per expert
     baseline: bool = True  # also train one LoRA on every skill's data mixed (the paper's comparison)
     # None: n_skills x steps, the optimizer steps of all experts together, so the mixed LoRA sees each
@@ -531,8 +534,9 @@ def train_adapter(config: SelmaConfig, data: list[Path], out: Path, steps: int, 
     from pipelines.trainer import TrainConfig, train
 
     train_config = TrainConfig(model=config.model, data=[str(d) for d in data], out=str(out), lora=True,
-                               rank=config.rank, alpha=config.alpha, steps=steps, batch_size=config.batch_size,
-                               lr=config.lr, prompt_dropout=config.prompt_dropout, seed=config.seed)
+                               rank=config.rank, alpha=config.alpha, train_text_encoder=config.train_text_encoder,
+                               steps=steps, batch_size=config.batch_size, lr=config.lr,
+                               prompt_dropout=config.prompt_dropout, seed=config.seed)
     result = train(train_config, on_progress=lambda f, m: progress(task, f, m), should_stop=should_stop)
     if result.get("stopped"):
         raise JobCancelled(f"training of the {task} was stopped; resume the run to continue it")
@@ -546,14 +550,11 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
     format (`out/pytorch_lora_weights.safetensors`, loadable with `load_lora_weights` or a LoraSpec),
     plus `out/merge.json`. "cat" reproduces `set_adapters(experts, weights)` exactly (rank = sum of
     ranks); see the module docstring for the others. `density` is read by ties, dare_* and
-    magnitude_prune; `seed` fixes DARE's random drops."""
-    import copy
-
-    import torch
+    magnitude_prune; `seed` fixes DARE's random drops. Text-encoder adapters are merged the same way,
+    over the experts that have one."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors import safe_open
+    from transformers import CLIPTextModel
 
     from workbench.registry import resolve
 
@@ -569,66 +570,107 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
         if weights_file is None:
             raise InvalidInput(f"LoRA adapter not found: {expert} (expected a .safetensors file or a folder holding "
                                f"pytorch_lora_weights.safetensors).")
-        with safe_open(str(weights_file), framework="pt") as handle:
-            if any(key.startswith("text_encoder") for key in handle.keys()):
-                raise InvalidInput(f"{weights_file} adapts the text encoder too; only UNet adapters are merged.")
         files.append(weights_file)
 
     entry = resolve(model)
 
-    def load_unet():
+    def load(component: str):
+        kind = UNet2DConditionModel if component == "unet" else CLIPTextModel
         try:
-            return UNet2DConditionModel.from_pretrained(entry.source, subfolder="unet", local_files_only=True)
+            return kind.from_pretrained(entry.source, subfolder=component, local_files_only=True)
         except (OSError, ValueError) as error:
             raise ModelNotAvailable(f"Model '{entry.name}' ({entry.source}) could not be loaded: "
                                     f"{str(error).splitlines()[0][:300]} {entry.fetch_hint}") from None
 
-    # diffusers reads each file (format, rank, alpha) into one UNet; peft then holds every expert as a
-    # named adapter of a PeftModel on a clean UNet, which is what add_weighted_adapter works on.
-    names = [f"expert_{i}" for i in range(len(files))]
-    reader = load_unet()
+    def read_unet_expert(reader, name: str, weights_file: Path) -> bool:
+        reader.load_lora_adapter(str(weights_file.parent), weight_name=weights_file.name, prefix="unet",
+                                 adapter_name=name, local_files_only=True)
+        return True
+
+    def read_text_encoder_expert(reader, name: str, weights_file: Path) -> bool:
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            str(weights_file.parent), weight_name=weights_file.name, return_lora_metadata=True)
+        if not any(key.startswith("text_encoder.") for key in state):
+            return False  # a UNet-only expert: set_adapters leaves the text encoder to the others too
+        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, reader, prefix="text_encoder",
+                                                            adapter_name=name, metadata=metadata)
+        return True
+
+    unet_state, unet_config = _merge_component(lambda: load("unet"), read_unet_expert, files, weights,
+                                               combination, density, seed)
+    te_merged = _merge_component(lambda: load("text_encoder"), read_text_encoder_expert, files, weights,
+                                 combination, density, seed)
+
+    def layers_and_metadata(merged):
+        if merged is None:
+            return None, None
+        state, lora_config = merged
+        layers = convert_state_dict_to_diffusers({k.removeprefix("base_model.model."): v.contiguous()
+                                                  for k, v in state.items()})
+        metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
+        metadata["base_model_name_or_path"] = None
+        return layers, metadata
+
+    unet_layers, unet_metadata = layers_and_metadata((unet_state, unet_config))
+    te_layers, te_metadata = layers_and_metadata(te_merged)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_layers, unet_lora_adapter_metadata=unet_metadata,
+                                              text_encoder_lora_layers=te_layers,
+                                              text_encoder_lora_adapter_metadata=te_metadata, safe_serialization=True)
+    _write_json(out / "merge.json", {"combination": combination, "weights": [float(w) for w in weights],
+                                     "experts": [str(e) for e in experts], "rank": unet_config.r,
+                                     "text_encoder_rank": te_merged[1].r if te_merged else None,
+                                     "density": density if combination in PRUNING else None, "seed": seed})
+    return out
+
+
+def _merge_component(load_clean, read_expert, files: list[Path], weights: list[float], combination: str,
+                     density: float | None, seed: int):
+    """One model's (UNet's or text encoder's) merge: (peft state dict, LoraConfig) of the merged adapter, or
+    None when no expert adapts this model. Experts that do not adapt it are left out, as set_adapters does."""
+    import copy
+
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    # diffusers reads each file (format, rank, alpha) into one model; peft then holds every expert as a
+    # named adapter of a PeftModel on a clean copy, which is what add_weighted_adapter works on.
+    reader = load_clean()
+    names, kept_weights, kept_files = [], [], []
     with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        for name, weights_file in zip(names, files):
-            reader.load_lora_adapter(str(weights_file.parent), weight_name=weights_file.name, prefix="unet",
-                                     adapter_name=name, local_files_only=True)
+        for i, (weights_file, weight) in enumerate(zip(files, weights)):
+            if read_expert(reader, f"expert_{i}", weights_file):
+                names.append(f"expert_{i}")
+                kept_weights.append(weight)
+                kept_files.append(weights_file)
+    if not names:
+        return None
     configs = {name: copy.deepcopy(reader.peft_config[name]) for name in names}
-    states = {name: get_peft_model_state_dict(reader, adapter_name=name) for name in names}
-    del reader  # one UNet in memory at a time (SD's is 3.4 GB in float32)
+    states = {name: get_peft_model_state_dict(reader, adapter_name=name, save_embedding_layers=False) for name in names}
+    del reader  # one copy of the model in memory at a time (SD's UNet is 3.4 GB in float32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        peft_model = get_peft_model(load_unet(), configs[names[0]], adapter_name=names[0])
+        peft_model = get_peft_model(load_clean(), configs[names[0]], adapter_name=names[0])
         for name in names[1:]:
             peft_model.add_adapter(name, configs[name])
-    for name, weights_file in zip(names, files):
+    for name, weights_file in zip(names, kept_files):
         loaded = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in states[name].items()},
                                            adapter_name=name)
         if getattr(loaded, "unexpected_keys", None):
-            raise InvalidInput(f"{weights_file} does not fit {entry.name}'s UNet: {loaded.unexpected_keys[:3]} ...")
+            raise InvalidInput(f"{weights_file} does not fit the model: {loaded.unexpected_keys[:3]} ...")
     try:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # DARE drops at random: seeded
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             torch.manual_seed(seed)
-            peft_model.base_model.add_weighted_adapter(names, [float(w) for w in weights], "merged",
+            peft_model.base_model.add_weighted_adapter(names, [float(w) for w in kept_weights], "merged",
                                                        combination_type=combination,
                                                        density=density if combination in PRUNING else None)
     except ValueError as error:  # e.g. linear/ties need equal ranks
         raise InvalidInput(f"Cannot merge these adapters with {combination}: {error}") from None
-
-    state = get_peft_model_state_dict(peft_model, adapter_name="merged")
-    layers = convert_state_dict_to_diffusers({k.removeprefix("base_model.model."): v.contiguous()
-                                              for k, v in state.items()})
-    lora_config = peft_model.peft_config["merged"]
-    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
-    metadata["base_model_name_or_path"] = None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
-                                              safe_serialization=True)
-    _write_json(out / "merge.json", {"combination": combination, "weights": [float(w) for w in weights],
-                                     "experts": [str(e) for e in experts], "rank": lora_config.r,
-                                     "density": density if combination in PRUNING else None, "seed": seed})
-    return out
+    return (get_peft_model_state_dict(peft_model, adapter_name="merged", save_embedding_layers=False),
+            peft_model.peft_config["merged"])
 
 
 def merged_variant(config: SelmaConfig, experts: dict[str, Path], weights: list[float], merged: Path) -> list[LoraSpec]:
@@ -733,7 +775,7 @@ def finished_stages(out_dir: Path, config: SelmaConfig | None = None) -> dict[st
 def _check_same_config(config: SelmaConfig, out_dir: Path) -> None:
     # Scoring the experts alone adds evaluations without changing any result; the rest must match.
     bind_run_config(out_dir, {"kind": "selma", **asdict(config)}, "a SELMA run", ignore=("eval_experts",),
-                    implied={"image_check": "none"})  # runs saved before the check existed had none
+                    implied={"image_check": "none", "train_text_encoder": False})  # what runs saved before these had
 
 
 def load_config(out_dir: Path) -> SelmaConfig:
@@ -785,6 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "verify (keep those that show their prompt), relabel (the others get the prompt they show)")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--train-text-encoder", action="store_true", help="a LoRA on the text encoder too")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per expert")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="steps of the mixed LoRA (default: n_skills x steps)")
@@ -826,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompts_per_request=args.prompts_per_request, rouge_threshold=args.rouge_threshold,
                 samples_per_prompt=args.samples_per_prompt, sample_steps=args.sample_steps,
                 image_check=args.image_check,
-                rank=args.rank,
+                rank=args.rank, train_text_encoder=args.train_text_encoder,
                 alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
                 baseline=not args.no_baseline, baseline_steps=args.baseline_steps, batch_size=args.batch_size,
                 lr=args.lr, prompt_dropout=args.prompt_dropout, merge=args.merge, merge_weights=args.merge_weights,

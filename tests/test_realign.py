@@ -94,6 +94,21 @@ def test_a_contrastive_run_trains_on_the_prompt_against_its_hard_negatives(tiny_
     assert json.loads((tmp_path / "run" / "config.json").read_text())["negatives"] == 3
 
 
+def test_the_gradient_step_is_drawn_in_the_given_window_and_can_spare_the_unconditional_branch(
+        tiny_sd, caption_model, pretrain_data, tmp_path):
+    config = tiny_refl(tiny_sd, caption_model, pretrain_data, schedule_steps=6, first_grad_step=1, last_grad_step=3)
+    run_refl(config, tmp_path / "both", log=lambda m: None)
+    history = [json.loads(line) for line in (tmp_path / "both" / "history.jsonl").read_text().splitlines()]
+    assert all(1 <= h["grad_step"] < 3 for h in history)
+    spared = run_refl(replace(config, detach_uncond=True), tmp_path / "spared", log=lambda m: None)
+    # Same draws, same prompts: only where the reward's gradient goes differs, and so does the adapter.
+    a = load_file(str(tmp_path / "both" / "adapter" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(Path(spared["adapter"]) / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.allclose(a[k], b[k]) for k in a)
+    with pytest.raises(InvalidInput, match="last_grad_step must lie after first_grad_step"):
+        run_refl(replace(config, last_grad_step=1), tmp_path / "bad", log=lambda m: None)
+
+
 @pytest.mark.parametrize("negatives, text_encoder", [(0, False), (2, True)])
 def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path, negatives,
                                                    text_encoder):

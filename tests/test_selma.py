@@ -193,6 +193,34 @@ def test_fused_cat_adapter_equals_set_adapters(tiny_sd, experts, tmp_path):
             ).abs().max() > 1e-4
 
 
+def text_encoder_output(model, adapters: list[tuple[str, float]]) -> torch.Tensor:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    for i, (path, _) in enumerate(adapters):
+        pipe.load_lora_weights(path, adapter_name=f"a{i}")
+    pipe.set_adapters([f"a{i}" for i in range(len(adapters))], adapter_weights=[w for _, w in adapters])
+    ids = pipe.tokenizer(["red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_fused_cat_adapter_merges_text_encoder_adapters_too(tiny_sd, experts, tmp_path):
+    with_te = [str(build_tiny_lora(tiny_sd, tmp_path / f"te{i}", rank=rank, seed=20 + i, text_encoder=True))
+               for i, rank in enumerate((2, 4))]
+    adapters = with_te + experts[:1]  # the last adapts the UNet only
+    weights = [0.6, 0.4, 0.5]
+    merged = merge_experts(str(tiny_sd), adapters, weights, tmp_path / "merged", combination="cat")
+    assert json.loads((merged / "merge.json").read_text())["text_encoder_rank"] == 2 + 4
+    expected = text_encoder_output(tiny_sd, list(zip(adapters, weights)))
+    base = text_encoder_output(tiny_sd, [(experts[0], 1.0)])
+    assert (expected - base).abs().max() > 1e-2  # the text-encoder experts change the prompt's encoding...
+    torch.testing.assert_close(text_encoder_output(tiny_sd, [(str(merged), 1.0)]), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unet_output(tiny_sd, [(str(merged), 1.0)]),  # ...and the UNet's merge holds as before
+                               unet_output(tiny_sd, list(zip(adapters, weights))), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("combination", ["linear", "ties", "dare_linear", "dare_ties"])
 def test_weighted_adapter_combinations_load_and_generate(tiny_sd, experts, tmp_path, combination):
     out = merge_experts(str(tiny_sd), experts[1:], [0.5, 0.5], tmp_path / combination, combination=combination,

@@ -94,6 +94,10 @@ class ReFLConfig:
     # one prediction that guidance subtracts from every prompt, which on the shapes model emptied
     # single-object images (the blank images IPR's empty captions also caused).
     detach_uncond: bool = False
+    # Score each decoded image as this many randomly shifted copies (up to 1/16 of its side, edges
+    # repeated) and average (our addition; 0: the image as decoded). A pixel gradient that only fools
+    # the captioner on one exact image does not survive shifts; one that changes what is drawn does.
+    reward_shifts: int = 0
     pretrain_batch: int = 16
     pretrain_data: str | None = None  # imagefolder for real models; the shapes model renders its own
     prompt_dropout: float = 0.1
@@ -113,6 +117,7 @@ class ReFLConfig:
              f"last_grad_step must lie after first_grad_step and at most at {self.schedule_steps}."),
             (0 <= self.prompt_dropout < 1, "prompt_dropout must be in [0, 1)."),
             (0 <= self.negatives <= 32, f"negatives must be between 0 and 32 (got {self.negatives})."),
+            (0 <= self.reward_shifts <= 16, f"reward_shifts must be between 0 and 16 (got {self.reward_shifts})."),
             (self.model == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,
              "A real model needs --pretrain-data (an imagefolder of its pre-training kind of data) for eq. 5's "
              "denoising term, or --pretrain-batch 0 to train on the reward alone."),
@@ -259,7 +264,12 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
                               latents).pred_original_sample
             images = vae.decode(x0 / scaling).sample
             # Hard negatives come from the run's own generator, which checkpoints save, so a resume draws the same.
-            r = reward(images, prompts, rng=rng) if config.negatives else reward(images, prompts)
+            scored, scored_prompts = images, prompts
+            if config.reward_shifts:
+                scored = torch.cat([random_shift(images, generator) for _ in range(config.reward_shifts)])
+                scored_prompts = prompts * config.reward_shifts
+            r = reward(scored, scored_prompts, rng=rng) if config.negatives else reward(scored, scored_prompts)
+            r = r.view(-1, len(prompts)).mean(0)
             reward_loss = F.relu(config.reward_target - r).mean()
 
             # Eq. 5's pre-training term: the plain denoising loss on pre-training data.
@@ -346,6 +356,15 @@ def caption_reward_of_run(eval_dir: Path, config: ReFLConfig) -> float:
 # --- bookkeeping ------------------------------------------------------------------------------------
 
 
+def random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """images moved by a random offset of up to 1/16 of their side, the edges repeated (differentiable)."""
+    size = images.shape[-1]
+    pad = max(1, size // 16)
+    dx, dy = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    return padded[..., dy:dy + size, dx:dx + size]
+
+
 def _balanced_weight(reward_loss: torch.Tensor, pretrain_loss: torch.Tensor, params: list) -> float:
     """lambda making the reward term's gradient norm equal to the denoising term's (1 without the latter)."""
     if not pretrain_loss.requires_grad:
@@ -397,7 +416,7 @@ def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     # More or fewer evaluation seeds re-scores the same adapter; the rest must match.
     bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
                     implied={"negatives": 0, "train_text_encoder": False, "last_grad_step": None,
-                             "detach_uncond": False})  # what runs saved before these had
+                             "detach_uncond": False, "reward_shifts": 0})  # what runs saved before these had
 
 
 def main(argv: list[str] | None = None) -> int:

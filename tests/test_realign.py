@@ -109,6 +109,20 @@ def test_the_gradient_step_is_drawn_in_the_given_window_and_can_spare_the_uncond
         run_refl(replace(config, last_grad_step=1), tmp_path / "bad", log=lambda m: None)
 
 
+def test_a_shifted_reward_scores_moved_copies_of_the_image(tiny_sd, caption_model, pretrain_data, tmp_path):
+    from pipelines.realign import random_shift
+
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    moved = random_shift(images, torch.Generator().manual_seed(1))
+    assert moved.shape == images.shape and not torch.equal(moved, images)
+    moved.sum().backward()
+    assert images.grad.abs().sum() > 0  # the reward's gradient still reaches the decoded image
+    run_refl(tiny_refl(tiny_sd, caption_model, pretrain_data, negatives=2, reward_shifts=2), tmp_path / "run",
+             log=lambda m: None)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and all(-20 < h["reward"] <= 0 for h in history)
+
+
 @pytest.mark.parametrize("negatives, text_encoder", [(0, False), (2, True)])
 def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path, negatives,
                                                    text_encoder):

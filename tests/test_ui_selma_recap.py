@@ -27,11 +27,11 @@ from test_selma import SKILLS, config as selma_settings, scripted  # noqa: F401
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # model, image model, LLM, skills, prompts per skill, ROUGE-L threshold, images per prompt, steps, rank, lr,
-# merge, eval seeds, eval experts, image check: the order of the SELMA section's inputs
+# merge, eval seeds, eval experts, image check, text encoder: the order of the SELMA section's inputs
 SELMA_GOOD = ["shapes", "", "auto", ["counting", "spatial"], 150, 0.8, 3, 400, 8, 5e-4, "set_adapters", 4, False,
-              "none"]
+              "none", False]
 SELMA_NAMES = ["model", "image_model", "llm", "skills", "prompts", "rouge", "samples", "steps", "rank", "lr", "merge",
-               "eval_seeds", "eval_experts", "image_check"]
+               "eval_seeds", "eval_experts", "image_check", "text_encoder"]
 # model, data, images, captioner, captions, steps, rank, lr, prompt dropout, LoRA/Full, eval seeds
 RECAP_GOOD = ["shapes", None, 2000, "auto", "mix", 700, 64, 1e-3, 0.14, "LoRA", 4]
 RECAP_NAMES = ["model", "data", "images", "captioner", "captions", "steps", "rank", "lr", "dropout", "method",
@@ -90,12 +90,13 @@ def test_bad_selma_settings_are_refused_with_a_message(runner, changes, words):
 def test_good_selma_settings_submit_a_selma_job(runner):
     runner.register("selma", lambda params, ctx: {"params": params})  # record instead of training
     run, job_id, message = train_selma.start_selma_run(
-        runner, *with_changes(SELMA_GOOD, SELMA_NAMES, merge="ties", rank=16, eval_experts=True, image_check="relabel"))
+        runner, *with_changes(SELMA_GOOD, SELMA_NAMES, merge="ties", rank=16, eval_experts=True, image_check="relabel",
+                              text_encoder=True))
     assert job_id in message and run["value"] == job_id
     config = SelmaConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
     assert (config.skills, config.merge, config.rank, config.alpha, config.llm, config.image_model,
-            config.eval_experts, config.image_check) == (["counting", "spatial"], "ties", 16, 16.0, None, None, True,
-                                                    "relabel")
+            config.eval_experts, config.image_check, config.train_text_encoder) == (
+        ["counting", "spatial"], "ties", 16, 16.0, None, None, True, "relabel", True)
 
 
 def test_a_selma_run_is_cancelled_continued_and_shows_its_table_and_adapters(runner, tiny_sd, eval_prompts,

@@ -121,7 +121,7 @@ def selma_status(runner: JobRunner, run, job_id):
 
 
 def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank, lr,
-                 merge, eval_seeds, eval_experts, image_check="none") -> SelmaConfig:
+                 merge, eval_seeds, eval_experts, image_check="none", train_text_encoder=False) -> SelmaConfig:
     """The section's settings as a validated SelmaConfig; InvalidInput says what is wrong."""
     rank = number(rank, "LoRA rank")
     config = SelmaConfig(model=(model or "").strip(), image_model=(image_model or "").strip() or None,
@@ -129,7 +129,7 @@ def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_thres
                          prompts_per_skill=number(prompts_per_skill, "Prompts per skill"),
                          rouge_threshold=number(rouge_threshold, "ROUGE-L threshold", float),
                          samples_per_prompt=number(samples, "Images per prompt"), image_check=image_check or "none",
-                         steps=number(steps, "Steps per expert"),
+                         steps=number(steps, "Steps per expert"), train_text_encoder=bool(train_text_encoder),
                          rank=rank, alpha=float(rank), lr=number(lr, "Learning rate", float), merge=merge,
                          eval_seeds=number(eval_seeds, "ShapesBench seeds"), eval_experts=bool(eval_experts))
     config.validate()
@@ -164,6 +164,7 @@ def build_selma_section(runner: JobRunner):
                                         "relabel: the others under the prompt they show (IPR)")
             steps = gr.Number(400, label="Training steps per expert (mixed LoRA: n_skills x this)", precision=0)
             rank = gr.Number(8, label="LoRA rank", precision=0)
+            train_text_encoder = gr.Checkbox(False, label="LoRA on the text encoder too (merged with the UNet's)")
             lr = gr.Number(5e-4, label="Learning rate")
             merge = gr.Dropdown(list(MERGES), value=MERGES[0], label="Merge",
                                 info="set_adapters: every expert at 1/n (the authors'); the rest: peft's combinations")
@@ -171,7 +172,7 @@ def build_selma_section(runner: JobRunner):
             eval_experts = gr.Checkbox(False, label="Also score each expert alone")
     controls = run_controls(runner, KIND, "SELMA", start_selma_run,
                             [model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank,
-                             lr, merge, eval_seeds, eval_experts, image_check], "selma-status", extra_buttons=[SCORE_EXPERTS])
+                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder], "selma-status", extra_buttons=[SCORE_EXPERTS])
     table = gr.Dataframe(pd.DataFrame(columns=["variant"]), interactive=False,
                          label="ShapesBench accuracy (%) per tag: base, single LoRA on mixed data, merged experts")
     stats = gr.Dataframe(stats_frame([]), interactive=False, label="Prompts per skill: written, kept, dropped")

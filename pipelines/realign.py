@@ -85,18 +85,19 @@ class ReFLConfig:
     schedule_steps: int = 20
     first_grad_step: int = 15
     # Exclusive upper bound of the drawn gradient step; None: the end of the schedule (ImageReward's choice).
-    # A late step can only retouch an image whose layout the gradient-free steps already fixed; drawing it
-    # earlier lets the reward reach what a compositional prompt is about (how many objects, and where).
+    # A late step can only retouch an image whose layout the gradient-free steps already fixed; an earlier
+    # one reaches the layout, but on the shapes model steps 3..9 broke the images (refl-shapes card).
     last_grad_step: int | None = None
     guidance: float | None = None  # None: the model's default; the sampled states look like generation's
     # The gradient step's unconditional prediction without gradients (our addition). Through guidance the
-    # reward reaches it with weight (1 - guidance), -6.5 at 7.5: each prompt's reward then moves the
-    # one prediction that guidance subtracts from every prompt, which on the shapes model emptied
-    # single-object images (the blank images IPR's empty captions also caused).
+    # reward reaches it with weight (1 - guidance), -6.5 at 7.5, so each prompt's reward moves the one
+    # prediction that guidance subtracts from every prompt. Detaching it did not stop the shapes model's
+    # images from breaking at early gradient steps (refl-shapes card).
     detach_uncond: bool = False
     # Score each decoded image as this many randomly shifted copies (up to 1/16 of its side, edges
     # repeated) and average (our addition; 0: the image as decoded). A pixel gradient that only fools
     # the captioner on one exact image does not survive shifts; one that changes what is drawn does.
+    # On the shapes model 4 shifts did not make the training reward rise either (refl-shapes card).
     reward_shifts: int = 0
     pretrain_batch: int = 16
     pretrain_data: str | None = None  # imagefolder for real models; the shapes model renders its own
@@ -248,7 +249,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             def guided(x: torch.Tensor, t, detach_uncond: bool = False) -> torch.Tensor:
                 if detach_uncond:
                     with torch.no_grad():
-                        pred_uncond = unet(x, t, uncond.detach()).sample
+                        pred_uncond = unet(x, t, uncond).sample
                     pred_cond = unet(x, t, cond).sample
                 else:
                     pred = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample

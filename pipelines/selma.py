@@ -597,9 +597,9 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
         return True
 
     unet_state, unet_config = _merge_component(lambda: load("unet"), read_unet_expert, files, weights,
-                                               combination, density, seed)
+                                               combination, density, seed, f"{entry.name}'s UNet")
     te_merged = _merge_component(lambda: load("text_encoder"), read_text_encoder_expert, files, weights,
-                                 combination, density, seed)
+                                 combination, density, seed, f"{entry.name}'s text encoder")
 
     def layers_and_metadata(merged):
         if merged is None:
@@ -626,7 +626,7 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
 
 
 def _merge_component(load_clean, read_expert, files: list[Path], weights: list[float], combination: str,
-                     density: float | None, seed: int):
+                     density: float | None, seed: int, label: str):
     """One model's (UNet's or text encoder's) merge: (peft state dict, LoraConfig) of the merged adapter, or
     None when no expert adapts this model. Experts that do not adapt it are left out, as set_adapters does."""
     import copy
@@ -659,7 +659,7 @@ def _merge_component(load_clean, read_expert, files: list[Path], weights: list[f
         loaded = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in states[name].items()},
                                            adapter_name=name)
         if getattr(loaded, "unexpected_keys", None):
-            raise InvalidInput(f"{weights_file} does not fit the model: {loaded.unexpected_keys[:3]} ...")
+            raise InvalidInput(f"{weights_file} does not fit {label}: {loaded.unexpected_keys[:3]} ...")
     try:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # DARE drops at random: seeded
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -432,11 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
                                 default=getattr(defaults, f.name))
             continue
-        kind = {int: int, float: float}.get(type(getattr(defaults, f.name)), str)
-        if f.name in ("guidance", "reward_weight"):
-            kind = float
-        if f.name == "last_grad_step":
-            kind = int
+        # Settings whose default is None say their type here; the rest take their default's.
+        kind = ({"guidance": float, "reward_weight": float, "last_grad_step": int}.get(f.name)
+                or {int: int, float: float}.get(type(getattr(defaults, f.name)), str))
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
     args = vars(parser.parse_args(argv))
     out = args.pop("out")

@@ -172,7 +172,8 @@ def build_selma_section(runner: JobRunner):
             eval_experts = gr.Checkbox(False, label="Also score each expert alone")
     controls = run_controls(runner, KIND, "SELMA", start_selma_run,
                             [model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank,
-                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder], "selma-status", extra_buttons=[SCORE_EXPERTS])
+                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder], "selma-status",
+                            extra_buttons=[SCORE_EXPERTS])
     table = gr.Dataframe(pd.DataFrame(columns=["variant"]), interactive=False,
                          label="ShapesBench accuracy (%) per tag: base, single LoRA on mixed data, merged experts")
     stats = gr.Dataframe(stats_frame([]), interactive=False, label="Prompts per skill: written, kept, dropped")

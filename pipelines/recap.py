@@ -68,6 +68,8 @@ ROWS_PER_IMAGE = 2  # each image appears twice in both training sets; see recap_
 # single_object on held-out prompts against 91% with brief shorts). Its brief short mode ("two
 # circles and a square") leaves colours to the long caption.
 CAPTIONER_OPTIONS = {"shapes": {"brief_short": True}}
+# Settings added after older runs were saved, with the value those runs had, so they stay resumable.
+IMPLIED_SETTINGS = {"inline_pairs": False}
 
 
 @dataclass
@@ -84,6 +86,9 @@ class RecapConfig:
     captioner: str | None = None
     skip_unreadable: bool = False  # drop images that cannot be read instead of stopping
     captions: str = "mix"  # see CAPTION_MIXES
+    # Shapes captioner: write a related pair in one phrase, as people say it ("a circle to the left
+    # of a square"), not only as a clause after the list (see workbench.shapes.captions.long_caption).
+    inline_pairs: bool = True
     # Fine-tuning (pipelines.trainer), the same for both fine-tunes. It must be strong enough for the
     # captions to matter: a rank-8 LoRA at IPR's settings leaves both models next to the base. Rank 64
     # at lr 5e-4 for 2500 steps of 32 (80k image draws, a quarter of the shapes model's own
@@ -127,9 +132,17 @@ class RecapConfig:
     def captioner_name(self) -> str:
         return self.captioner or ("shapes" if self.data is None else "blip")
 
+    def captioner_options(self) -> dict:
+        """What the recaptioner backend is built with."""
+        options = dict(CAPTIONER_OPTIONS.get(self.captioner_name(), {}))
+        if self.captioner_name() == "shapes" and self.inline_pairs:  # off: as recaptions made before it
+            options["inline_pairs"] = True
+        return options
+
     @classmethod
     def from_dict(cls, data: dict) -> "RecapConfig":
         known = {f.name for f in fields(cls)}
+        data = {**IMPLIED_SETTINGS, **data}
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
@@ -166,7 +179,7 @@ def run_recap(config: RecapConfig, out_dir: Path, on_progress: Callable[[float, 
     config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bind_run_config(out_dir, {"kind": "recap", **asdict(config)}, "a RECAP run")
+    bind_run_config(out_dir, {"kind": "recap", **asdict(config)}, "a RECAP run", implied=IMPLIED_SETTINGS)
     stages = Stages(on_progress)
     if not config.eval_seeds:
         stages.weights = {k: v for k, v in stages.weights.items() if not k.startswith("eval")}
@@ -187,7 +200,8 @@ def run_recap(config: RecapConfig, out_dir: Path, on_progress: Callable[[float, 
     # 2. Recaption from the pixels.
     recaptioned = out_dir / "recaptioned"
     result = recaption(data, recaptioned, captioner=config.captioner_name(), text_field=config.text_field,
-                       skip_unreadable=config.skip_unreadable, on_progress=lambda f, m: stages("recaption", f, m),
+                       skip_unreadable=config.skip_unreadable, captioner_options=config.captioner_options(),
+                       on_progress=lambda f, m: stages("recaption", f, m),
                        should_stop=should_stop)
     if result.get("stopped"):
         raise JobCancelled("recaptioning was stopped; run again to continue where it stopped")
@@ -562,8 +576,15 @@ def caption_stats(out_dir: Path, config: RecapConfig) -> dict:
                                            for key in ("alt_text", "short_caption", "long_caption")}}
     scenes_file = Path(out_dir) / "data" / "scenes.jsonl"
     if config.data is None and scenes_file.exists():
-        truth = {s["file_name"]: s["caption"] for s in read_jsonl(scenes_file)}
-        stats["exact_share"] = {key: float(np.mean([r[key] == truth[r["file_name"]] for r in rows]))
+        from workbench.shapes.captions import long_caption
+        from workbench.shapes.scene import Scene
+
+        scenes = read_jsonl(scenes_file)
+        # Alt text is written in the clause form; long captions in the recaptioner's own form.
+        truth = {"alt_text": {s["file_name"]: s["caption"] for s in scenes},
+                 "long_caption": {s["file_name"]: long_caption(Scene.from_dict(s["scene"]), config.inline_pairs)
+                                  for s in scenes}}
+        stats["exact_share"] = {key: float(np.mean([r[key] == truth[key][r["file_name"]] for r in rows]))
                                 for key in ("alt_text", "long_caption")}
     return stats
 
@@ -640,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     kind = run.add_mutually_exclusive_group()
     kind.add_argument("--lora", action="store_true", default=True, help="train LoRA adapters (default)")
     kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
+    run.add_argument("--inline-pairs", action=argparse.BooleanOptionalAction, default=d.inline_pairs,
+                     help="shapes captioner: say a related pair in one phrase ('a circle to the left of a "
+                          "square') instead of a clause after the list")
     run.add_argument("--rank", type=int, default=d.rank)
     run.add_argument("--train-text-encoder", action="store_true")
     run.add_argument("--steps", type=int, default=d.steps, help="training steps of each fine-tune")
@@ -692,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
                 config = RecapConfig(model=args.model, data=args.data, images=args.images, data_seed=args.data_seed,
                                      single_share=args.single_share,
                                      text_field=args.text_field, captioner=args.captioner,
-                                     skip_unreadable=args.skip_unreadable, captions=args.captions, lora=not args.full,
+                                     skip_unreadable=args.skip_unreadable, captions=args.captions,
+                                     inline_pairs=args.inline_pairs, lora=not args.full,
                                      rank=args.rank, alpha=float(args.rank), train_text_encoder=args.train_text_encoder,
                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                      prompt_dropout=args.prompt_dropout, seed=args.seed, detector=args.detector,

@@ -113,6 +113,25 @@ def test_a_run_on_the_users_imagefolder_recaptions_it_into_the_run(tiny_sd, eval
     assert (data / "metadata.jsonl").read_bytes() == source
 
 
+def test_a_run_saved_before_inline_pairs_existed_continues_as_it_was_captioned(tiny_sd, eval_prompts, tmp_path):
+    from pipelines.recap import load_config
+
+    out = tmp_path / "run"
+    run_recap(config(tiny_sd, eval_prompts, inline_pairs=False, eval_seeds=0), out, log=lambda m: None)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["inline_pairs"]  # as older versions wrote it
+    (out / "config.json").write_text(json.dumps(saved))
+    weights = out / "recap" / "adapter" / "pytorch_lora_weights.safetensors"
+    before = weights.stat().st_mtime_ns
+
+    resumed = load_config(out)
+    assert resumed.inline_pairs is False
+    run_recap(resumed, out, log=lambda m: None)
+    assert weights.stat().st_mtime_ns == before
+    with pytest.raises(InvalidInput, match="inline_pairs"):
+        run_recap(config(tiny_sd, eval_prompts, eval_seeds=0), out, log=lambda m: None)
+
+
 def test_bad_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(InvalidInput, match="caption choice"):
         run_recap(RecapConfig(captions="medium"), tmp_path / "run", log=lambda m: None)

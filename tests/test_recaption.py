@@ -105,6 +105,20 @@ def test_recaptioning_keeps_the_alt_text_and_reads_captions_from_the_pixels(web_
     assert rows[1]["short_caption"] == "two squares"
 
 
+def test_inline_pairs_recaption_a_related_pair_in_one_phrase(web_data, tmp_path):
+    recaption(web_data, tmp_path / "plain", captioner="shapes")
+    recaption(web_data, tmp_path / "inline", captioner="shapes",
+              captioner_options={"brief_short": True, "inline_pairs": True})
+    plain, inline = (read_jsonl(tmp_path / name / "metadata.jsonl") for name in ("plain", "inline"))
+    truth = [Scene.from_dict(t["scene"]) for t in read_jsonl(web_data / "scenes.jsonl")]
+    changed = [k for k, (p, i) in enumerate(zip(plain, inline)) if p["long_caption"] != i["long_caption"]]
+    assert changed  # some scenes are related pairs
+    for k in changed:
+        assert inline[k]["long_caption"] == long_caption(truth[k], inline_pairs=True)
+        assert ";" not in inline[k]["long_caption"] and ";" in plain[k]["long_caption"]
+    assert [r["short_caption"] for r in plain] == [r["short_caption"] for r in inline]
+
+
 def test_the_recap_mix_is_half_short_half_long_on_the_same_images_as_the_alt_text(web_data, tmp_path):
     out = tmp_path / "recaptioned"
     recaption(web_data, out, captioner="shapes")

@@ -213,6 +213,25 @@ def test_long_caption_follows_the_grammar():
     assert long_caption(above) == "a purple triangle and an orange circle; the orange circle is below the purple triangle"
 
 
+def test_inline_pairs_say_a_related_pair_in_one_phrase_and_leave_other_scenes_alone():
+    above = pair(ShapeObject("circle", "orange", 40, 45, 12), ShapeObject("triangle", "purple", 40, 12, 12))
+    assert long_caption(above, inline_pairs=True) == "an orange circle below a purple triangle"
+    groups = Scene((
+        ShapeObject("circle", "red", 10, 20, 12),
+        ShapeObject("square", "blue", 45, 32, 14),
+        ShapeObject("circle", "red", 12, 45, 12),
+    ))
+    assert long_caption(groups, inline_pairs=True) == "a blue square to the right of two red circles"
+    inline = 0
+    for scene in scenes(9, 300):
+        written = long_caption(scene, inline_pairs=True)
+        if written != long_caption(scene):
+            inline += 1
+            # Same objects and relation as the clause form, said in one phrase.
+            assert ";" not in written and ";" in long_caption(scene), written
+    assert 0 < inline < 300
+
+
 def test_long_caption_mentions_every_object_colour_count_and_clear_relation():
     for scene in scenes(9, 300):
         caption = long_caption(scene)

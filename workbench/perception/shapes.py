@@ -342,13 +342,16 @@ class ShapesCaptioner:
 
     brief_short=True makes the short caption brief, as people write one: objects and counts without
     colours ("two circles and a square", `brief_caption`); the long one still states every colour
-    and the layout.
+    and the layout. inline_pairs=True writes a related pair in one phrase ("a circle to the left of a
+    square"), see `long_caption`.
     """
 
-    def __init__(self, detector: ShapesDetector | None = None, min_score: float = 0.3, brief_short: bool = False):
+    def __init__(self, detector: ShapesDetector | None = None, min_score: float = 0.3, brief_short: bool = False,
+                 inline_pairs: bool = False):
         self.detector = detector or ShapesDetector()
         self.min_score = min_score
         self.brief_short = brief_short
+        self.inline_pairs = inline_pairs
 
     def caption(self, image: Image.Image, mode: str = "short") -> str:
         if mode not in ("short", "long"):
@@ -356,7 +359,7 @@ class ShapesCaptioner:
         width, height = image.size
         scene = scene_from_detections(self.detector.detect(image), width, height, self.min_score)
         if mode == "long":
-            return long_caption(scene)
+            return long_caption(scene, inline_pairs=self.inline_pairs)
         return brief_caption(scene) if self.brief_short else short_caption(scene)
 
 

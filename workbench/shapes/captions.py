@@ -144,10 +144,21 @@ def brief_caption(scene: Scene) -> str:
     return join_list([object_phrase(shape, None, len(members)) for shape, members in order])
 
 
-def long_caption(scene: Scene) -> str:
-    """The short caption plus where each group lies relative to an earlier one."""
+def long_caption(scene: Scene, inline_pairs: bool = False) -> str:
+    """The short caption plus where each group lies relative to an earlier one.
+
+    inline_pairs=True says a scene of two related groups in one phrase, as people describe a pair:
+    "a blue square to the right of two red circles" instead of "two red circles and a blue square;
+    the blue square is to the right of the red circles". Larger scenes keep the clauses.
+    """
     groups = group_objects(scene)
-    return _write(_mentions(groups), scene_relations(groups))
+    relations = scene_relations(groups)
+    if inline_pairs and len(groups) == 2 and len(relations) == 1:
+        (j, relation, i), mentions = relations[0], _mentions(groups)
+        subject, reference = mentions[j], mentions[i]
+        return (f"{object_phrase(subject.shape, subject.color, subject.count)} {CAPTION_RELATION_PHRASE[relation]} "
+                f"{object_phrase(reference.shape, reference.color, reference.count)}")
+    return _write(_mentions(groups), relations)
 
 
 # --- noisy alt text -----------------------------------------------------------------------------

@@ -126,10 +126,13 @@ def test_a_run_saved_before_inline_pairs_existed_continues_as_it_was_captioned(t
 
     resumed = load_config(out)
     assert resumed.inline_pairs is False
+    # The recaptioner is built as before the option existed, so its folder's settings still match.
+    assert resumed.captioner_options() == {"brief_short": True}
+    assert RecapConfig(inline_pairs=True).captioner_options() == {"brief_short": True, "inline_pairs": True}
     run_recap(resumed, out, log=lambda m: None)
     assert weights.stat().st_mtime_ns == before
     with pytest.raises(InvalidInput, match="inline_pairs"):
-        run_recap(config(tiny_sd, eval_prompts, eval_seeds=0), out, log=lambda m: None)
+        run_recap(config(tiny_sd, eval_prompts, inline_pairs=True, eval_seeds=0), out, log=lambda m: None)
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):

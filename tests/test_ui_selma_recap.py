@@ -32,10 +32,10 @@ SELMA_GOOD = ["shapes", "", "auto", ["counting", "spatial"], 150, 0.8, 3, 400, 8
               "none", False]
 SELMA_NAMES = ["model", "image_model", "llm", "skills", "prompts", "rouge", "samples", "steps", "rank", "lr", "merge",
                "eval_seeds", "eval_experts", "image_check", "text_encoder"]
-# model, data, images, captioner, captions, steps, rank, lr, prompt dropout, LoRA/Full, eval seeds
-RECAP_GOOD = ["shapes", None, 2000, "auto", "mix", 700, 64, 1e-3, 0.14, "LoRA", 4]
+# model, data, images, captioner, captions, steps, rank, lr, prompt dropout, LoRA/Full, eval seeds, inline pairs
+RECAP_GOOD = ["shapes", None, 2000, "auto", "mix", 700, 64, 1e-3, 0.14, "LoRA", 4, False]
 RECAP_NAMES = ["model", "data", "images", "captioner", "captions", "steps", "rank", "lr", "dropout", "method",
-               "eval_seeds"]
+               "eval_seeds", "inline_pairs"]
 
 
 def with_changes(good, names, **changes) -> list:
@@ -173,10 +173,12 @@ def test_good_recap_settings_submit_a_recap_job_on_data_inside_the_data_folder(r
     folder = make_imagefolder(data_dir / "datasets" / "web")
     runner.register("recap", lambda params, ctx: {"params": params})
     run, job_id, message = train_recap.start_recap_run(
-        runner, *with_changes(RECAP_GOOD, RECAP_NAMES, data="datasets/web", captioner="blip2", method="Full"))
+        runner, *with_changes(RECAP_GOOD, RECAP_NAMES, data="datasets/web", captioner="blip2", method="Full",
+                              inline_pairs=True))
     assert job_id in message and run["value"] == job_id
     config = RecapConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
     assert (config.data, config.captioner, config.lora, config.alpha) == (str(folder), "blip2", False, 64.0)
+    assert config.inline_pairs is True
 
 
 def test_a_recap_run_is_cancelled_continued_and_shows_its_table_and_adapters(runner, tiny_sd, eval_prompts,

@@ -105,7 +105,7 @@ def recap_status(runner: JobRunner, run, job_id):
 
 
 def recap_config(model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
-                 eval_seeds) -> RecapConfig:
+                 eval_seeds, inline_pairs=False) -> RecapConfig:
     """The section's settings as a validated RecapConfig; InvalidInput says what is wrong."""
     resolve(model)  # an unknown model is refused now, not when the job starts
     rank, lr = number(rank, "LoRA rank"), number(lr, "Learning rate", float)
@@ -116,7 +116,7 @@ def recap_config(model, data, images, captioner, captions, steps, rank, lr, prom
                          captioner=None if captioner in (None, "", AUTO) else captioner, captions=captions,
                          steps=number(steps, "Steps"), rank=rank, alpha=float(rank), lr=lr,
                          prompt_dropout=number(prompt_dropout, "Prompt dropout", float), lora=method == "LoRA",
-                         eval_seeds=number(eval_seeds, "ShapesBench seeds"))
+                         eval_seeds=number(eval_seeds, "ShapesBench seeds"), inline_pairs=bool(inline_pairs))
     config.validate()
     return config
 
@@ -143,6 +143,8 @@ def build_recap_section(runner: JobRunner):
                                     label="Captioner (auto: shapes for rendered data, else blip)")
             captions = gr.Radio(list(CAPTION_MIXES), value=defaults.captions, label="RECAP captions",
                                 info="mix: short or long with p = 0.5 each time an image is drawn (the paper's best)")
+            inline_pairs = gr.Checkbox(defaults.inline_pairs, label="Shapes captioner: say a related pair in one "
+                                                                    "phrase (\"a circle to the left of a square\")")
         with gr.Column():
             steps = gr.Number(defaults.steps, label="Training steps (each fine-tune)", precision=0)
             rank = gr.Number(defaults.rank, label="LoRA rank", precision=0)
@@ -153,7 +155,7 @@ def build_recap_section(runner: JobRunner):
                                    precision=0)
     controls = run_controls(runner, KIND, "RECAP", start_recap_run,
                             [model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
-                             eval_seeds], "recap-status")
+                             eval_seeds, inline_pairs], "recap-status")
     table = gr.Dataframe(pd.DataFrame(columns=["tag", *EVALUATIONS, DELTA]), interactive=False,
                          label="ShapesBench accuracy (%) per tag: base vs alt-text vs RECAP fine-tune")
     adapters = gr.Markdown(elem_id="recap-adapters")

@@ -684,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--text-field", default="text", help="metadata field holding the alt text")
     rec.add_argument("--batch-size", type=int, default=16)
     rec.add_argument("--skip-unreadable", action="store_true")
+    rec.add_argument("--inline-pairs", action="store_true", help="shapes captioner: say a related pair in one phrase")
 
     make = commands.add_parser("make-shapes-data", help="render shapes scenes with noisy alt text (an imagefolder)")
     make.add_argument("--n", type=int, default=d.images)
@@ -707,8 +708,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"equal to a ShapesBench prompt: alt text {overlap['alt_text']:.1%}, exact caption "
                 f"{overlap['exact_caption']:.1%}")
         elif args.command == "recaption":
+            options = RecapConfig(captioner=args.captioner, inline_pairs=args.inline_pairs).captioner_options()
             info = recaption(args.data, args.out, captioner=args.captioner, text_field=args.text_field,
-                             batch_size=args.batch_size, skip_unreadable=args.skip_unreadable)
+                             batch_size=args.batch_size, skip_unreadable=args.skip_unreadable,
+                             captioner_options=options)
             say(f"{info['images']} images captioned into {args.out} ({info['skipped']} unreadable skipped, "
                 f"{info['seconds']} s)")
         else:

@@ -88,8 +88,8 @@ class RecapConfig:
     captions: str = "mix"  # see CAPTION_MIXES
     # Shapes captioner: write a related pair in one phrase, as people say it ("a circle to the left
     # of a square"), not only as a clause after the list (see workbench.shapes.captions.long_caption).
-    # Off by default: with a full UNet fine-tune it left position at 0 and overall where it was
-    # (assets/adapters/recap-shapes/README.md); the frozen text encoder cannot learn the new phrasing.
+    # Off by default: full fine-tunes with it, text encoder frozen or trained, left position at 0 and
+    # overall where it was (assets/adapters/recap-shapes/README.md).
     inline_pairs: bool = False
     # Fine-tuning (pipelines.trainer), the same for both fine-tunes. It must be strong enough for the
     # captions to matter: a rank-8 LoRA at IPR's settings leaves both models next to the base. Rank 64

@@ -11,9 +11,11 @@ from pipelines.trainer import read_rows
 from workbench.errors import InvalidInput, ModelNotAvailable
 from workbench.perception import backends
 from workbench.perception.shapes import ShapesCaptioner
+from workbench.prompt_parser import parse_prompt
 from workbench.shapes.captions import AltTextNoise, brief_caption, long_caption
 from workbench.shapes.render import render
 from workbench.shapes.scene import Scene, ShapeObject
+from workbench.shapes.world import COLORS, OPPOSITE_RELATION
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,6 +107,15 @@ def test_recaptioning_keeps_the_alt_text_and_reads_captions_from_the_pixels(web_
     assert rows[1]["short_caption"] == "two squares"
 
 
+def same_pair(caption: str, expected: str) -> bool:
+    """Whether two one-phrase pair captions state the same objects and relation, either way round."""
+    def read(text):
+        target, subject = parse_prompt(text)["include"]
+        relation = subject.pop("position")[0]
+        return {(str(subject), relation, str(target)), (str(target), OPPOSITE_RELATION[relation], str(subject))}
+    return read(caption) == read(expected)
+
+
 def test_inline_pairs_recaption_a_related_pair_in_one_phrase(web_data, tmp_path):
     recaption(web_data, tmp_path / "plain", captioner="shapes")
     recaption(web_data, tmp_path / "inline", captioner="shapes",
@@ -114,9 +125,16 @@ def test_inline_pairs_recaption_a_related_pair_in_one_phrase(web_data, tmp_path)
     changed = [k for k, (p, i) in enumerate(zip(plain, inline)) if p["long_caption"] != i["long_caption"]]
     assert changed  # some scenes are related pairs
     for k in changed:
-        assert inline[k]["long_caption"] == long_caption(truth[k], inline_pairs=True)
+        # The same pair and relation as the truth; which object is placed may differ where the
+        # detected sizes differ a little from the drawn ones.
+        assert same_pair(inline[k]["long_caption"], long_caption(truth[k], inline_pairs=True))
         assert ";" not in inline[k]["long_caption"] and ";" in plain[k]["long_caption"]
-    assert [r["short_caption"] for r in plain] == [r["short_caption"] for r in inline]
+    # Short captions stay brief (no colours) but place a pair of shapes the same way.
+    short_changed = [k for k, (p, i) in enumerate(zip(plain, inline)) if p["short_caption"] != i["short_caption"]]
+    assert short_changed
+    for k in short_changed:
+        assert same_pair(inline[k]["short_caption"], brief_caption(truth[k], inline_pairs=True))
+        assert not any(color in inline[k]["short_caption"] for color in COLORS)
 
 
 def test_the_recap_mix_is_half_short_half_long_on_the_same_images_as_the_alt_text(web_data, tmp_path):

@@ -20,7 +20,9 @@ from workbench.shapes.bench_prompts import (
     vocabulary,
 )
 from workbench.shapes.captions import (
+    CAPTION_RELATION_PHRASE,
     AltTextNoise,
+    brief_caption,
     long_caption,
     noisy_alt_text,
     prompt_for_spec,
@@ -230,6 +232,34 @@ def test_inline_pairs_say_a_related_pair_in_one_phrase_and_leave_other_scenes_al
             # Same objects and relation as the clause form, said in one phrase.
             assert ";" not in written and ";" in long_caption(scene), written
     assert 0 < inline < 300
+
+
+def test_inline_pairs_place_the_smaller_group_so_every_relation_gets_said_and_holds():
+    # Two red circles on the right of a small blue square: the square is the figure, placed to the
+    # left of the circles, although the circles come later in left-to-right order.
+    left = Scene((
+        ShapeObject("square", "blue", 12, 32, 10),
+        ShapeObject("circle", "red", 45, 20, 12),
+        ShapeObject("circle", "red", 47, 45, 12),
+    ))
+    assert long_caption(left, inline_pairs=True) == "a blue square to the left of two red circles"
+    assert brief_caption(left, inline_pairs=True) == "a square to the left of two circles"
+    assert brief_caption(left) == "a square and two circles"
+    said = set()
+    for scene in scenes(9, 400):
+        brief = brief_caption(scene, inline_pairs=True)
+        if brief == brief_caption(scene):
+            continue
+        match = re.fullmatch(r"(?:a|an|\w+) (\w+?)s? (to the left of|to the right of|above|below) (?:a|an|\w+) (\w+?)s?", brief)
+        assert match, brief
+        figure, phrase, ground = match.groups()
+        relation = {v: k for k, v in CAPTION_RELATION_PHRASE.items()}[phrase]
+        said.add(relation)
+        # What the caption says holds for every figure-ground pair of objects, by GenEval's rule.
+        for a in (o for o in scene.objects if o.shape.startswith(figure)):
+            for b in (o for o in scene.objects if o.shape.startswith(ground)):
+                assert relation in relative_position(a.box, b.box), (brief, a, b)
+    assert said == {"left of", "right of", "above", "below"}
 
 
 def test_long_caption_mentions_every_object_colour_count_and_clear_relation():

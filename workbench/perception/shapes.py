@@ -342,8 +342,8 @@ class ShapesCaptioner:
 
     brief_short=True makes the short caption brief, as people write one: objects and counts without
     colours ("two circles and a square", `brief_caption`); the long one still states every colour
-    and the layout. inline_pairs=True writes a related pair in one phrase ("a circle to the left of a
-    square"), see `long_caption`.
+    and the layout. inline_pairs=True writes a related pair in one phrase in both modes ("a red circle
+    to the left of a blue square", "a circle to the left of a square"), see `figure_and_ground`.
     """
 
     def __init__(self, detector: ShapesDetector | None = None, min_score: float = 0.3, brief_short: bool = False,
@@ -360,7 +360,7 @@ class ShapesCaptioner:
         scene = scene_from_detections(self.detector.detect(image), width, height, self.min_score)
         if mode == "long":
             return long_caption(scene, inline_pairs=self.inline_pairs)
-        return brief_caption(scene) if self.brief_short else short_caption(scene)
+        return brief_caption(scene, self.inline_pairs) if self.brief_short else short_caption(scene)
 
 
 def match_scene(scene: Scene, detections: list[Detection], min_iou: float = 0.5) -> tuple[bool, list[float]]:

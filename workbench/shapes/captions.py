@@ -6,7 +6,9 @@ Grammar (deterministic, all lower case, no final full stop):
 * the long caption adds one clause per group after the first, saying where it is relative to an
   earlier group (the nearest earlier one for which the relation holds for every pair of members),
   by GenEval's own position rule so captions and the scorer agree:
-  "...; the blue square is to the right of the red circles; the orange triangle is below the blue square".
+  "...; the blue square is to the right of the red circles; the orange triangle is below the blue square";
+* with inline_pairs, a scene of two related groups is one phrase, the smaller group placed relative
+  to the other: "a blue square to the left of two red circles" (brief: "a square to the left of two circles").
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from workbench.shapes.world import COLORS, COUNT_WORDS, OPPOSITE_RELATION, PLURA
 
 # How the long caption says each relation.
 CAPTION_RELATION_PHRASE = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+# A group is the figure of a pair (placed relative to the other) when it has fewer objects, or as
+# many and this much less area.
+FIGURE_AREA_RATIO = 1.5
 # Web alt text often starts like this.
 ALT_TEXT_PREFIXES = ("photo of", "image of", "picture of", "stock image of", "clipart of", "illustration of")
 
@@ -134,14 +139,56 @@ def short_caption(scene: Scene) -> str:
     return _write(_mentions(group_objects(scene)), [])
 
 
-def brief_caption(scene: Scene) -> str:
-    """What and how many, as a brief human caption says it: no colours, no layout: "two circles and a
-    square". Shapes are listed left to right by their leftmost object."""
+def _shape_groups(scene: Scene) -> list[Group]:
+    """Objects grouped by shape alone (colours ignored), ordered left to right by their leftmost member."""
     by_shape: dict[str, list[ShapeObject]] = {}
     for obj in scene.objects:
         by_shape.setdefault(obj.shape, []).append(obj)
-    order = sorted(by_shape.items(), key=lambda kv: (min(o.cx for o in kv[1]), min(o.cy for o in kv[1]), kv[0]))
-    return join_list([object_phrase(shape, None, len(members)) for shape, members in order])
+    groups = [Group(shape, "", tuple(members)) for shape, members in by_shape.items()]
+    return sorted(groups, key=lambda g: (min(o.cx for o in g.members), min(o.cy for o in g.members), g.shape))
+
+
+def brief_caption(scene: Scene, inline_pairs: bool = False) -> str:
+    """What and how many, as a brief human caption says it: no colours, no layout: "two circles and a
+    square". Shapes are listed left to right by their leftmost object.
+
+    inline_pairs=True says where a pair of shapes lies when one phrase can: "a circle above a square"
+    (see `long_caption`); other scenes keep the list.
+    """
+    groups = _shape_groups(scene)
+    if inline_pairs and len(groups) == 2:
+        pair = figure_and_ground(groups)
+        if pair is not None:
+            figure, relation, ground = pair
+            return (f"{object_phrase(figure.shape, None, figure.count)} {CAPTION_RELATION_PHRASE[relation]} "
+                    f"{object_phrase(ground.shape, None, ground.count)}")
+    return join_list([object_phrase(g.shape, None, g.count) for g in groups])
+
+
+def figure_and_ground(groups: list[Group]) -> tuple[Group, str, Group] | None:
+    """For two groups: (figure, relation, ground) as people place one thing relative to another, the
+    smaller group (fewer objects, then clearly less area, then the name) placed relative to the other; None when no
+    relation holds for every pair of members. Either group can be the figure, so every relation
+    (left of as well as right of) gets said, not only the one from the later group to the earlier."""
+    first, second = groups
+    relation = group_relation(second, first)
+    if relation is None:
+        return None
+
+    def area(group: Group) -> float:
+        return sum(o.size ** 2 for o in group.members)
+
+    # Sizes decide only when they clearly differ, so a captioner's small size errors do not flip the
+    # phrase; otherwise the names do (stable, and independent of where the groups lie).
+    if first.count != second.count:
+        first_is_figure = first.count < second.count
+    elif max(area(first), area(second)) > FIGURE_AREA_RATIO * min(area(first), area(second)):
+        first_is_figure = area(first) < area(second)
+    else:
+        first_is_figure = (first.shape, first.color) < (second.shape, second.color)
+    if first_is_figure:
+        return first, OPPOSITE_RELATION[relation], second
+    return second, relation, first
 
 
 def long_caption(scene: Scene, inline_pairs: bool = False) -> str:
@@ -154,10 +201,9 @@ def long_caption(scene: Scene, inline_pairs: bool = False) -> str:
     groups = group_objects(scene)
     relations = scene_relations(groups)
     if inline_pairs and len(groups) == 2 and len(relations) == 1:
-        (j, relation, i), mentions = relations[0], _mentions(groups)
-        subject, reference = mentions[j], mentions[i]
-        return (f"{object_phrase(subject.shape, subject.color, subject.count)} {CAPTION_RELATION_PHRASE[relation]} "
-                f"{object_phrase(reference.shape, reference.color, reference.count)}")
+        figure, relation, ground = figure_and_ground(groups)
+        return (f"{object_phrase(figure.shape, figure.color or None, figure.count)} {CAPTION_RELATION_PHRASE[relation]} "
+                f"{object_phrase(ground.shape, ground.color or None, ground.count)}")
     return _write(_mentions(groups), relations)
 
 

@@ -149,10 +149,13 @@ def test_cli(tmp_path, capsys):
     assert recap_main(["recaption", "--data", str(tmp_path / "data"), "--captioner", "shapes",
                        "--out", str(tmp_path / "recap")]) == 0
     assert "3 images captioned" in capsys.readouterr().out
-    assert recap_main(["recaption", "--data", str(tmp_path / "data"), "--captioner", "shapes", "--inline-pairs",
-                       "--out", str(tmp_path / "recap-inline")]) == 0
-    settings = json.loads((tmp_path / "recap-inline" / "recaption.json").read_text())["settings"]
+    # Pairs in one phrase by default; --no-inline-pairs writes the clause form.
+    settings = json.loads((tmp_path / "recap" / "recaption.json").read_text())["settings"]
     assert settings["captioner_options"] == {"brief_short": True, "inline_pairs": True}
+    assert recap_main(["recaption", "--data", str(tmp_path / "data"), "--captioner", "shapes", "--no-inline-pairs",
+                       "--out", str(tmp_path / "recap-clauses")]) == 0
+    settings = json.loads((tmp_path / "recap-clauses" / "recaption.json").read_text())["settings"]
+    assert settings["captioner_options"] == {"brief_short": True}
     assert recap_main(["recaption", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
     assert recap_main(["run", "--out", str(tmp_path / "nothing"), "--resume"]) == 2

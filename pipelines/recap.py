@@ -99,7 +99,8 @@ class RecapConfig:
     # pre-training) lets each model move toward what its captions say, and stays a diffusers-format
     # adapter. Stronger settings (lr 1e-3, or a full UNet fine-tune, `lora=False`, at 5e-4) made the
     # RECAP model lose more on prompts worded unlike its captioner's grammar, in 800-step probes on
-    # held-out training-grammar prompts (never ShapesBench's).
+    # held-out training-grammar prompts (never ShapesBench's). A full UNet fine-tune at lr 1e-4 gains
+    # more (RECAP minus alt text +9.9 against the LoRA's +7.9) but is a 16 MB UNet, not an adapter.
     lora: bool = True
     rank: int = 64
     alpha: float = 64.0

@@ -89,7 +89,7 @@ class RecapConfig:
     # Shapes captioner: write a related pair in one phrase, as people say it ("a circle to the left
     # of a square"), in the long and the brief short caption, not only as a clause after the list
     # (workbench.shapes.captions.figure_and_ground). With it the RECAP fine-tunes learn where things
-    # go from prompts worded as people word them: RECAP minus alt text rose from +1.0 to +7.6 (LoRA)
+    # go from prompts worded as people word them: RECAP minus alt text rose from +1.0 to +7.9 (LoRA)
     # and from +2.0 to +9.9 (full UNet), position from 0 to 17-24 (assets/adapters/recap-shapes/README.md).
     # Pairs in the long caption only (an earlier version) left position at 0.
     inline_pairs: bool = True

@@ -156,20 +156,16 @@ def brief_caption(scene: Scene, inline_pairs: bool = False) -> str:
     (see `long_caption`); other scenes keep the list.
     """
     groups = _shape_groups(scene)
-    if inline_pairs and len(groups) == 2:
-        pair = figure_and_ground(groups)
-        if pair is not None:
-            figure, relation, ground = pair
-            return (f"{object_phrase(figure.shape, None, figure.count)} {CAPTION_RELATION_PHRASE[relation]} "
-                    f"{object_phrase(ground.shape, None, ground.count)}")
+    if inline_pairs and len(groups) == 2 and (pair := figure_and_ground(groups)):
+        return _pair_phrase(*pair)
     return join_list([object_phrase(g.shape, None, g.count) for g in groups])
 
 
 def figure_and_ground(groups: list[Group]) -> tuple[Group, str, Group] | None:
     """For two groups: (figure, relation, ground) as people place one thing relative to another, the
-    smaller group (fewer objects, then clearly less area, then the name) placed relative to the other; None when no
-    relation holds for every pair of members. Either group can be the figure, so every relation
-    (left of as well as right of) gets said, not only the one from the later group to the earlier."""
+    smaller group (fewer objects, then clearly less area, then the name) placed relative to the
+    other; None when no relation holds for every pair of members. Either group can be the figure, so
+    every relation (left of as well as right of) gets said, not only the later group's to the earlier."""
     first, second = groups
     relation = group_relation(second, first)
     if relation is None:
@@ -191,6 +187,12 @@ def figure_and_ground(groups: list[Group]) -> tuple[Group, str, Group] | None:
     return second, relation, first
 
 
+def _pair_phrase(figure: Group, relation: str, ground: Group) -> str:
+    """ "a blue square to the left of two red circles"; groups without a colour are said without one."""
+    return (f"{object_phrase(figure.shape, figure.color or None, figure.count)} {CAPTION_RELATION_PHRASE[relation]} "
+            f"{object_phrase(ground.shape, ground.color or None, ground.count)}")
+
+
 def long_caption(scene: Scene, inline_pairs: bool = False) -> str:
     """The short caption plus where each group lies relative to an earlier one.
 
@@ -199,12 +201,9 @@ def long_caption(scene: Scene, inline_pairs: bool = False) -> str:
     the blue square is to the right of the red circles". Larger scenes keep the clauses.
     """
     groups = group_objects(scene)
-    relations = scene_relations(groups)
-    if inline_pairs and len(groups) == 2 and len(relations) == 1:
-        figure, relation, ground = figure_and_ground(groups)
-        return (f"{object_phrase(figure.shape, figure.color or None, figure.count)} {CAPTION_RELATION_PHRASE[relation]} "
-                f"{object_phrase(ground.shape, ground.color or None, ground.count)}")
-    return _write(_mentions(groups), relations)
+    if inline_pairs and len(groups) == 2 and (pair := figure_and_ground(groups)):
+        return _pair_phrase(*pair)
+    return _write(_mentions(groups), scene_relations(groups))
 
 
 # --- noisy alt text -----------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def recap_status(runner: JobRunner, run, job_id):
 
 
 def recap_config(model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
-                 eval_seeds, inline_pairs=False) -> RecapConfig:
+                 eval_seeds, inline_pairs=RecapConfig.inline_pairs) -> RecapConfig:
     """The section's settings as a validated RecapConfig; InvalidInput says what is wrong."""
     resolve(model)  # an unknown model is refused now, not when the job starts
     rank, lr = number(rank, "LoRA rank"), number(lr, "Learning rate", float)

@@ -374,6 +374,19 @@ def test_shapes_writes_prompts_for_each_skill(shapes, skill):
             assert objects >= 3 and "; the " in prompt, prompt  # objects, then where they are
 
 
+def test_shapes_spatial_prompts_mix_the_inline_and_the_caption_form(shapes):
+    # The base shapes model draws both shapes only for the caption form, so the spatial expert needs
+    # some of those; the inline form is what users (and GenEval) write.
+    prompts = write_prompts(shapes, "spatial", "", [], 60)
+    clause = [p for p in prompts if "; the " in p]
+    assert 15 <= len(clause) <= 45
+    for prompt in clause:  # the placed shape is the one the clause names first
+        first, said = prompt.split("; ")
+        include = parse_prompt(prompt)["include"]
+        placed = said.split(" is ")[0].split()[-1]
+        assert include[1]["class"] == placed and include[1]["position"][0] in said.replace("to the ", ""), prompt
+
+
 def test_shapes_refuses_unknown_skills_and_requests(shapes):
     with pytest.raises(InvalidInput, match="only for the skills counting, spatial"):
         write_prompts(shapes, "humour", "jokes", [], 3)

@@ -717,12 +717,20 @@ def _two_items(rng, colored: bool) -> list[tuple[str, str | None]]:
 
 
 def _spatial(rng) -> str:
-    from workbench.shapes.captions import object_phrase
+    from workbench.shapes.bench_prompts import CLAUSE_POSITION_SHARE
+    from workbench.shapes.captions import CAPTION_RELATION_PHRASE, definite_phrase, object_phrase
     from workbench.shapes.world import RELATION_PHRASES, RELATIONS
 
     (a, ca), (b, cb) = _two_items(rng, colored=False)
-    relation = _pick(rng, RELATION_PHRASES[_pick(rng, RELATIONS)])
-    return f"{object_phrase(a, ca)} {relation} {object_phrase(b, cb)}"
+    relation = _pick(rng, RELATIONS)
+    # Some prompts say the relation as a clause after the list, the way the shapes model's captions
+    # do: the base model draws both shapes for that form but mostly one, or none, for the inline one,
+    # so without it the spatial expert's images hold hardly any pair to learn (or relabel) a relation
+    # from. IPR's training prompts mix the two forms for the same reason.
+    if rng.random() < CLAUSE_POSITION_SHARE:
+        return (f"{object_phrase(b, cb)} and {object_phrase(a, ca)}; {definite_phrase(a, ca, 1)} is "
+                f"{CAPTION_RELATION_PHRASE[relation]} {definite_phrase(b, cb, 1)}")
+    return f"{object_phrase(a, ca)} {_pick(rng, RELATION_PHRASES[relation])} {object_phrase(b, cb)}"
 
 
 def _color_binding(rng) -> str:

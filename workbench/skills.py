@@ -135,8 +135,8 @@ SHAPES_SKILLS: tuple[Skill, ...] = (
     Skill("counting", "Prompts that ask for an exact number (two to four) of one kind of shape.",
           ("exactly three green triangles", "a photo of four red squares", "two purple circles on a plain background")),
     Skill("spatial", "Two shapes and where one is relative to the other (left of, right of, above, below).",
-          ("a blue circle to the left of a yellow square", "a triangle above a red circle",
-           "an orange square under a green triangle")),
+          ("a blue circle to the left of a yellow square", "a red circle and a triangle; the triangle is above "
+           "the red circle", "an orange square under a green triangle")),
     Skill("color_binding", "Two shapes of different colours, each colour bound to its own shape.",
           ("a purple triangle next to an orange circle", "a green square with a red triangle",
            "a yellow circle together with a blue triangle")),

@@ -718,7 +718,7 @@ def _two_items(rng, colored: bool) -> list[tuple[str, str | None]]:
 
 def _spatial(rng) -> str:
     from workbench.shapes.bench_prompts import CLAUSE_POSITION_SHARE
-    from workbench.shapes.captions import CAPTION_RELATION_PHRASE, definite_phrase, object_phrase
+    from workbench.shapes.captions import clause_caption, object_phrase
     from workbench.shapes.world import RELATION_PHRASES, RELATIONS
 
     (a, ca), (b, cb) = _two_items(rng, colored=False)
@@ -728,8 +728,7 @@ def _spatial(rng) -> str:
     # so without it the spatial expert's images hold hardly any pair to learn (or relabel) a relation
     # from. IPR's training prompts mix the two forms for the same reason.
     if rng.random() < CLAUSE_POSITION_SHARE:
-        return (f"{object_phrase(b, cb)} and {object_phrase(a, ca)}; {definite_phrase(a, ca, 1)} is "
-                f"{CAPTION_RELATION_PHRASE[relation]} {definite_phrase(b, cb, 1)}")
+        return clause_caption([(b, cb), (a, ca)], [(1, relation, 0)])
     return f"{object_phrase(a, ca)} {_pick(rng, RELATION_PHRASES[relation])} {object_phrase(b, cb)}"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench.errors import InvalidInput
-from workbench.shapes.captions import CAPTION_RELATION_PHRASE, caption_words, definite_phrase, join_list, object_phrase
+from workbench.shapes.captions import caption_words, clause_caption, join_list, object_phrase
 from workbench.shapes.world import COLORS, COUNT_WORDS, MAX_OBJECTS, PLURALS, RELATION_PHRASES, RELATIONS, SHAPES
 
 SHAPESBENCH_SEED = 43  # GenEval's default seed
@@ -198,9 +198,8 @@ def _training_record(rng: np.random.Generator, kinds: tuple[str, ...] = TRAINING
     said = [object_phrase(c["class"], c.get("color"), c["count"], numerals) for c in include]
     if kind == "position" and rng.random() < CLAUSE_POSITION_SHARE:
         subject, target = include[1], include[0]
-        relation = CAPTION_RELATION_PHRASE[subject["position"][0]]
-        body = (f"{said[1]} and {said[0]}; {definite_phrase(subject['class'], subject.get('color'), 1)} is "
-                f"{relation} {definite_phrase(target['class'], target.get('color'), 1)}")
+        body = clause_caption([(subject["class"], subject.get("color")), (target["class"], target.get("color"))],
+                              [(0, subject["position"][0], 1)])
     elif kind == "position":
         relation = include[1]["position"][0]
         body = f"{said[1]} {pick(RELATION_PHRASES[relation])} {said[0]}"

@@ -130,6 +130,13 @@ def _write(mentions: list[_Mention], relations: list[tuple[int, str, int]]) -> s
     return "; ".join([text] + clauses) if text else ""
 
 
+def clause_caption(shapes: list[tuple[str, str | None]], relations: list[tuple[int, str, int]]) -> str:
+    """Single shapes, (shape, colour or None) each, as the long captions state them: the list, then one
+    clause per (placed, relation, reference) index triple, "a square and a blue triangle; the blue
+    triangle is below the square" for [(square, None), (triangle, blue)] and [(1, "below", 0)]."""
+    return _write([_Mention(shape, color, 1) for shape, color in shapes], relations)
+
+
 def _mentions(groups: list[Group]) -> list[_Mention]:
     return [_Mention(g.shape, g.color or None, g.count) for g in groups]
 

@@ -381,7 +381,7 @@ def test_shapes_spatial_prompts_mix_the_inline_and_the_caption_form(shapes):
     clause = [p for p in prompts if "; the " in p]
     assert 15 <= len(clause) <= 45
     for prompt in clause:  # the placed shape is the one the clause names first
-        first, said = prompt.split("; ")
+        said = prompt.split("; ")[1]
         include = parse_prompt(prompt)["include"]
         placed = said.split(" is ")[0].split()[-1]
         assert include[1]["class"] == placed and include[1]["position"][0] in said.replace("to the ", ""), prompt

@@ -553,8 +553,9 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
     magnitude_prune; `seed` fixes DARE's random drops. Text-encoder adapters are merged the same way,
     over the experts that have one."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
     from transformers import CLIPTextModel
+
+    from pipelines.trainer import diffusers_lora_layers
 
     from workbench.registry import resolve
 
@@ -605,8 +606,8 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
         if merged is None:
             return None, None
         state, lora_config = merged
-        layers = convert_state_dict_to_diffusers({k.removeprefix("base_model.model."): v.contiguous()
-                                                  for k, v in state.items()})
+        layers = diffusers_lora_layers({k.removeprefix("base_model.model."): v.contiguous()
+                                        for k, v in state.items()})
         metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}
         metadata["base_model_name_or_path"] = None
         return layers, metadata

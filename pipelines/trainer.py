@@ -282,15 +282,31 @@ def lora_metadata(model) -> dict:
     return metadata
 
 
+def diffusers_lora_layers(peft_state: dict) -> dict:
+    """A peft adapter state dict in the key format `load_lora_weights` reads back in full.
+
+    diffusers' converter renames only the attention projections (to_q.lora_A -> to_q.lora.down) and
+    leaves other layers (proj_in, ff.net.2) in peft's form, while its loader converts a dict only when
+    the first key is not in peft's form, so a mixed dict silently loses one part on loading. An adapter
+    on more than the attention projections therefore keeps peft's keys throughout, which the loader
+    takes as they are.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(peft_state)
+    if any(".lora_A." in key or ".lora_B." in key for key in converted):
+        return dict(peft_state)
+    return converted
+
+
 def save_lora(folder: Path | str, unet, text_encoder=None) -> Path:
     """The adapter in diffusers' LoRA format, loadable with `pipe.load_lora_weights(folder)`."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     def layers(model) -> dict:
         # save_embedding_layers=False: no adapter targets embeddings, and "auto" would query the hub.
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+        return diffusers_lora_layers(get_peft_model_state_dict(model, save_embedding_layers=False))
 
     has_te = text_encoder is not None and "default" in getattr(text_encoder, "peft_config", {})
     StableDiffusionPipeline.save_lora_weights(

@@ -91,6 +91,28 @@ def test_lora_training_writes_an_adapter_the_generation_service_loads(tiny_sd, s
     assert np.array_equal(muted, base), "a LoRA at weight 0 must give the base model's image"
 
 
+def test_a_lora_beyond_the_attention_layers_loads_back_whole(tiny_sd, shapes_data, tmp_path):
+    # Adapting the transformer blocks' projections and feed-forward layers too: every adapted layer
+    # must come back through diffusers' own loader with its trained weights, not only the attention.
+    from diffusers import StableDiffusionPipeline
+
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+    out = tmp_path / "wide"
+    train(tiny_config(tiny_sd, [shapes_data], out, steps=2, target_modules=targets))
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    expected = {name for name, _ in pipe.unet.named_modules() if name.endswith(targets)}
+    pipe.load_lora_weights(str(out), adapter_name="wide")
+    loaded = {name: module for name, module in pipe.unet.named_modules()
+              if "wide" in getattr(module, "lora_B", {})}
+    assert set(loaded) == expected
+    assert {"ff.net.2", "proj_in", "to_q"} <= {next(t for t in targets if n.endswith(t)) for n in loaded}
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    for name, module in loaded.items():
+        up = next(v for k, v in saved.items() if k.startswith(f"unet.{name}.") and (".lora_B." in k or ".lora.up." in k))
+        assert torch.equal(module.lora_B["wide"].weight, up), name
+
+
 def test_full_fine_tune_exports_unet_and_a_pipeline_the_registry_loads(tiny_sd, shapes_data, tmp_path):
     from workbench.registry import resolve
 

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.trainer import UNET_TARGETS, parse_target_modules
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, detector_name, format_scores, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
 from workbench.generation import LoraSpec, lora_weights_file
@@ -69,7 +70,7 @@ ROWS_PER_IMAGE = 2  # each image appears twice in both training sets; see recap_
 # circles and a square") leaves colours to the long caption.
 CAPTIONER_OPTIONS = {"shapes": {"brief_short": True}}
 # Settings added after older runs were saved, with the value those runs had, so they stay resumable.
-IMPLIED_SETTINGS = {"inline_pairs": False}
+IMPLIED_SETTINGS = {"inline_pairs": False, "target_modules": list(UNET_TARGETS)}
 
 
 @dataclass
@@ -104,6 +105,8 @@ class RecapConfig:
     lora: bool = True
     rank: int = 64
     alpha: float = 64.0
+    # The UNet layers the LoRA adapts (pipelines.trainer.TARGET_PRESETS or module names).
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
     # Kept frozen: the shapes text encoder fine-tuned along (lr 5e-4) forgot two-object prompts.
     train_text_encoder: bool = False
     steps: int = 2500
@@ -509,7 +512,8 @@ def fine_tune(config: RecapConfig, rows: list[dict], folder: Path, stage: str, s
         return result
     _write_jsonl(folder / "train" / "metadata.jsonl", rows)
     train_config = TrainConfig(model=config.model, data=[str(folder / "train")], out=str(adapter), lora=config.lora,
-                               rank=config.rank, alpha=config.alpha, train_text_encoder=config.train_text_encoder,
+                               rank=config.rank, alpha=config.alpha, target_modules=tuple(config.target_modules),
+                               train_text_encoder=config.train_text_encoder,
                                steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                prompt_dropout=config.prompt_dropout, seed=config.seed)
     outcome = train(train_config, on_progress=lambda f, m: stages(stage, f, m), should_stop=should_stop)
@@ -670,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shapes captioner: say a related pair in one phrase ('a circle to the left of a "
                           "square') instead of a clause after the list (default on)")
     run.add_argument("--rank", type=int, default=d.rank)
+    run.add_argument("--target-modules", default=",".join(d.target_modules),
+                     help="UNet layers the LoRA adapts: attention, transformer, or comma-separated module names")
     run.add_argument("--train-text-encoder", action="store_true")
     run.add_argument("--steps", type=int, default=d.steps, help="training steps of each fine-tune")
     run.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -727,7 +733,9 @@ def main(argv: list[str] | None = None) -> int:
                                      text_field=args.text_field, captioner=args.captioner,
                                      skip_unreadable=args.skip_unreadable, captions=args.captions,
                                      inline_pairs=args.inline_pairs, lora=not args.full,
-                                     rank=args.rank, alpha=float(args.rank), train_text_encoder=args.train_text_encoder,
+                                     rank=args.rank, alpha=float(args.rank),
+                                     target_modules=list(parse_target_modules(args.target_modules)),
+                                     train_text_encoder=args.train_text_encoder,
                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                      prompt_dropout=args.prompt_dropout, seed=args.seed, detector=args.detector,
                                      eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds)

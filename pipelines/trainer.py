@@ -47,7 +47,11 @@ import torch.nn.functional as F
 from workbench.errors import InvalidInput, ModelNotAvailable, WorkbenchError
 from workbench.imagefolder import read_imagefolder
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA script
+# The whole transformer block of every cross-attention stage: attention, the feed-forward layers and
+# the 1x1 projections around the block, where the prompt's tokens shape the image features.
+TRANSFORMER_TARGETS = UNET_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+TARGET_PRESETS = {"attention": UNET_TARGETS, "transformer": TRANSFORMER_TARGETS}
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KEEP_CHECKPOINTS = 2
@@ -724,6 +728,13 @@ def _version(package: str) -> str:
 # --- command line -----------------------------------------------------------------------------------
 
 
+def parse_target_modules(text: str) -> tuple[str, ...]:
+    """ "attention", "transformer" (TARGET_PRESETS) or a comma-separated list of UNet module names."""
+    if text.strip() in TARGET_PRESETS:
+        return TARGET_PRESETS[text.strip()]
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     d = TrainConfig(model="", data=[], out="")
     p = argparse.ArgumentParser(prog="python -m pipelines.trainer", description=__doc__.split("\n")[0])
@@ -733,7 +744,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     p.add_argument("--full", action="store_true", help="full UNet fine-tune instead of LoRA")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--target-modules", default=",".join(d.target_modules), help="comma-separated UNet modules")
+    p.add_argument("--target-modules", default=",".join(d.target_modules),
+                   help="comma-separated UNet modules, or a preset: " + ", ".join(TARGET_PRESETS))
     p.add_argument("--train-text-encoder", action="store_true")
     p.add_argument("--init-lora", default=None, help="continue training this diffusers-format LoRA")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -758,7 +770,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     a = p.parse_args(argv)
     config = TrainConfig(
         model=a.model, data=a.data, out=a.out, lora=not a.full, rank=a.rank, alpha=a.alpha,
-        target_modules=tuple(m.strip() for m in a.target_modules.split(",") if m.strip()),
+        target_modules=parse_target_modules(a.target_modules),
         train_text_encoder=a.train_text_encoder, init_lora=a.init_lora, steps=a.steps, batch_size=a.batch_size,
         grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
         max_grad_norm=a.max_grad_norm, mixed_precision=a.mixed_precision, ema_decay=a.ema_decay,

@@ -119,13 +119,13 @@ def test_a_run_saved_before_inline_pairs_existed_continues_as_it_was_captioned(t
     out = tmp_path / "run"
     run_recap(config(tiny_sd, eval_prompts, inline_pairs=False, eval_seeds=0), out, log=lambda m: None)
     saved = json.loads((out / "config.json").read_text())
-    del saved["inline_pairs"]  # as older versions wrote it
+    del saved["inline_pairs"], saved["target_modules"]  # as older versions wrote it
     (out / "config.json").write_text(json.dumps(saved))
     weights = out / "recap" / "adapter" / "pytorch_lora_weights.safetensors"
     before = weights.stat().st_mtime_ns
 
     resumed = load_config(out)
-    assert resumed.inline_pairs is False
+    assert resumed.inline_pairs is False and resumed.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     # The recaptioner is built as before the option existed, so its folder's settings still match.
     assert resumed.captioner_options() == {"brief_short": True}
     assert RecapConfig(inline_pairs=True).captioner_options() == {"brief_short": True, "inline_pairs": True}
@@ -133,6 +133,21 @@ def test_a_run_saved_before_inline_pairs_existed_continues_as_it_was_captioned(t
     assert weights.stat().st_mtime_ns == before
     with pytest.raises(InvalidInput, match="inline_pairs"):
         run_recap(config(tiny_sd, eval_prompts, inline_pairs=True, eval_seeds=0), out, log=lambda m: None)
+
+
+def test_both_fine_tunes_adapt_the_layers_asked_for(tiny_sd, eval_prompts, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    assert recap_main(["run", "--model", str(tiny_sd), "--images", "4", "--steps", "2", "--batch-size", "2",
+                       "--eval-seeds", "0", "--target-modules", "transformer", "--out", str(out)]) == 0
+    for folder in ("alt-text", "recap"):
+        adapter = out / folder / "adapter"
+        assert json.loads((adapter / "train_config.json").read_text())["target_modules"] == [
+            "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+        with safe_open(str(adapter / "pytorch_lora_weights.safetensors"), "pt") as weights:
+            layers = {key.split(".lora")[0].rsplit(".", 1)[-1] for key in weights.keys()}
+        assert {"to_q", "proj_in", "2"} <= layers  # attention, the 1x1 projections and ff.net.2
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from pipelines.trainer import UNET_TARGETS, parse_target_modules
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, pick_detector, run_benchmark
 from workbench.config import get_settings
 from workbench.errors import InvalidInput, WorkbenchError
@@ -87,6 +88,8 @@ class IPRConfig:
     lora: bool = True
     rank: int = 8
     alpha: float = 8.0
+    # The UNet layers the LoRA adapts (pipelines.trainer.TARGET_PRESETS or module names).
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
     # A LoRA on the text encoder too: "a circle above a square" and "a circle and a square" differ in
     # how the words combine, and the UNet's LoRA alone learns that slowly (position 4.5% vs 9.0% after
     # one iteration on the shapes model, assets/adapters/ipr-shapes).
@@ -143,7 +146,7 @@ class IPRConfig:
 
 # Settings added after runs were saved, with the value those runs had.
 OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
-              "prior_data": None}
+              "prior_data": None, "target_modules": list(UNET_TARGETS)}
 
 
 @dataclass
@@ -332,6 +335,7 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
     train_config = TrainConfig(model=config.model, data=[str(data_dir)] + ([str(prior)] if prior else []),
                                out=str(folder / "adapter"),
                                lora=config.lora, rank=config.rank, alpha=config.alpha,
+                               target_modules=tuple(config.target_modules),
                                train_text_encoder=config.train_text_encoder,
                                init_lora=str(init_adapter) if init_adapter is not None else None,
                                steps=config.steps, batch_size=config.batch_size, lr=config.lr,
@@ -462,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--lora", action="store_true", default=True, help="train a LoRA adapter (default)")
     kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
     parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--target-modules", default=",".join(defaults.target_modules),
+                        help="UNet layers the LoRA adapts: attention, transformer, or comma-separated module names")
     parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
                         default=defaults.train_text_encoder, help="also train the text encoder (LoRA or full)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per iteration")
@@ -503,8 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = IPRConfig(model=args.model, iterations=args.iterations, prompts=args.prompts,
                                samples_per_prompt=args.samples_per_prompt, prompt_kinds=args.prompt_kinds,
-                               lora=not args.full, rank=args.rank,
-                               alpha=float(args.rank), train_text_encoder=args.train_text_encoder, steps=args.steps,
+                               lora=not args.full, rank=args.rank, alpha=float(args.rank),
+                               target_modules=list(parse_target_modules(args.target_modules)),
+                               train_text_encoder=args.train_text_encoder, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
                                prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting,
                                split_colors=not args.literal_relabels,

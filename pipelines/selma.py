@@ -53,9 +53,10 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from pipelines.trainer import UNET_TARGETS, parse_target_modules
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
@@ -104,6 +105,8 @@ class SelmaConfig:
     # the shapes defaults are IPR's (rank 8, lr 5e-4, batch 32), which suit the tiny shapes UNet.
     rank: int = 8
     alpha: float = 8.0
+    # The UNet layers each LoRA adapts (pipelines.trainer.TARGET_PRESETS or module names).
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
     # A LoRA on the text encoder too (our addition; IPR's position gain on the shapes model needed it).
     # Merging then combines the text-encoder adapters the same way as the UNet's.
     train_text_encoder: bool = False
@@ -534,8 +537,8 @@ def train_adapter(config: SelmaConfig, data: list[Path], out: Path, steps: int, 
     from pipelines.trainer import TrainConfig, train
 
     train_config = TrainConfig(model=config.model, data=[str(d) for d in data], out=str(out), lora=True,
-                               rank=config.rank, alpha=config.alpha, train_text_encoder=config.train_text_encoder,
-                               steps=steps, batch_size=config.batch_size, lr=config.lr,
+                               rank=config.rank, alpha=config.alpha, target_modules=tuple(config.target_modules),
+                               train_text_encoder=config.train_text_encoder, steps=steps, batch_size=config.batch_size, lr=config.lr,
                                prompt_dropout=config.prompt_dropout, seed=config.seed)
     result = train(train_config, on_progress=lambda f, m: progress(task, f, m), should_stop=should_stop)
     if result.get("stopped"):
@@ -776,7 +779,8 @@ def finished_stages(out_dir: Path, config: SelmaConfig | None = None) -> dict[st
 def _check_same_config(config: SelmaConfig, out_dir: Path) -> None:
     # Scoring the experts alone adds evaluations without changing any result; the rest must match.
     bind_run_config(out_dir, {"kind": "selma", **asdict(config)}, "a SELMA run", ignore=("eval_experts",),
-                    implied={"image_check": "none", "train_text_encoder": False})  # what runs saved before these had
+                    implied={"image_check": "none", "train_text_encoder": False,
+                             "target_modules": list(UNET_TARGETS)})  # what runs saved before these had
 
 
 def load_config(out_dir: Path) -> SelmaConfig:
@@ -828,6 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "verify (keep those that show their prompt), relabel (the others get the prompt they show)")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--target-modules", default=",".join(d.target_modules),
+                   help="UNet layers each LoRA adapts: attention, transformer, or comma-separated module names")
     p.add_argument("--train-text-encoder", action="store_true", help="a LoRA on the text encoder too")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per expert")
     p.add_argument("--baseline-steps", type=int, default=None,
@@ -871,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples_per_prompt=args.samples_per_prompt, sample_steps=args.sample_steps,
                 image_check=args.image_check,
                 rank=args.rank, train_text_encoder=args.train_text_encoder,
+                target_modules=list(parse_target_modules(args.target_modules)),
                 alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
                 baseline=not args.no_baseline, baseline_steps=args.baseline_steps, batch_size=args.batch_size,
                 lr=args.lr, prompt_dropout=args.prompt_dropout, merge=args.merge, merge_weights=args.merge_weights,

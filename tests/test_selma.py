@@ -128,6 +128,24 @@ def test_selma_end_to_end_with_images_from_another_model(tiny_sd, weak_model, ev
     assert reports[0][1].startswith("prompts counting:") and reports[-1][1].startswith("eval expert everyday_scene:")
 
 
+def test_experts_and_the_mixed_lora_adapt_the_layers_asked_for(tiny_sd, eval_prompts, tmp_path):
+    from pipelines.trainer import TRANSFORMER_TARGETS
+
+    out = tmp_path / "run"
+    run_selma(config(tiny_sd, eval_prompts, eval_seeds=0, skills=list(SKILLS)[:2],
+                     target_modules=list(TRANSFORMER_TARGETS)), out, log=lambda m: None)
+    trained = sorted(out.glob("**/train_config.json"))
+    assert len(trained) == 3  # two experts and the mixed LoRA
+    for path in trained:
+        assert json.loads(path.read_text())["target_modules"] == list(TRANSFORMER_TARGETS)
+    # The merged adapter carries the feed-forward layers too, and loads whole.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    pipe.load_lora_weights(str(out / "merged"), adapter_name="merged")
+    assert any(name.endswith("ff.net.2") and "merged" in getattr(m, "lora_B", {}) for name, m in pipe.unet.named_modules())
+
+
 def test_a_stopped_run_resumes_without_redoing_finished_stages(tiny_sd, eval_prompts, tmp_path, capsys):
     out = tmp_path / "run"
     settings = config(tiny_sd, eval_prompts, eval_seeds=0)
@@ -191,6 +209,17 @@ def test_fused_cat_adapter_equals_set_adapters(tiny_sd, experts, tmp_path):
     linear = merge_experts(str(tiny_sd), experts[1:], [0.5, 0.5], tmp_path / "linear", combination="linear")
     assert (unet_output(tiny_sd, [(str(linear), 1.0)]) - unet_output(tiny_sd, list(zip(experts[1:], [0.5, 0.5])))
             ).abs().max() > 1e-4
+
+
+def test_fused_cat_adapter_of_experts_beyond_the_attention_layers(tiny_sd, tmp_path):
+    from pipelines.trainer import TRANSFORMER_TARGETS
+
+    wide = [str(build_tiny_lora(tiny_sd, tmp_path / f"w{i}", rank=rank, seed=30 + i, target_modules=TRANSFORMER_TARGETS))
+            for i, rank in enumerate((2, 4))]
+    merged = merge_experts(str(tiny_sd), wide, [0.5, 0.5], tmp_path / "merged", combination="cat")
+    expected = unet_output(tiny_sd, list(zip(wide, [0.5, 0.5])))
+    assert (expected - unet_output(tiny_sd, [(wide[0], 0.0)])).abs().max() > 1e-2
+    torch.testing.assert_close(unet_output(tiny_sd, [(str(merged), 1.0)]), expected, rtol=1e-5, atol=1e-5)
 
 
 def text_encoder_output(model, adapters: list[tuple[str, float]]) -> torch.Tensor:

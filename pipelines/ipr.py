@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pipelines.trainer import UNET_TARGETS, parse_target_modules
+from pipelines.trainer import UNET_TARGETS, add_target_modules_argument, parse_target_modules
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, pick_detector, run_benchmark
 from workbench.config import get_settings
 from workbench.errors import InvalidInput, WorkbenchError
@@ -466,8 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--lora", action="store_true", default=True, help="train a LoRA adapter (default)")
     kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
     parser.add_argument("--rank", type=int, default=defaults.rank)
-    parser.add_argument("--target-modules", default=",".join(defaults.target_modules),
-                        help="UNet layers the LoRA adapts: attention, transformer, or comma-separated module names")
+    add_target_modules_argument(parser, defaults.target_modules)
     parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
                         default=defaults.train_text_encoder, help="also train the text encoder (LoRA or full)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per iteration")

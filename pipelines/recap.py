@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.trainer import TRANSFORMER_TARGETS, UNET_TARGETS, parse_target_modules
+from pipelines.trainer import TRANSFORMER_TARGETS, UNET_TARGETS, add_target_modules_argument, parse_target_modules
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, detector_name, format_scores, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
 from workbench.generation import LoraSpec, lora_weights_file
@@ -677,8 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shapes captioner: say a related pair in one phrase ('a circle to the left of a "
                           "square') instead of a clause after the list (default on)")
     run.add_argument("--rank", type=int, default=d.rank)
-    run.add_argument("--target-modules", default=",".join(d.target_modules),
-                     help="UNet layers the LoRA adapts: attention, transformer, or comma-separated module names")
+    add_target_modules_argument(run, d.target_modules)
     run.add_argument("--train-text-encoder", action="store_true")
     run.add_argument("--steps", type=int, default=d.steps, help="training steps of each fine-tune")
     run.add_argument("--batch-size", type=int, default=d.batch_size)

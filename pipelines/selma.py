@@ -56,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pipelines.trainer import UNET_TARGETS, parse_target_modules
+from pipelines.trainer import UNET_TARGETS, add_target_modules_argument, diffusers_lora_layers, parse_target_modules
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
@@ -538,7 +538,8 @@ def train_adapter(config: SelmaConfig, data: list[Path], out: Path, steps: int, 
 
     train_config = TrainConfig(model=config.model, data=[str(d) for d in data], out=str(out), lora=True,
                                rank=config.rank, alpha=config.alpha, target_modules=tuple(config.target_modules),
-                               train_text_encoder=config.train_text_encoder, steps=steps, batch_size=config.batch_size, lr=config.lr,
+                               train_text_encoder=config.train_text_encoder, steps=steps,
+                               batch_size=config.batch_size, lr=config.lr,
                                prompt_dropout=config.prompt_dropout, seed=config.seed)
     result = train(train_config, on_progress=lambda f, m: progress(task, f, m), should_stop=should_stop)
     if result.get("stopped"):
@@ -557,8 +558,6 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
     over the experts that have one."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
-
-    from pipelines.trainer import diffusers_lora_layers
 
     from workbench.registry import resolve
 
@@ -832,8 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "verify (keep those that show their prompt), relabel (the others get the prompt they show)")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    p.add_argument("--target-modules", default=",".join(d.target_modules),
-                   help="UNet layers each LoRA adapts: attention, transformer, or comma-separated module names")
+    add_target_modules_argument(p, d.target_modules)
     p.add_argument("--train-text-encoder", action="store_true", help="a LoRA on the text encoder too")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per expert")
     p.add_argument("--baseline-steps", type=int, default=None,

@@ -728,6 +728,13 @@ def _version(package: str) -> str:
 # --- command line -----------------------------------------------------------------------------------
 
 
+def add_target_modules_argument(parser: argparse.ArgumentParser, default) -> None:
+    """The --target-modules option every training command shares (read it with parse_target_modules)."""
+    parser.add_argument("--target-modules", default=",".join(default),
+                        help="UNet layers the LoRA adapts: " + ", ".join(TARGET_PRESETS) +
+                             " (presets) or comma-separated module names")
+
+
 def parse_target_modules(text: str) -> tuple[str, ...]:
     """ "attention", "transformer" (TARGET_PRESETS) or a comma-separated list of UNet module names."""
     if text.strip() in TARGET_PRESETS:
@@ -744,8 +751,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     p.add_argument("--full", action="store_true", help="full UNet fine-tune instead of LoRA")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--target-modules", default=",".join(d.target_modules),
-                   help="comma-separated UNet modules, or a preset: " + ", ".join(TARGET_PRESETS))
+    add_target_modules_argument(p, d.target_modules)
     p.add_argument("--train-text-encoder", action="store_true")
     p.add_argument("--init-lora", default=None, help="continue training this diffusers-format LoRA")
     p.add_argument("--steps", type=int, default=d.steps)

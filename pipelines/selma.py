@@ -56,7 +56,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pipelines.trainer import UNET_TARGETS, add_target_modules_argument, diffusers_lora_layers, parse_target_modules
+from pipelines.trainer import (UNET_TARGETS, TrainConfig, add_target_modules_argument, diffusers_lora_layers,
+                               parse_target_modules, train)
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
@@ -534,8 +535,6 @@ def train_adapter(config: SelmaConfig, data: list[Path], out: Path, steps: int, 
     """Stage 3: one LoRA on the given imagefolders (skipped when `out/done` exists)."""
     if (out / "done").exists() and lora_weights_file(str(out)) is not None:
         return out
-    from pipelines.trainer import TrainConfig, train
-
     train_config = TrainConfig(model=config.model, data=[str(d) for d in data], out=str(out), lora=True,
                                rank=config.rank, alpha=config.alpha, target_modules=tuple(config.target_modules),
                                train_text_encoder=config.train_text_encoder, steps=steps,

@@ -77,29 +77,28 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_lora(pipeline_folder: Path, out_folder: Path, rank: int = 4, seed: int = 1,
-                    text_encoder: bool = False, target_modules=("to_k", "to_q", "to_v", "to_out.0")) -> Path:
+                    text_encoder: bool = False, target_modules=None) -> Path:
     """A LoRA on the UNet's `target_modules` (default: the attention layers) and the text encoder's
     attention, if asked, with non-zero weights, saved in diffusers' LoRA format."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel
 
-    from pipelines.trainer import diffusers_lora_layers
+    from pipelines.trainer import TEXT_ENCODER_TARGETS, UNET_TARGETS, diffusers_lora_layers
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(pipeline_folder, subfolder="unet")
     # init_lora_weights=False draws both LoRA matrices at random, so the adapter changes outputs.
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                target_modules=list(target_modules)))
+                                target_modules=list(target_modules or UNET_TARGETS)))
     layers = diffusers_lora_layers(get_peft_model_state_dict(unet))
     te_layers = None
     if text_encoder:
         te = CLIPTextModel.from_pretrained(pipeline_folder, subfolder="text_encoder")
         te.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                  target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-        te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+                                  target_modules=list(TEXT_ENCODER_TARGETS)))
+        te_layers = diffusers_lora_layers(get_peft_model_state_dict(te))
     StableDiffusionPipeline.save_lora_weights(out_folder, unet_lora_layers=layers, text_encoder_lora_layers=te_layers,
                                               safe_serialization=True)
     return Path(out_folder)

@@ -12,6 +12,7 @@ import pipelines.recap
 import pipelines.selma
 from pipelines.recap import RecapConfig
 from pipelines.selma import SelmaConfig
+from pipelines.trainer import TRANSFORMER_TARGETS, UNET_TARGETS
 from workbench.compare import Variant
 from workbench.config import get_settings
 from workbench.generation import LoraSpec
@@ -27,15 +28,17 @@ from test_selma import SKILLS, config as selma_settings, scripted  # noqa: F401
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # model, image model, LLM, skills, prompts per skill, ROUGE-L threshold, images per prompt, steps, rank, lr,
-# merge, eval seeds, eval experts, image check, text encoder: the order of the SELMA section's inputs
+# merge, eval seeds, eval experts, image check, text encoder, adapted layers: the order of the SELMA section's
+# inputs
 SELMA_GOOD = ["shapes", "", "auto", ["counting", "spatial"], 150, 0.8, 3, 400, 8, 5e-4, "set_adapters", 4, False,
-              "none", False]
+              "none", False, None]
 SELMA_NAMES = ["model", "image_model", "llm", "skills", "prompts", "rouge", "samples", "steps", "rank", "lr", "merge",
-               "eval_seeds", "eval_experts", "image_check", "text_encoder"]
-# model, data, images, captioner, captions, steps, rank, lr, prompt dropout, LoRA/Full, eval seeds, inline pairs
-RECAP_GOOD = ["shapes", None, 2000, "auto", "mix", 700, 64, 1e-3, 0.14, "LoRA", 4, False]
+               "eval_seeds", "eval_experts", "image_check", "text_encoder", "layers"]
+# model, data, images, captioner, captions, steps, rank, lr, prompt dropout, LoRA/Full, eval seeds, inline pairs,
+# adapted layers
+RECAP_GOOD = ["shapes", None, 2000, "auto", "mix", 700, 64, 1e-3, 0.14, "LoRA", 4, False, None]
 RECAP_NAMES = ["model", "data", "images", "captioner", "captions", "steps", "rank", "lr", "dropout", "method",
-               "eval_seeds", "inline_pairs"]
+               "eval_seeds", "inline_pairs", "layers"]
 
 
 def with_changes(good, names, **changes) -> list:
@@ -80,6 +83,7 @@ def test_the_kinds_are_registered_and_the_train_tab_has_their_sections(runner):
     ({"model": "no-such-model"}, "Unknown model"),
     ({"steps": None}, "Steps per expert needs a value"),
     ({"merge": "average"}, "Unknown merge"),
+    ({"layers": "everything"}, "Unknown choice of adapted layers 'everything'"),
 ])
 def test_bad_selma_settings_are_refused_with_a_message(runner, changes, words):
     run, job, message = train_selma.start_selma_run(runner, *with_changes(SELMA_GOOD, SELMA_NAMES, **changes))
@@ -97,6 +101,29 @@ def test_good_selma_settings_submit_a_selma_job(runner):
     assert (config.skills, config.merge, config.rank, config.alpha, config.llm, config.image_model,
             config.eval_experts, config.image_check, config.train_text_encoder) == (
         ["counting", "spatial"], "ties", 16, 16.0, None, None, True, "relabel", True)
+    assert tuple(config.target_modules) == UNET_TARGETS  # the section's default: SELMA's
+
+
+def test_the_adapted_layers_chosen_reach_the_selma_and_recap_runs(runner):
+    runner.register("selma", lambda params, ctx: {"params": params})
+    runner.register("recap", lambda params, ctx: {"params": params})
+    _, selma_job, _ = train_selma.start_selma_run(runner, *with_changes(SELMA_GOOD, SELMA_NAMES, layers="transformer"))
+    _, recap_job, _ = train_recap.start_recap_run(runner, *with_changes(RECAP_GOOD, RECAP_NAMES, layers="attention"))
+    _, recap_default, _ = train_recap.start_recap_run(runner, *RECAP_GOOD)
+    assert tuple(SelmaConfig.from_dict(runner.wait(selma_job, timeout=30).outputs["params"]).target_modules) == \
+        TRANSFORMER_TARGETS
+    assert tuple(RecapConfig.from_dict(runner.wait(recap_job, timeout=30).outputs["params"]).target_modules) == \
+        UNET_TARGETS
+    assert tuple(RecapConfig.from_dict(runner.wait(recap_default, timeout=30).outputs["params"]).target_modules) == \
+        TRANSFORMER_TARGETS  # RECAP's own default
+
+
+def test_each_section_shows_its_methods_default_adapted_layers(runner):
+    with gr.Blocks() as demo:
+        train.build_train_tab(runner)
+    pickers = [block.value for block in demo.blocks.values()
+               if isinstance(block, gr.Radio) and block.label == "LoRA on the UNet's"]
+    assert pickers == ["attention", "attention", "transformer"]  # IPR, SELMA, RECAP, in the tab's order
 
 
 def test_a_selma_run_is_cancelled_continued_and_shows_its_table_and_adapters(runner, tiny_sd, eval_prompts,
@@ -162,6 +189,7 @@ def make_imagefolder(folder):
     ({"images": 0}, "at least one image"),
     ({"model": "no-such-model"}, "Unknown model"),
     ({"dropout": 1.0}, "prompt_dropout must be in [0, 1)"),
+    ({"layers": "everything"}, "Unknown choice of adapted layers 'everything'"),
 ])
 def test_bad_recap_settings_are_refused_with_a_message(runner, changes, words):
     run, job, message = train_recap.start_recap_run(runner, *with_changes(RECAP_GOOD, RECAP_NAMES, **changes))

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from pipelines.trainer import TRANSFORMER_TARGETS, UNET_TARGETS
 from workbench.benchmark import DETECTORS
 from workbench.config import get_settings
 from workbench.job_kinds import register_all
@@ -64,6 +65,18 @@ def test_the_tab_settings_reach_the_run(runner, monkeypatch):
     tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4, None, None, None, True,
                   1000)
     assert submitted["prior_images"] == 1000
+
+
+def test_the_adapted_layers_chosen_reach_the_run(runner, monkeypatch):
+    submitted = {}
+    monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
+    settings = ["shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4]
+    tab.start_run(runner, *settings, adapted_layers="transformer")
+    assert tuple(submitted["target_modules"]) == TRANSFORMER_TARGETS
+    tab.start_run(runner, *settings)
+    assert tuple(submitted["target_modules"]) == UNET_TARGETS  # IPR's default
+    run, job, message = tab.start_run(runner, *settings, adapted_layers="everything")
+    assert job is None and "Unknown choice of adapted layers" in message
 
 
 def test_a_prior_preservation_folder_outside_the_data_folder_is_refused(runner, monkeypatch, tmp_path):

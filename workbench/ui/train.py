@@ -14,8 +14,8 @@ import pandas as pd
 
 from ..errors import InvalidInput
 from ..jobs import JobRunner
-from .train_runs import (continue_run, latest_job_for, model_picker, run_controls, run_folder, runs_of_kind,
-                         status_and_log, submit_run)
+from .train_runs import (adapted_layers_picker, continue_run, latest_job_for, model_picker, run_controls, run_folder,
+                         runs_of_kind, status_and_log, submit_run, target_modules)
 
 METRIC_COLUMNS = ["iteration", "tag", "accuracy"]
 
@@ -48,7 +48,7 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
               review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None,
-              train_text_encoder=None, prior_images=None, prior_data=None):
+              train_text_encoder=None, prior_images=None, prior_data=None, adapted_layers=None):
     from pipelines.ipr import IPRConfig
     from workbench.datasets import inside_data_folder
 
@@ -68,6 +68,7 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                            train_text_encoder=(defaults.train_text_encoder if train_text_encoder is None
                                                else bool(train_text_encoder)),
                            prior_images=int(prior_images or 0),
+                           target_modules=target_modules(adapted_layers, defaults.target_modules),
                            prior_data=str(inside_data_folder(prior_data.strip())) if (prior_data or "").strip() else None)
         config.validate()
         return config.__dict__
@@ -125,6 +126,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             samples = gr.Number(3, label="Images per prompt", precision=0)
             method = gr.Radio(["LoRA", "Full"], value="LoRA", label="Fine-tuning")
             rank = gr.Number(8, label="LoRA rank", precision=0)
+            adapted_layers = adapted_layers_picker(defaults.target_modules)
             train_text_encoder = gr.Checkbox(defaults.train_text_encoder, label="Train the text encoder too")
         with gr.Column():
             steps = gr.Number(800, label="Training steps per iteration", precision=0)
@@ -152,7 +154,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
                              eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder, prior_images,
-                             prior_data], "train-status",
+                             prior_data, adapted_layers], "train-status",
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")

@@ -18,8 +18,8 @@ from ..errors import InvalidInput
 from ..jobs import JobRunner
 from ..perception.backends import CAPTIONERS
 from ..registry import resolve
-from .train_runs import (model_picker, number, read_json, run_and_config, run_controls, run_folder, runs_of_kind,
-                         starter, status_and_log)
+from .train_runs import (adapted_layers_picker, model_picker, number, read_json, run_and_config, run_controls,
+                         run_folder, runs_of_kind, starter, status_and_log, target_modules)
 
 KIND = "recap"
 AUTO = "auto"  # the captioner of the data's world
@@ -105,7 +105,7 @@ def recap_status(runner: JobRunner, run, job_id):
 
 
 def recap_config(model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
-                 eval_seeds, inline_pairs=RecapConfig.inline_pairs) -> RecapConfig:
+                 eval_seeds, inline_pairs=RecapConfig.inline_pairs, adapted_layers=None) -> RecapConfig:
     """The section's settings as a validated RecapConfig; InvalidInput says what is wrong."""
     resolve(model)  # an unknown model is refused now, not when the job starts
     rank, lr = number(rank, "LoRA rank"), number(lr, "Learning rate", float)
@@ -116,7 +116,8 @@ def recap_config(model, data, images, captioner, captions, steps, rank, lr, prom
                          captioner=None if captioner in (None, "", AUTO) else captioner, captions=captions,
                          steps=number(steps, "Steps"), rank=rank, alpha=float(rank), lr=lr,
                          prompt_dropout=number(prompt_dropout, "Prompt dropout", float), lora=method == "LoRA",
-                         eval_seeds=number(eval_seeds, "ShapesBench seeds"), inline_pairs=bool(inline_pairs))
+                         eval_seeds=number(eval_seeds, "ShapesBench seeds"), inline_pairs=bool(inline_pairs),
+                         target_modules=target_modules(adapted_layers, RecapConfig().target_modules))
     config.validate()
     return config
 
@@ -148,6 +149,7 @@ def build_recap_section(runner: JobRunner):
         with gr.Column():
             steps = gr.Number(defaults.steps, label="Training steps (each fine-tune)", precision=0)
             rank = gr.Number(defaults.rank, label="LoRA rank", precision=0)
+            adapted_layers = adapted_layers_picker(defaults.target_modules)
             lr = gr.Number(defaults.lr, label="Learning rate")
             prompt_dropout = gr.Number(defaults.prompt_dropout, label="Prompt dropout (the paper: 0.14)")
             method = gr.Radio(["LoRA", "Full"], value="LoRA", label="Fine-tuning")
@@ -155,7 +157,7 @@ def build_recap_section(runner: JobRunner):
                                    precision=0)
     controls = run_controls(runner, KIND, "RECAP", start_recap_run,
                             [model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
-                             eval_seeds, inline_pairs], "recap-status")
+                             eval_seeds, inline_pairs, adapted_layers], "recap-status")
     table = gr.Dataframe(pd.DataFrame(columns=["tag", *EVALUATIONS, DELTA]), interactive=False,
                          label="ShapesBench accuracy (%) per tag: base vs alt-text vs RECAP fine-tune")
     adapters = gr.Markdown(elem_id="recap-adapters")

@@ -145,7 +145,32 @@ def number(value, label: str, kind=int):
         raise InvalidInput(f"{label} must be a number (got {value!r}).") from None
 
 
+# The layers a LoRA adapts, as the sections offer them: (label, pipelines.trainer.TARGET_PRESETS name).
+ADAPTED_LAYERS = [("attention projections (to_q, to_k, to_v, to_out.0)", "attention"),
+                  ("whole transformer blocks (attention, feed-forward, proj_in, proj_out)", "transformer")]
+
+
+def target_modules(choice: str | None, default: Sequence[str]) -> list[str]:
+    """The UNet module names of an adapted-layers choice (None or empty: the method's default)."""
+    from pipelines.trainer import TARGET_PRESETS
+
+    if not choice:
+        return list(default)
+    if choice not in TARGET_PRESETS:
+        raise InvalidInput(f"Unknown choice of adapted layers {choice!r}; use one of {', '.join(TARGET_PRESETS)}.")
+    return list(TARGET_PRESETS[choice])
+
+
 # --- the shared layout ------------------------------------------------------------------------------
+
+
+def adapted_layers_picker(default: Sequence[str]) -> gr.Radio:
+    """The choice of layers the LoRA adapts, on the method's default preset."""
+    from pipelines.trainer import TARGET_PRESETS
+
+    value = next((name for name, targets in TARGET_PRESETS.items() if tuple(targets) == tuple(default)), None)
+    return gr.Radio(ADAPTED_LAYERS, value=value, label="LoRA on the UNet's",
+                    info="the defaults: whole blocks for RECAP, attention for IPR and SELMA")
 
 
 def model_picker(label: str = "Model") -> gr.Dropdown:

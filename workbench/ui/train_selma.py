@@ -19,8 +19,8 @@ from ..llm import LLMS
 from ..rouge import DEFAULT_THRESHOLD
 from ..skills import builtin_skills
 from .data_skills import skill_choices, skills_update, stats_frame, world
-from .train_runs import (continue_run, model_picker, number, read_json, run_and_config, run_controls, runs_of_kind,
-                         starter, status_and_log)
+from .train_runs import (adapted_layers_picker, continue_run, model_picker, number, read_json, run_and_config,
+                         run_controls, runs_of_kind, starter, status_and_log, target_modules)
 
 KIND = "selma"
 AUTO = "auto"  # the LLM of the model's world
@@ -121,7 +121,8 @@ def selma_status(runner: JobRunner, run, job_id):
 
 
 def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank, lr,
-                 merge, eval_seeds, eval_experts, image_check="none", train_text_encoder=False) -> SelmaConfig:
+                 merge, eval_seeds, eval_experts, image_check="none", train_text_encoder=False,
+                 adapted_layers=None) -> SelmaConfig:
     """The section's settings as a validated SelmaConfig; InvalidInput says what is wrong."""
     rank = number(rank, "LoRA rank")
     config = SelmaConfig(model=(model or "").strip(), image_model=(image_model or "").strip() or None,
@@ -131,6 +132,7 @@ def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_thres
                          samples_per_prompt=number(samples, "Images per prompt"), image_check=image_check or "none",
                          steps=number(steps, "Steps per expert"), train_text_encoder=bool(train_text_encoder),
                          rank=rank, alpha=float(rank), lr=number(lr, "Learning rate", float), merge=merge,
+                         target_modules=target_modules(adapted_layers, SelmaConfig().target_modules),
                          eval_seeds=number(eval_seeds, "ShapesBench seeds"), eval_experts=bool(eval_experts))
     config.validate()
     return config
@@ -164,6 +166,7 @@ def build_selma_section(runner: JobRunner):
                                         "relabel: the others under the prompt they show (IPR)")
             steps = gr.Number(400, label="Training steps per expert (mixed LoRA: n_skills x this)", precision=0)
             rank = gr.Number(8, label="LoRA rank", precision=0)
+            adapted_layers = adapted_layers_picker(SelmaConfig().target_modules)
             train_text_encoder = gr.Checkbox(False, label="LoRA on the text encoder too (merged with the UNet's)")
             lr = gr.Number(5e-4, label="Learning rate")
             merge = gr.Dropdown(list(MERGES), value=MERGES[0], label="Merge",
@@ -172,7 +175,8 @@ def build_selma_section(runner: JobRunner):
             eval_experts = gr.Checkbox(False, label="Also score each expert alone")
     controls = run_controls(runner, KIND, "SELMA", start_selma_run,
                             [model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank,
-                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder], "selma-status",
+                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder, adapted_layers],
+                            "selma-status",
                             extra_buttons=[SCORE_EXPERTS])
     table = gr.Dataframe(pd.DataFrame(columns=["variant"]), interactive=False,
                          label="ShapesBench accuracy (%) per tag: base, single LoRA on mixed data, merged experts")

@@ -584,14 +584,20 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
             raise ModelNotAvailable(f"Model '{entry.name}' ({entry.source}) could not be loaded: "
                                     f"{str(error).splitlines()[0][:300]} {entry.fetch_hint}") from None
 
+    # Each file is read once, as load_lora_weights reads it (state dict, alphas, adapter metadata), and
+    # each model takes its part of it.
+    loaded = {weights_file: StableDiffusionPipeline.lora_state_dict(str(weights_file.parent),
+                                                                    weight_name=weights_file.name,
+                                                                    return_lora_metadata=True)
+              for weights_file in files}
+
     def read_unet_expert(reader, name: str, weights_file: Path) -> bool:
-        reader.load_lora_adapter(str(weights_file.parent), weight_name=weights_file.name, prefix="unet",
-                                 adapter_name=name, local_files_only=True)
+        state, alphas, metadata = loaded[weights_file]
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, reader, adapter_name=name, metadata=metadata)
         return True
 
     def read_text_encoder_expert(reader, name: str, weights_file: Path) -> bool:
-        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-            str(weights_file.parent), weight_name=weights_file.name, return_lora_metadata=True)
+        state, alphas, metadata = loaded[weights_file]
         if not any(key.startswith("text_encoder.") for key in state):
             return False  # a UNet-only expert: set_adapters leaves the text encoder to the others too
         StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, reader, prefix="text_encoder",
@@ -602,6 +608,7 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
                                                combination, density, seed, f"{entry.name}'s UNet")
     te_merged = _merge_component(lambda: load("text_encoder"), read_text_encoder_expert, files, weights,
                                  combination, density, seed, f"{entry.name}'s text encoder")
+    del loaded
 
     def layers_and_metadata(merged):
         if merged is None:

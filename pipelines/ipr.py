@@ -83,6 +83,11 @@ class IPRConfig:
     split_colors: bool = True
     say_relations: bool = True
     weighting: str = "relabel"  # see WEIGHTINGS
+    # Mirror images (not in the paper): each training image is flipped left to right with p = 0.5 and
+    # trained under the caption its mirror image earns, its detections mirrored and relabeled the same
+    # way, so "left of" and "right of" swap and nothing else changes. Twice the pairs, balanced in
+    # left and right; an image's caption a person wrote in the Review tab is never mirrored.
+    mirror: bool = False
     review: bool = False  # pause after relabeling each iteration for a manual review
     # Fine-tuning (pipelines.trainer).
     lora: bool = True
@@ -146,7 +151,7 @@ class IPRConfig:
 
 # Settings added after runs were saved, with the value those runs had.
 OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
-              "prior_data": None, "target_modules": list(UNET_TARGETS)}
+              "prior_data": None, "target_modules": list(UNET_TARGETS), "mirror": False}
 
 
 @dataclass
@@ -213,7 +218,7 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
             log(f"iteration {k + 1}: relabels wait for review (Review tab), then continue the run")
             return {"status": "awaiting_review", "iteration": k, "run": str(out_dir)}
 
-        rows = accumulated_training_rows(out_dir, k)
+        rows = accumulated_training_rows(out_dir, k, mirror=config if config.mirror else None)
         next_adapter = folder / "adapter"
         if lora_weights_file(str(next_adapter)) is None or not (next_adapter / "done").exists():
             train_iteration(config, rows, folder, adapter if config.continue_adapter else None, stages, k, should_stop,
@@ -293,18 +298,39 @@ def sample_weight(weighting: str, changed: bool, detections: list[dict], box_thr
     return factor * (sum(scores) / len(scores) if scores else 0.0)
 
 
-def accumulated_training_rows(out_dir: Path, k: int) -> list[dict]:
+def accumulated_training_rows(out_dir: Path, k: int, mirror: IPRConfig | None = None) -> list[dict]:
     """Training pairs of iterations 0..k, with the manual reviews applied (rejected ones dropped,
-    edited prompts used)."""
+    edited prompts used); with `mirror` (the run's config), each row's "flip_text" too."""
     reviews = ReviewStore(get_settings().db_path).get_all(run_id(out_dir))
     rows = []
     for j in range(k + 1):
-        samples = load_samples(out_dir, iteration=j)
-        rows += training_rows(with_reviews(samples, reviews))
+        reviewed = with_reviews(load_samples(out_dir, iteration=j), reviews)
+        iteration_rows = training_rows(reviewed)
+        if mirror is not None:
+            by_id = {str(sample["id"]): sample for sample in reviewed}
+            for row in iteration_rows:
+                row["flip_text"] = mirrored_caption(mirror, by_id[row["id"]], out_dir)
+        rows += iteration_rows
     if not rows:
         raise InvalidInput(f"Iterations 1..{k + 1} of {out_dir} left no training pairs: every sample was "
                            f"rejected or showed nothing the prompt asked for.")
     return rows
+
+
+def mirrored_caption(config: IPRConfig, sample: dict, run_root: Path) -> str | None:
+    """The relabeled prompt of a sample's image mirrored left to right (see IPRConfig.mirror): its
+    detections mirrored and relabeled against the same prompt. None for a prompt a person wrote,
+    whose mirror image's caption nobody checked."""
+    from PIL import Image
+
+    if sample.get("status") == "edited":
+        return None
+    with Image.open(run_root / sample["image"]) as image:
+        width, height = image.size
+    mirrored = [{**det, "box": [width - det["box"][2], det["box"][1], width - det["box"][0], det["box"][3]]}
+                for det in sample["detections"]]
+    return relabel(sample["prompt"], mirrored, width, height, box_threshold=config.box_threshold,
+                   split_colors=config.split_colors, say_relations=config.say_relations).prompt
 
 
 def prior_folder(config: IPRConfig, out_dir: Path, should_stop=None) -> Path | None:
@@ -331,7 +357,8 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
     run_root = folder.parent
     _write_jsonl(data_dir / "metadata.jsonl",
                  [{"file_name": str((run_root / row["file_name"]).resolve()), "text": row["text"],
-                   "weight": row["weight"]} for row in rows])
+                   "weight": row["weight"], **({"flip_text": row["flip_text"]} if "flip_text" in row else {})}
+                  for row in rows])
     train_config = TrainConfig(model=config.model, data=[str(data_dir)] + ([str(prior)] if prior else []),
                                out=str(folder / "adapter"),
                                lora=config.lora, rank=config.rank, alpha=config.alpha,
@@ -339,7 +366,8 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
                                train_text_encoder=config.train_text_encoder,
                                init_lora=str(init_adapter) if init_adapter is not None else None,
                                steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                               prompt_dropout=config.prompt_dropout, seed=config.seed + k)
+                               random_flip=config.mirror, prompt_dropout=config.prompt_dropout,
+                               seed=config.seed + k)
     result = train(train_config, on_progress=lambda f, m: stages(k, "train", f, m), should_stop=should_stop)
     if result.get("stopped"):
         from workbench.jobs import JobCancelled
@@ -483,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prior-data", default=None,
                         help="imagefolder of the model's pre-training kind of data to mix in instead (real models)")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=defaults.weighting)
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=defaults.mirror,
+                        help="train on mirror images too, under the captions they earn (left and right swapped; "
+                             "not in the paper)")
     parser.add_argument("--literal-relabels", action="store_true",
                         help="relabels only in terms GenEval's scorer checks: no colour split, relations only where asked")
     parser.add_argument("--box-threshold", type=float, default=defaults.box_threshold)
@@ -513,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                                train_text_encoder=args.train_text_encoder, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
                                prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting,
+                               mirror=args.mirror,
                                split_colors=not args.literal_relabels,
                                say_relations=not args.literal_relabels,
                                continue_adapter=args.continue_adapter,

@@ -63,7 +63,7 @@ RUN_IDENTITY = ("model", "data", "lora", "rank", "alpha", "target_modules", "tra
 @dataclass
 class TrainConfig:
     model: str  # registry name ("shapes"), local diffusers folder or hub id (read from the local cache only)
-    data: list[str]  # imagefolders: metadata.jsonl lines {"file_name", "text", "weight"?}; rows concatenated
+    data: list[str]  # imagefolders: metadata.jsonl lines {"file_name", "text", "weight"?, "flip_text"?}; concatenated
     out: str  # output folder
     lora: bool = True  # False: full UNet fine-tune
     rank: int = 8
@@ -83,7 +83,10 @@ class TrainConfig:
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023)
     resolution: int | None = None  # default: the model's native size
     center_crop: bool = True  # False: a random crop, drawn once per image and run (latents are cached)
-    random_flip: bool = False  # horizontal flips break left/right prompts, hence off by default
+    # Horizontal flips with p = 0.5. They break left/right captions, hence off by default; a row's
+    # "flip_text" gives its mirror image's own caption ("a circle left of a square" -> "... right of ..."),
+    # and "flip_text": null keeps that row unflipped.
+    random_flip: bool = False
     # Share of captions replaced by the empty prompt, as in Stable Diffusion's own training (10%):
     # it keeps training the unconditional prediction that classifier-free guidance subtracts, so a
     # fine-tune on guided samples does not drift the two apart (guidance would amplify the drift).
@@ -135,6 +138,8 @@ class Rows:
     paths: list[Path] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    # Under random_flip: the mirror image's caption, or None where the row must not be flipped.
+    flip_texts: list[str | None] = field(default_factory=list)
 
 
 def read_rows(folders: list[str]) -> Rows:
@@ -149,6 +154,7 @@ def read_rows(folders: list[str]) -> Rows:
             rows.paths.append(folder / record["file_name"])
             rows.texts.append(record["text"])
             rows.weights.append(float(record.get("weight", 1.0)))
+            rows.flip_texts.append(record.get("flip_text", record["text"]))
     return rows
 
 
@@ -156,6 +162,9 @@ def _check_weight(record: dict, where: str) -> None:
     weight = record.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
         raise InvalidInput(f'{where}: "weight" must be a number >= 0 (got {weight!r}).')
+    flip_text = record.get("flip_text", "")
+    if flip_text is not None and not isinstance(flip_text, str):
+        raise InvalidInput(f'{where}: "flip_text" must be a caption or null (got {flip_text!r}).')
 
 
 def load_image(path: Path, resolution: int, center_crop: bool, rng: np.random.Generator) -> torch.Tensor:
@@ -528,6 +537,10 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
         flip_mean, flip_std = encode_images(vae, rows, config, resolution, device, weight_dtype, flip=True)
     input_ids = tokenizer(rows.texts, padding="max_length", max_length=tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids
+    if config.random_flip:
+        flip_ids = tokenizer([text if text is not None else "" for text in rows.flip_texts], padding="max_length",
+                             max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        flippable = torch.tensor([text is not None for text in rows.flip_texts])
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids
     sample_weights = torch.tensor(rows.weights, dtype=torch.float32)
@@ -625,18 +638,19 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
                                                  config.batch_size))
             with accelerator.accumulate(*trained):
                 # Latents sampled from the cached distribution, as vae.encode(...).latent_dist.sample() would.
-                mean, std = latent_mean[picked], latent_std[picked]
+                mean, std, ids = latent_mean[picked], latent_std[picked], input_ids[picked]
                 if config.random_flip:
-                    flipped = (torch.rand(len(picked), generator=generator) < 0.5).view(-1, 1, 1, 1)
-                    mean = torch.where(flipped, flip_mean[picked], mean)
-                    std = torch.where(flipped, flip_std[picked], std)
+                    flipped = (torch.rand(len(picked), generator=generator) < 0.5) & flippable[picked]
+                    mean = torch.where(flipped.view(-1, 1, 1, 1), flip_mean[picked], mean)
+                    std = torch.where(flipped.view(-1, 1, 1, 1), flip_std[picked], std)
+                    ids = torch.where(flipped.view(-1, 1), flip_ids[picked], ids)
                 latents = (mean + std * torch.randn(mean.shape, generator=generator) - shift) * scaling
                 noise = torch.randn(latents.shape, generator=generator)
                 timesteps = torch.randint(0, num_timesteps, (len(picked),), generator=generator)
                 latents, noise = latents.to(device, weight_dtype), noise.to(device, weight_dtype)
                 timesteps = timesteps.to(device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                ids = drop_prompts(input_ids[picked], empty_ids, config.prompt_dropout, generator)
+                ids = drop_prompts(ids, empty_ids, config.prompt_dropout, generator)
 
                 with torch.set_grad_enabled(config.train_text_encoder):
                     encoder_hidden_states = te_model(ids.to(device), return_dict=False)[0]

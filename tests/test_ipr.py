@@ -120,6 +120,28 @@ def test_review_pause_uses_rejections_and_edits(tiny_sd, eval_prompts, tmp_path)
     assert str((out / rejected["image"]).resolve()) not in {row["file_name"] for row in rows}
 
 
+def test_mirrored_pairs_swap_left_and_right_and_keep_a_persons_caption_unmirrored(tiny_sd, eval_prompts, tmp_path):
+    out = get_settings().runs_dir / "mirror-run"
+    cfg = config(tiny_sd, eval_prompts, iterations=1, review=True, mirror=True, eval_seeds=0)
+    run_ipr(cfg, out, log=lambda m: None)
+    edited = next(s for s in read_jsonl(out / "iteration-0" / "samples.jsonl") if s["keep"])
+    ReviewStore(get_settings().db_path).set("mirror-run", edited["id"], "edited", prompt="a red circle")
+    mark_reviewed(out, 0)
+    assert run_ipr(cfg, out, log=lambda m: None)["status"] == "done"
+
+    rows = read_jsonl(out / "iteration-0" / "train" / "metadata.jsonl")
+    by_text = {row["text"]: row for row in rows}
+    assert by_text["a red circle"]["flip_text"] is None  # a person's caption: never mirrored
+    relabeled = [row for row in rows if row["text"] != "a red circle"]
+    sides = {"left of": "right of", "right of": "left of"}
+    assert relabeled and all(any(side in row["text"] for side in sides) for row in relabeled)
+    for row in relabeled:  # the same caption with left and right swapped
+        side = next(side for side in sides if side in row["text"])
+        assert row["flip_text"] == row["text"].replace(side, sides[side])
+    train_config = json.loads((out / "iteration-0" / "adapter" / "train_config.json").read_text())
+    assert train_config["random_flip"] is True
+
+
 def test_detector_weighting_scales_by_confidence():
     detections = [{"label": "circle", "box": [0, 0, 4, 4], "score": 0.9},
                   {"label": "square", "box": [8, 8, 12, 12], "score": 0.5},

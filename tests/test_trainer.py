@@ -224,6 +224,37 @@ def test_prompt_dropout_swaps_about_that_share_of_captions_for_the_empty_prompt(
     assert drop_prompts(ids, empty, 0.0, torch.Generator()) is ids
 
 
+def test_random_flips_train_mirror_images_under_their_own_caption(tiny_sd, shapes_data, tmp_path, monkeypatch):
+    """With random_flip, a row's "flip_text" is the caption of its mirror image; "flip_text": null keeps
+    the row unflipped (IPR's relabeled pairs say left and right)."""
+    import pipelines.trainer as trainer
+    from transformers import CLIPTokenizer
+
+    said, original = [], trainer.drop_prompts
+    monkeypatch.setattr(trainer, "drop_prompts", lambda ids, *rest: said.append(ids.clone()) or original(ids, *rest))
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+
+    def ids(text: str) -> tuple:
+        return tuple(tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True).input_ids)
+
+    def captions_trained(flip_text, random_flip=True) -> set:
+        folder = tmp_path / f"data-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(shapes_data, folder)
+        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        (folder / "metadata.jsonl").write_text("".join(
+            json.dumps({**row, "text": "a circle left of a square", "flip_text": flip_text}) + "\n" for row in rows))
+        said.clear()
+        train(tiny_config(tiny_sd, [folder], folder.with_name(folder.name + "-out"), steps=6, checkpoint_every=100,
+                          random_flip=random_flip))
+        return {tuple(row.tolist()) for batch in said for row in batch}
+
+    asked, mirrored = ids("a circle left of a square"), ids("a circle right of a square")
+    assert captions_trained("a circle right of a square") == {asked, mirrored}  # 18 draws: both occur
+    assert captions_trained(None) == {asked}  # never flipped
+    assert captions_trained("a circle right of a square", random_flip=False) == {asked}
+
+
 def test_the_target_follows_the_scheduler_prediction_type():
     from diffusers import DDPMScheduler
 
@@ -258,7 +289,13 @@ def _broken_weight(folder: Path) -> str:
     return "weight"
 
 
-@pytest.mark.parametrize("breakage", [_broken_missing_metadata, _broken_empty, _broken_missing_images, _broken_weight])
+def _broken_flip_text(folder: Path) -> str:
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "000.png", "text": "", "flip_text": 3}) + "\n")
+    return '"flip_text" must be a caption or null'
+
+
+@pytest.mark.parametrize("breakage", [_broken_missing_metadata, _broken_empty, _broken_missing_images, _broken_weight,
+                                      _broken_flip_text])
 def test_bad_data_fails_with_a_one_line_message(tiny_sd, shapes_data, tmp_path, capsys, breakage):
     folder = tmp_path / "data"
     shutil.copytree(shapes_data, folder)

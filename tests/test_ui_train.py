@@ -79,6 +79,16 @@ def test_the_adapted_layers_chosen_reach_the_run(runner, monkeypatch):
     assert job is None and "Unknown choice of adapted layers" in message
 
 
+def test_mirroring_is_off_unless_ticked(runner, monkeypatch):
+    submitted = {}
+    monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
+    settings = ["shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4]
+    tab.start_run(runner, *settings)
+    assert submitted["mirror"] is False
+    tab.start_run(runner, *settings, mirror=True)
+    assert submitted["mirror"] is True
+
+
 def test_a_prior_preservation_folder_outside_the_data_folder_is_refused(runner, monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "submit", lambda kind, settings: pytest.fail("submitted"))
     run, job, message = tab.start_run(runner, "sd15", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4,

@@ -48,7 +48,7 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
               review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None,
-              train_text_encoder=None, prior_images=None, prior_data=None, adapted_layers=None):
+              train_text_encoder=None, prior_images=None, prior_data=None, adapted_layers=None, mirror=None):
     from pipelines.ipr import IPRConfig
     from workbench.datasets import inside_data_folder
 
@@ -69,6 +69,7 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                                                else bool(train_text_encoder)),
                            prior_images=int(prior_images or 0),
                            target_modules=target_modules(adapted_layers, defaults.target_modules),
+                           mirror=defaults.mirror if mirror is None else bool(mirror),
                            prior_data=str(inside_data_folder(prior_data.strip())) if (prior_data or "").strip() else None)
         config.validate()
         return config.__dict__
@@ -149,12 +150,15 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
                                          info="pre-training scenes mixed into every iteration's training set, "
                                               "against drift (not in the paper)")
                 prior_data = gr.Textbox(label="Prior-preservation imagefolder (other models)")
+            mirror = gr.Checkbox(defaults.mirror, label="Mirror images too, left and right swapped in their captions",
+                                 info="each image flipped with p = 0.5 under the caption its mirror earns (not in "
+                                      "the paper)")
             review = gr.Checkbox(False, label="Pause after each relabeling for a manual review")
             eval_seeds = gr.Number(4, label="ShapesBench seeds per prompt (0: no evaluation)", precision=0)
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
                              eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder, prior_images,
-                             prior_data, adapted_layers], "train-status",
+                             prior_data, adapted_layers, mirror], "train-status",
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -84,9 +85,8 @@ class IPRConfig:
     say_relations: bool = True
     weighting: str = "relabel"  # see WEIGHTINGS
     # Mirror images (not in the paper): each training image is flipped left to right with p = 0.5 and
-    # trained under the caption its mirror image earns, its detections mirrored and relabeled the same
-    # way, so "left of" and "right of" swap and nothing else changes. Twice the pairs, balanced in
-    # left and right; an image's caption a person wrote in the Review tab is never mirrored.
+    # trained under its caption with left and right swapped, where its mirrored detections confirm
+    # that caption (else it is never flipped). Twice the pairs, as many left of as right of.
     mirror: bool = False
     review: bool = False  # pause after relabeling each iteration for a manual review
     # Fine-tuning (pipelines.trainer).
@@ -309,7 +309,7 @@ def accumulated_training_rows(out_dir: Path, k: int, mirror: IPRConfig | None = 
         if mirror is not None:
             by_id = {str(sample["id"]): sample for sample in reviewed}
             for row in iteration_rows:
-                row["flip_text"] = mirrored_caption(mirror, by_id[row["id"]], out_dir)
+                row["flip_text"] = mirrored_caption(mirror, row["text"], by_id[row["id"]], out_dir)
         rows += iteration_rows
     if not rows:
         raise InvalidInput(f"Iterations 1..{k + 1} of {out_dir} left no training pairs: every sample was "
@@ -317,20 +317,32 @@ def accumulated_training_rows(out_dir: Path, k: int, mirror: IPRConfig | None = 
     return rows
 
 
-def mirrored_caption(config: IPRConfig, sample: dict, run_root: Path) -> str | None:
-    """The relabeled prompt of a sample's image mirrored left to right (see IPRConfig.mirror): its
-    detections mirrored and relabeled against the same prompt. None for a prompt a person wrote,
-    whose mirror image's caption nobody checked."""
+# "left" and "right" as words, in every phrasing: "left of", "to the right of", "on the left side of".
+SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_sides(text: str) -> str:
+    """The caption with left and right swapped ("a circle to the left of a square" -> "... right of ...")."""
+    def swap(match: re.Match) -> str:
+        word = "right" if match.group(1).lower() == "left" else "left"
+        return word.capitalize() if match.group(1)[0].isupper() else word
+    return SIDES.sub(swap, text)
+
+
+def mirrored_caption(config: IPRConfig, text: str, sample: dict, run_root: Path) -> str | None:
+    """The caption of a sample's image mirrored left to right (see IPRConfig.mirror): its training
+    caption with left and right swapped, when the mirrored detections confirm it (relabeling it
+    against them leaves it as it is); else None, and that pair is never mirrored."""
     from PIL import Image
 
-    if sample.get("status") == "edited":
-        return None
     with Image.open(run_root / sample["image"]) as image:
         width, height = image.size
     mirrored = [{**det, "box": [width - det["box"][2], det["box"][1], width - det["box"][0], det["box"][3]]}
                 for det in sample["detections"]]
-    return relabel(sample["prompt"], mirrored, width, height, box_threshold=config.box_threshold,
-                   split_colors=config.split_colors, say_relations=config.say_relations).prompt
+    swapped = swap_sides(text)
+    confirmed = relabel(swapped, mirrored, width, height, box_threshold=config.box_threshold,
+                        split_colors=config.split_colors, say_relations=config.say_relations).prompt
+    return swapped if confirmed == swapped else None
 
 
 def prior_folder(config: IPRConfig, out_dir: Path, should_stop=None) -> Path | None:

@@ -120,19 +120,24 @@ def test_review_pause_uses_rejections_and_edits(tiny_sd, eval_prompts, tmp_path)
     assert str((out / rejected["image"]).resolve()) not in {row["file_name"] for row in rows}
 
 
-def test_mirrored_pairs_swap_left_and_right_and_keep_a_persons_caption_unmirrored(tiny_sd, eval_prompts, tmp_path):
+def test_mirrored_pairs_swap_left_and_right_where_the_detections_confirm_it(tiny_sd, eval_prompts, tmp_path):
     out = get_settings().runs_dir / "mirror-run"
     cfg = config(tiny_sd, eval_prompts, iterations=1, review=True, mirror=True, eval_seeds=0)
     run_ipr(cfg, out, log=lambda m: None)
-    edited = next(s for s in read_jsonl(out / "iteration-0" / "samples.jsonl") if s["keep"])
-    ReviewStore(get_settings().db_path).set("mirror-run", edited["id"], "edited", prompt="a red circle")
+    kept = [s for s in read_jsonl(out / "iteration-0" / "samples.jsonl") if s["keep"]]
+    store = ReviewStore(get_settings().db_path)
+    # Two edits: one the detections confirm in the mirror image, one they contradict (a person saw more).
+    store.set("mirror-run", kept[0]["id"], "edited", prompt="a blue square on the right side of a red circle")
+    store.set("mirror-run", kept[1]["id"], "edited", prompt="a red circle to the left of a green triangle")
     mark_reviewed(out, 0)
     assert run_ipr(cfg, out, log=lambda m: None)["status"] == "done"
 
     rows = read_jsonl(out / "iteration-0" / "train" / "metadata.jsonl")
     by_text = {row["text"]: row for row in rows}
-    assert by_text["a red circle"]["flip_text"] is None  # a person's caption: never mirrored
-    relabeled = [row for row in rows if row["text"] != "a red circle"]
+    assert by_text["a blue square on the right side of a red circle"]["flip_text"] == \
+        "a blue square on the left side of a red circle"
+    assert by_text["a red circle to the left of a green triangle"]["flip_text"] is None  # never mirrored
+    relabeled = [row for row in rows if "square on the right" not in row["text"] and "triangle" not in row["text"]]
     sides = {"left of": "right of", "right of": "left of"}
     assert relabeled and all(any(side in row["text"] for side in sides) for row in relabeled)
     for row in relabeled:  # the same caption with left and right swapped

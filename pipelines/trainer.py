@@ -14,6 +14,8 @@ precision and gradient accumulation. What differs from that script, and why:
   (mean over C, H, W) times the batch's weights, then the mean over the batch;
 * the VAE is frozen, so each image is encoded once per run; its latent distribution (mean and std) is
   cached and a fresh latent is sampled from it at every step, as encoding every step would;
+* `random_flip` flips rows with p = 0.5 as the script does, but a row may carry its mirror image's own
+  caption (`flip_text`, e.g. left and right swapped), or `"flip_text": null` to stay unflipped;
 * the data order, the latent samples, the noise and the timesteps of every micro-batch derive from
   (seed, micro-batch index, process index) alone, so a run stopped (`should_stop`) or killed and then
   resumed from its last checkpoint ends with the same weights as an uninterrupted one;

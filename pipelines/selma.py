@@ -61,7 +61,8 @@ from pipelines.trainer import (UNET_TARGETS, TrainConfig, add_target_modules_arg
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
-from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
+from workbench.generation import (GenerationRequest, LoraSpec, generate_many, lora_weights_file, quiet_adapter_report,
+                                  save_png)
 from workbench.imagefolder import read_imagefolder
 from workbench.rouge import DEFAULT_THRESHOLD, RougeFilter
 from workbench.skills import Skill, resolve_skills, world_of
@@ -600,8 +601,9 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
         state, alphas, metadata = loaded[weights_file]
         if not any(key.startswith("text_encoder.") for key in state):
             return False  # a UNet-only expert: set_adapters leaves the text encoder to the others too
-        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, reader, prefix="text_encoder",
-                                                            adapter_name=name, metadata=metadata)
+        with quiet_adapter_report():
+            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, reader, prefix="text_encoder",
+                                                                adapter_name=name, metadata=metadata)
         return True
 
     unet_state, unet_config = _merge_component(lambda: load("unet"), read_unet_expert, files, weights,

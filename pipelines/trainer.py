@@ -363,7 +363,7 @@ def add_lora(config: TrainConfig, unet, text_encoder) -> bool:
             text_encoder.add_adapter(te_config)
         return config.train_text_encoder
     # Continue an existing adapter with its own rank, alpha and target modules.
-    from workbench.generation import lora_weights_file
+    from workbench.generation import lora_weights_file, quiet_adapter_report
 
     weights = lora_weights_file(config.init_lora)
     if weights is None:
@@ -375,8 +375,9 @@ def add_lora(config: TrainConfig, unet, text_encoder) -> bool:
         raise InvalidInput(f"init_lora {weights} holds no UNet LoRA in diffusers format.")
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="default", metadata=metadata)
     if any(k.startswith("text_encoder.") for k in state):
-        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, adapter_name="default",
-                                                            metadata=metadata)
+        with quiet_adapter_report():
+            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, adapter_name="default",
+                                                                metadata=metadata)
         return True
     if config.train_text_encoder:
         text_encoder.add_adapter(te_config)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -225,6 +227,19 @@ def _set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = scheduler_class.from_config(default.config)
 
 
+@contextmanager
+def quiet_adapter_report():
+    """Silence the load report transformers 5 logs when diffusers puts a LoRA on a CLIP text encoder: it
+    calls every adapter weight MISSING although they load (tests/test_generation.py compares them)."""
+    logger = logging.getLogger("transformers.integrations.peft")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _set_adapters(pipe, loras: list[LoraSpec]) -> None:
     if not loras:
         if getattr(pipe, "get_list_adapters", None) and any(pipe.get_list_adapters().values()):
@@ -234,8 +249,9 @@ def _set_adapters(pipe, loras: list[LoraSpec]) -> None:
     for lora in loras:
         if lora.adapter_name() not in loaded:
             weights = lora_weights_file(lora.path)
-            pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
-                                   adapter_name=lora.adapter_name())
+            with quiet_adapter_report():
+                pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
+                                       adapter_name=lora.adapter_name())
     pipe.enable_lora()
     pipe.set_adapters([lora.adapter_name() for lora in loras], adapter_weights=[lora.weight for lora in loras])
 

@@ -610,7 +610,6 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
                                                combination, density, seed, f"{entry.name}'s UNet")
     te_merged = _merge_component(lambda: load("text_encoder"), read_text_encoder_expert, files, weights,
                                  combination, density, seed, f"{entry.name}'s text encoder")
-    del loaded
 
     def layers_and_metadata(merged):
         if merged is None:

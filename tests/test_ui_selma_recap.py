@@ -121,9 +121,12 @@ def test_the_adapted_layers_chosen_reach_the_selma_and_recap_runs(runner):
 def test_each_section_shows_its_methods_default_adapted_layers(runner):
     with gr.Blocks() as demo:
         train.build_train_tab(runner)
-    pickers = [block.value for block in demo.blocks.values()
+    pickers = [block for block in demo.blocks.values()
                if isinstance(block, gr.Radio) and block.label == "LoRA on the UNet's"]
-    assert pickers == ["attention", "attention", "transformer"]  # IPR, SELMA, RECAP, in the tab's order
+    assert [picker.value for picker in pickers] == ["attention", "attention", "transformer"]  # IPR, SELMA, RECAP
+    # Each hint names its own method's default, not a list of every method's.
+    assert [picker.info.split(": ")[1].split(" (")[0] for picker in pickers] == \
+        ["attention projections", "attention projections", "whole transformer blocks"]
 
 
 def test_a_selma_run_is_cancelled_continued_and_shows_its_table_and_adapters(runner, tiny_sd, eval_prompts,

@@ -169,8 +169,8 @@ def adapted_layers_picker(default: Sequence[str]) -> gr.Radio:
     from pipelines.trainer import TARGET_PRESETS
 
     value = next((name for name, targets in TARGET_PRESETS.items() if tuple(targets) == tuple(default)), None)
-    return gr.Radio(ADAPTED_LAYERS, value=value, label="LoRA on the UNet's",
-                    info="the defaults: whole blocks for RECAP, attention for IPR and SELMA")
+    label = next((label for label, name in ADAPTED_LAYERS if name == value), ", ".join(default))
+    return gr.Radio(ADAPTED_LAYERS, value=value, label="LoRA on the UNet's", info=f"this method's default: {label}")
 
 
 def model_picker(label: str = "Model") -> gr.Dropdown:

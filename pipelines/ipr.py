@@ -100,6 +100,10 @@ class IPRConfig:
     # one iteration on the shapes model, assets/adapters/ipr-shapes).
     train_text_encoder: bool = True
     steps: int = 800  # per iteration
+    # Training sets accumulate, so at a fixed step count a later iteration sees each pair fewer times
+    # than iteration 1 did. True: iteration k trains steps * (its pairs / iteration 1's pairs) steps,
+    # the same number of passes over its data as iteration 1.
+    scale_steps: bool = False
     # Iteration k's adapter starts from iteration k-1's (True) or afresh from the base model (False);
     # either way it trains on the pairs of iterations 0..k. Afresh, the model is never fine-tuned
     # for more than `steps` on its own images, so errors in them cannot compound across iterations:
@@ -151,7 +155,8 @@ class IPRConfig:
 
 # Settings added after runs were saved, with the value those runs had.
 OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
-              "prior_data": None, "target_modules": list(UNET_TARGETS), "mirror": False}
+              "prior_data": None, "target_modules": list(UNET_TARGETS), "mirror": False,
+              "scale_steps": False}
 
 
 @dataclass
@@ -377,8 +382,8 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
                                target_modules=tuple(config.target_modules),
                                train_text_encoder=config.train_text_encoder,
                                init_lora=str(init_adapter) if init_adapter is not None else None,
-                               steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                               random_flip=config.mirror, prompt_dropout=config.prompt_dropout,
+                               steps=iteration_steps(config, run_root, k, len(rows)),
+                               batch_size=config.batch_size, lr=config.lr, random_flip=config.mirror, prompt_dropout=config.prompt_dropout,
                                seed=config.seed + k)
     result = train(train_config, on_progress=lambda f, m: stages(k, "train", f, m), should_stop=should_stop)
     if result.get("stopped"):
@@ -386,6 +391,15 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
 
         raise JobCancelled(f"training of iteration {k + 1} was stopped; resume the run to continue it")
     return result
+
+
+def iteration_steps(config: IPRConfig, out_dir: Path, k: int, pairs: int) -> int:
+    """Training steps of iteration k: `config.steps`, or with `scale_steps` as many passes over
+    iteration k's accumulated pairs as iteration 1 made over its own."""
+    if not config.scale_steps or k == 0:
+        return config.steps
+    first_pairs = len(accumulated_training_rows(out_dir, 0))
+    return max(1, round(config.steps * pairs / first_pairs))
 
 
 def evaluate(config: IPRConfig, adapter: Path | None, out: Path, stages: Stages, should_stop, log,
@@ -510,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
                         default=defaults.train_text_encoder, help="also train the text encoder (LoRA or full)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per iteration")
+    parser.add_argument("--scale-steps", action=argparse.BooleanOptionalAction, default=defaults.scale_steps,
+                        help="scale later iterations' steps with their accumulated pairs (same passes over the data)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--continue-adapter", action="store_true",
@@ -554,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                                lora=not args.full, rank=args.rank, alpha=float(args.rank),
                                target_modules=list(parse_target_modules(args.target_modules)),
                                train_text_encoder=args.train_text_encoder, steps=args.steps,
+                               scale_steps=args.scale_steps,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
                                prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting,
                                mirror=args.mirror,

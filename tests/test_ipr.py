@@ -167,6 +167,18 @@ def test_a_fresh_adapter_per_iteration_still_samples_with_the_last_one(tiny_sd, 
     assert train_config["rows"] == sum(len(read_jsonl(out / f"iteration-{k}" / "samples.jsonl")) for k in range(2))
 
 
+def test_scaled_steps_give_later_iterations_as_many_passes_over_their_accumulated_pairs(tiny_sd, eval_prompts,
+                                                                                          tmp_path):
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, continue_adapter=False, eval_seeds=0, steps=3, scale_steps=True), out,
+            log=lambda m: None)
+    first = json.loads((out / "iteration-0" / "adapter" / "train_config.json").read_text())
+    second = json.loads((out / "iteration-1" / "adapter" / "train_config.json").read_text())
+    # Every sample is kept here, so iteration 2 holds twice iteration 1's pairs.
+    assert second["rows"] == 2 * first["rows"]
+    assert (first["steps"], second["steps"]) == (3, 6)
+
+
 def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
     from PIL import Image
 

@@ -376,6 +376,8 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
                  [{"file_name": str((run_root / row["file_name"]).resolve()), "text": row["text"],
                    "weight": row["weight"], **({"flip_text": row["flip_text"]} if "flip_text" in row else {})}
                   for row in rows])
+    if prior is not None and config.mirror:
+        prior = mirror_safe_prior(prior, data_dir.parent / "prior-mirror")
     train_config = TrainConfig(model=config.model, data=[str(data_dir)] + ([str(prior)] if prior else []),
                                out=str(folder / "adapter"),
                                lora=config.lora, rank=config.rank, alpha=config.alpha,
@@ -391,6 +393,21 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
 
         raise JobCancelled(f"training of iteration {k + 1} was stopped; resume the run to continue it")
     return result
+
+
+def mirror_safe_prior(prior: Path, folder: Path) -> Path:
+    """A copy of the prior-preservation folder's metadata for mirrored training: nothing confirms a
+    prior caption's left or right in the mirror image, so a caption that says a side stays unflipped
+    ("flip_text": null); the others flip under their own caption."""
+    rows = []
+    for line in (prior / "metadata.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.append({**row, "file_name": str((prior / row["file_name"]).resolve()),
+                         "flip_text": None if SIDES.search(row["text"]) else row["text"]})
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(folder / "metadata.jsonl", rows)
+    return folder
 
 
 def iteration_steps(config: IPRConfig, out_dir: Path, k: int, pairs: int) -> int:

@@ -3,6 +3,7 @@ noise, so what it "shows" is decided here): folders, relabels, weights, accumula
 metrics, cancel and resume, and the manual review pause."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -238,6 +239,26 @@ def test_prior_preservation_mixes_pretraining_pairs_into_every_iteration(tiny_sd
         pairs = len(read_jsonl(out / f"iteration-{k}" / "train" / "metadata.jsonl"))
         trained = json.loads((out / f"iteration-{k}" / "adapter" / "train_config.json").read_text())
         assert trained["data"][1:] == [str(prior)] and trained["rows"] == pairs + 3
+
+
+def test_mirrored_training_never_flips_a_prior_caption_that_says_a_side(tiny_sd, eval_prompts, tmp_path):
+    from PIL import Image
+
+    prior = tmp_path / "prior"
+    (prior / "images").mkdir(parents=True)
+    texts = ["a circle left of a square", "a red circle", "a square to the right of a circle"]
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(prior / "images" / f"{i}.png")
+    (prior / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"images/{i}.png", "text": text}) + "\n"
+                                                  for i, text in enumerate(texts)))
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, iterations=1, eval_seeds=0, mirror=True, prior_data=str(prior)), out,
+            log=lambda m: None)
+    trained = json.loads((out / "iteration-0" / "adapter" / "train_config.json").read_text())
+    copy = read_jsonl(Path(trained["data"][1]) / "metadata.jsonl")
+    assert [row["flip_text"] for row in copy] == [None, "a red circle", None]
+    assert all(Path(row["file_name"]).is_file() for row in copy)
+    assert read_jsonl(prior / "metadata.jsonl")[0].get("flip_text", "unset") == "unset"  # the user's folder untouched
 
 
 def test_prior_preservation_renders_the_shapes_worlds_pretraining_data_or_asks_for_a_folder(tmp_path):

@@ -112,6 +112,9 @@ class IPRConfig:
     continue_adapter: bool = False
     batch_size: int = 32
     lr: float = 5e-4
+    # Exported adapter = exponential moving average of its weights over the last ~1/(1 - decay) steps
+    # (diffusers' EMAModel); None: the last step's weights.
+    ema_decay: float | None = None
     prompt_dropout: float = 0.1  # keeps the unconditional branch that guidance subtracts trained
     # Prior preservation (not in the paper; DreamBooth's remedy for the same drift): pairs of the
     # model's pre-training kind of data mixed into every iteration's training set, so the adapter keeps
@@ -156,7 +159,7 @@ class IPRConfig:
 # Settings added after runs were saved, with the value those runs had.
 OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
               "prior_data": None, "target_modules": list(UNET_TARGETS), "mirror": False,
-              "scale_steps": False}
+              "scale_steps": False, "ema_decay": None}
 
 
 @dataclass
@@ -385,7 +388,8 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
                                train_text_encoder=config.train_text_encoder,
                                init_lora=str(init_adapter) if init_adapter is not None else None,
                                steps=iteration_steps(config, run_root, k, len(rows)),
-                               batch_size=config.batch_size, lr=config.lr, random_flip=config.mirror, prompt_dropout=config.prompt_dropout,
+                               batch_size=config.batch_size, lr=config.lr, random_flip=config.mirror,
+                               prompt_dropout=config.prompt_dropout, ema_decay=config.ema_decay,
                                seed=config.seed + k)
     result = train(train_config, on_progress=lambda f, m: stages(k, "train", f, m), should_stop=should_stop)
     if result.get("stopped"):
@@ -544,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale-steps", action=argparse.BooleanOptionalAction, default=defaults.scale_steps,
                         help="scale later iterations' steps with their accumulated pairs (same passes over the data)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
+                        help="save the moving average of the adapter's weights (e.g. 0.99) instead of the last step's")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--continue-adapter", action="store_true",
                         help="start each iteration's adapter from the previous one instead of afresh from the base "
@@ -587,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                                lora=not args.full, rank=args.rank, alpha=float(args.rank),
                                target_modules=list(parse_target_modules(args.target_modules)),
                                train_text_encoder=args.train_text_encoder, steps=args.steps,
-                               scale_steps=args.scale_steps,
+                               scale_steps=args.scale_steps, ema_decay=args.ema_decay,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
                                prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting,
                                mirror=args.mirror,

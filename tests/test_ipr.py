@@ -180,6 +180,22 @@ def test_scaled_steps_give_later_iterations_as_many_passes_over_their_accumulate
     assert (first["steps"], second["steps"]) == (3, 6)
 
 
+def test_an_ema_run_exports_the_averaged_adapter_weights(tiny_sd, eval_prompts, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, decay in (("last", None), ("ema", 0.9)):
+        out = tmp_path / name
+        run_ipr(config(tiny_sd, eval_prompts, iterations=1, eval_seeds=0, steps=4, ema_decay=decay), out,
+                log=lambda m: None)
+        trained = json.loads((out / "iteration-0" / "adapter" / "train_config.json").read_text())
+        assert trained["ema_decay"] == decay
+        runs[name] = load_file(lora_weights_file(str(out / "iteration-0" / "adapter")))
+    # Same data, seed and steps: only the export differs, so the weights do.
+    assert runs["ema"].keys() == runs["last"].keys()
+    assert any(not (runs["ema"][key] == runs["last"][key]).all() for key in runs["ema"])
+
+
 def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
     from PIL import Image
 

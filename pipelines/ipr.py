@@ -144,6 +144,8 @@ class IPRConfig:
             raise InvalidInput(f"The minimum confidence must be in [0, 1] (got {self.min_confidence}).")
         if self.steps < 1 or self.batch_size < 1:
             raise InvalidInput("Training needs at least one step and a batch of at least one.")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise InvalidInput(f"The EMA decay must be in (0, 1), e.g. 0.99 (got {self.ema_decay}).")
         if self.prior_images < 0:
             raise InvalidInput(f"Prior images must be 0 or more (got {self.prior_images}).")
         if self.prior_images and self.prior_data is None and self.model != "shapes":
@@ -403,12 +405,11 @@ def mirror_safe_prior(prior: Path, folder: Path) -> Path:
     """A copy of the prior-preservation folder's metadata for mirrored training: nothing confirms a
     prior caption's left or right in the mirror image, so a caption that says a side stays unflipped
     ("flip_text": null); the others flip under their own caption."""
-    rows = []
-    for line in (prior / "metadata.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows.append({**row, "file_name": str((prior / row["file_name"]).resolve()),
-                         "flip_text": None if SIDES.search(row["text"]) else row["text"]})
+    from workbench.imagefolder import read_imagefolder
+
+    _, prior_rows = read_imagefolder(prior, kind="Prior-preservation data")
+    rows = [{**row, "file_name": str((prior / row["file_name"]).resolve()),
+             "flip_text": None if SIDES.search(row["text"]) else row["text"]} for row in prior_rows]
     folder.mkdir(parents=True, exist_ok=True)
     _write_jsonl(folder / "metadata.jsonl", rows)
     return folder

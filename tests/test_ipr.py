@@ -183,6 +183,8 @@ def test_scaled_steps_give_later_iterations_as_many_passes_over_their_accumulate
 def test_an_ema_run_exports_the_averaged_adapter_weights(tiny_sd, eval_prompts, tmp_path):
     from safetensors.torch import load_file
 
+    from workbench.errors import InvalidInput
+
     runs = {}
     for name, decay in (("last", None), ("ema", 0.9)):
         out = tmp_path / name
@@ -191,6 +193,9 @@ def test_an_ema_run_exports_the_averaged_adapter_weights(tiny_sd, eval_prompts, 
         trained = json.loads((out / "iteration-0" / "adapter" / "train_config.json").read_text())
         assert trained["ema_decay"] == decay
         runs[name] = load_file(lora_weights_file(str(out / "iteration-0" / "adapter")))
+    with pytest.raises(InvalidInput, match="EMA decay"):  # refused before any image is drawn
+        run_ipr(config(tiny_sd, eval_prompts, ema_decay=1.5), tmp_path / "bad", log=lambda m: None)
+    assert not (tmp_path / "bad" / "iteration-0").exists()
     # Same data, seed and steps: only the export differs, so the weights do.
     assert runs["ema"].keys() == runs["last"].keys()
     assert any(not (runs["ema"][key] == runs["last"][key]).all() for key in runs["ema"])

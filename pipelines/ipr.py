@@ -215,6 +215,8 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
         evaluate(config, None, out_dir / "eval-base", stages, should_stop, log)
 
     prior = prior_folder(config, out_dir, should_stop)
+    if prior is not None and config.mirror:
+        prior = mirror_safe_prior(prior, out_dir / "prior-mirror")
     adapter: Path | None = None
     for k in range(config.iterations):
         folder = out_dir / f"iteration-{k}"
@@ -381,8 +383,6 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
                  [{"file_name": str((run_root / row["file_name"]).resolve()), "text": row["text"],
                    "weight": row["weight"], **({"flip_text": row["flip_text"]} if "flip_text" in row else {})}
                   for row in rows])
-    if prior is not None and config.mirror:
-        prior = mirror_safe_prior(prior, data_dir.parent / "prior-mirror")
     train_config = TrainConfig(model=config.model, data=[str(data_dir)] + ([str(prior)] if prior else []),
                                out=str(folder / "adapter"),
                                lora=config.lora, rank=config.rank, alpha=config.alpha,

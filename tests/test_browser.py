@@ -47,3 +47,16 @@ def test_a_missing_model_shows_a_clear_message_in_the_page(tmp_path):
         page.locator("#generate-button").click()
         status = page.locator("#generate-status")
         status.get_by_text("hf download stabilityai/stable-diffusion-xl-base-1.0").wait_for(timeout=60_000)
+
+
+def test_settings_whose_blank_means_the_default_start_blank(tmp_path):
+    """A blank minimum confidence means the detector's own (0.9 for shapes) and a blank reward weight
+    means "balance the gradients"; a 0 shown there would train on every unsure sample, or refuse ReFL."""
+    env = {"WORKBENCH_DATA": str(tmp_path / "d"), "WORKBENCH_DEFAULT_MODEL": "sdxl"}
+    with running_app(env) as url, chromium_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#ipr-min-confidence input")).to_have_value("", timeout=20_000)
+        page.get_by_role("tab", name="RealignDiff: ReFL (coarse stage)").click()
+        expect(page.locator("#refl-reward-weight input")).to_have_value("", timeout=20_000)
+        expect(page.locator("#refl-guidance input")).to_have_value("")

@@ -14,8 +14,8 @@ import pandas as pd
 
 from ..errors import InvalidInput
 from ..jobs import JobRunner
-from .train_runs import (adapted_layers_picker, continue_run, latest_job_for, model_picker, run_controls, run_folder,
-                         runs_of_kind, status_and_log, submit_run, target_modules)
+from .train_runs import (adapted_layers_picker, continue_run, latest_job_for, model_picker, optional_number,
+                         run_controls, run_folder, runs_of_kind, status_and_log, submit_run, target_modules)
 
 METRIC_COLUMNS = ["iteration", "tag", "accuracy"]
 
@@ -135,10 +135,10 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             lr = gr.Number(5e-4, label="Learning rate")
             weighting = gr.Radio(["relabel", "detector"], value="relabel", label="Loss re-scaling",
                                  info="relabel: 1.0 matched / 0.5 relabeled; detector: also x detector confidence")
-            min_confidence = gr.Number(None, label="Minimum detector confidence",
-                                       info="samples with an object the detector finds but scores below this "
-                                            "are not trained on (blank: the detector's own, 0.9 for the shapes "
-                                            "detector; 0: keep all)")
+            min_confidence = optional_number("Minimum detector confidence",
+                                             info="samples with an object the detector finds but scores below this "
+                                                  "are not trained on (blank: the detector's own, 0.9 for the shapes "
+                                                  "detector; 0: keep all)", elem_id="ipr-min-confidence")
             adapter_start = gr.Radio(list(ADAPTER_STARTS),
                                      value=ADAPTER_STARTS[0 if defaults.continue_adapter else 1],
                                      label="Each iteration's adapter starts from",

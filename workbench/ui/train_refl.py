@@ -17,8 +17,8 @@ from ..errors import InvalidInput
 from ..jobs import JobRunner
 from ..registry import resolve
 from .train_runs import cancel_run  # noqa: F401 (this section's cancel, as its tests call it)
-from .train_runs import (model_picker, number, read_json, run_and_config, run_controls, run_folder, runs_of_kind,
-                         starter, status_and_log)
+from .train_runs import (model_picker, number, optional_number, read_json, run_and_config, run_controls,
+                         run_folder, runs_of_kind, starter, status_and_log)
 
 KIND = "refl"
 HISTORY_COLUMNS = ["step", "reward", "pretrain_loss", "grad_step"]
@@ -176,7 +176,8 @@ def build_refl_section(runner: JobRunner):
             lr = gr.Number(1e-4, label="Learning rate")
             rank = gr.Number(8, label="LoRA rank", precision=0)
             train_text_encoder = gr.Checkbox(False, label="Train a text-encoder LoRA too")
-            reward_weight = gr.Number(None, label="Reward weight λ (eq. 5; empty: balance the reward's and the denoising loss's gradients)")
+            reward_weight = optional_number("Reward weight λ (eq. 5; empty: balance the reward's and the denoising "
+                                            "loss's gradients)", elem_id="refl-reward-weight")
             negatives = gr.Number(0, label="Hard negatives (0: the plain likelihood)", precision=0,
                                   info="k > 0: reward the prompt's likelihood against k copies with one fact "
                                        "changed (colours swapped, relation flipped, ...), which one-colour "
@@ -185,7 +186,7 @@ def build_refl_section(runner: JobRunner):
             schedule_steps = gr.Number(20, label="Sampling steps", precision=0)
             first_grad_step = gr.Number(15, label="First gradient step", precision=0,
                                         info="the gradient step is drawn from [first, sampling steps)")
-            guidance = gr.Number(None, label="Guidance (empty: the model's default)")
+            guidance = optional_number("Guidance (empty: the model's default)", elem_id="refl-guidance")
             pretrain_batch = gr.Number(16, label="Pre-training batch (0: reward only)", precision=0)
             pretrain_data = gr.Textbox(label="Pre-training data (imagefolder; the shapes model renders its own)",
                                        placeholder="path/to/imagefolder")

@@ -145,6 +145,14 @@ def number(value, label: str, kind=int):
         raise InvalidInput(f"{label} must be a number (got {value!r}).") from None
 
 
+def optional_number(label: str, info: str | None = None, elem_id: str | None = None) -> gr.Number:
+    """A number box that starts blank, for settings whose blank means "the method's own default".
+
+    Gradio shows a None value as 0 and sends 0 (gradio-app/gradio#6728), which would silently replace
+    the default by 0; a value callable that returns None is shown and sent as blank."""
+    return gr.Number(lambda: None, label=label, info=info, elem_id=elem_id)
+
+
 # The layers a LoRA adapts, as the sections offer them: (label, pipelines.trainer.TARGET_PRESETS name).
 ADAPTED_LAYERS = [("attention projections (to_q, to_k, to_v, to_out.0)", "attention"),
                   ("whole transformer blocks (attention, feed-forward, proj_in, proj_out)", "transformer")]

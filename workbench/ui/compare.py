@@ -87,7 +87,7 @@ def bar_frame(table: pd.DataFrame) -> pd.DataFrame:
 def show_result(run: str | None):
     """(grid HTML, accuracy table, bar chart) of a finished comparison folder under runs/."""
     if not run:
-        return "", pd.DataFrame(), gr.update(value=pd.DataFrame(columns=BAR_COLUMNS))
+        return "", pd.DataFrame(columns=["tag"]), gr.update(value=pd.DataFrame(columns=BAR_COLUMNS))
     folder = get_settings().runs_dir / Path(run).name
     comparison = load_comparison(folder)
     table = accuracy_table(comparison["variants"])
@@ -186,7 +186,8 @@ def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
         with gr.Column(scale=3):
             grid = gr.HTML(elem_id="compare-grid")
         with gr.Column(scale=2):
-            table = gr.Dataframe(label="Accuracy (%) per tag", interactive=False, elem_id="compare-table")
+            table = gr.Dataframe(pd.DataFrame(columns=["tag"]), label="Accuracy (%) per tag", interactive=False,
+                                 elem_id="compare-table")
             bars = gr.BarPlot(pd.DataFrame(columns=BAR_COLUMNS), x="tag / variant", y="accuracy", color="variant",
                               y_lim=[0, 100], x_label_angle=-45, title="Accuracy (%) per tag and variant",
                               elem_id="compare-bars")

@@ -162,7 +162,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")
-    table = gr.Dataframe(label="Accuracy (%) per tag", interactive=False)
+    table = gr.Dataframe(metrics_table(pd.DataFrame()), label="Accuracy (%) per tag", interactive=False)
     log = gr.Textbox(label="Log", lines=12, max_lines=24, autoscroll=True)
 
     controls.buttons["Reviewed: continue"].click(lambda r: continue_run(runner, r, True), controls.run,

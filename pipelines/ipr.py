@@ -46,7 +46,8 @@ from workbench.store import bind_run_config
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.relabel import relabel
 from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
-from workbench.shapes.bench_prompts import TRAINING_KINDS, check_training_kinds, training_prompts
+from workbench.shapes.bench_prompts import (CLAUSE_POSITION_SHARE, TRAINING_KINDS, check_training_kinds,
+                                           training_prompts)
 
 # Detection-based loss re-scaling. The authors' released training script weights a sample's
 # denoising loss by 1.0 when the image already matched its prompt and by 0.5 when its prompt was
@@ -71,6 +72,10 @@ class IPRConfig:
     # text encoder's too, +1.5 and position +15; trained afresh each iteration, +5.9 and position
     # +15.5; assets/adapters/ipr-shapes).
     prompt_kinds: list[str] | None = field(default_factory=lambda: ["position"])
+    # Share of position training prompts said as a caption clause ("a circle and a square; the circle
+    # is above the square"), the form the shapes model draws both objects for (72% of images against
+    # 1% inline): IPR can only relabel a relation in an image that shows both objects.
+    clause_share: float = CLAUSE_POSITION_SHARE
     detector: str | None = None  # None: the model's own world (shapes model -> shapes detector)
     box_threshold: float = 0.3
     # Samples with an object the detector calls but is unsure of (score above the box threshold and
@@ -140,6 +145,8 @@ class IPRConfig:
         if not 0 <= self.box_threshold < 1:
             raise InvalidInput(f"The box threshold must be in [0, 1) (got {self.box_threshold}).")
         check_training_kinds(self.prompt_kinds)
+        if not 0 <= self.clause_share <= 1:
+            raise InvalidInput(f"The clause share must be in [0, 1] (got {self.clause_share}).")
         if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
             raise InvalidInput(f"The minimum confidence must be in [0, 1] (got {self.min_confidence}).")
         if self.steps < 1 or self.batch_size < 1:
@@ -161,7 +168,7 @@ class IPRConfig:
 # Settings added after runs were saved, with the value those runs had.
 OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
               "prior_data": None, "target_modules": list(UNET_TARGETS), "mirror": False,
-              "scale_steps": False, "ema_decay": None}
+              "scale_steps": False, "ema_decay": None, "clause_share": 0.5}
 
 
 @dataclass
@@ -208,7 +215,8 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
     _check_same_config(config, out_dir)
     stages = Stages(on_progress, config.iterations, evaluate=config.eval_seeds > 0)
     detector = pick_detector(BenchmarkConfig(model=config.model, detector=config.detector))
-    records = training_prompts(config.prompts, seed=config.prompt_seed, kinds=config.prompt_kinds)
+    records = training_prompts(config.prompts, seed=config.prompt_seed, kinds=config.prompt_kinds,
+                               clause_share=config.clause_share)
     started = time.time()
 
     if config.eval_seeds:
@@ -538,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-kinds", nargs="+", default=defaults.prompt_kinds, metavar="KIND",
                         help="kinds of training prompt, each drawn equally often (repeat one to draw it more): "
                              + ", ".join(TRAINING_KINDS) + " (default: position, as in the paper)")
+    parser.add_argument("--clause-share", type=float, default=defaults.clause_share,
+                        help="share of position prompts said as a caption clause ('a circle and a square; the circle "
+                             "is above the square') instead of inline")
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--lora", action="store_true", default=True, help="train a LoRA adapter (default)")
     kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
@@ -591,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = IPRConfig(model=args.model, iterations=args.iterations, prompts=args.prompts,
                                samples_per_prompt=args.samples_per_prompt, prompt_kinds=args.prompt_kinds,
+                               clause_share=args.clause_share,
                                lora=not args.full, rank=args.rank, alpha=float(args.rank),
                                target_modules=list(parse_target_modules(args.target_modules)),
                                train_text_encoder=args.train_text_encoder, steps=args.steps,

@@ -234,12 +234,12 @@ def test_a_run_saved_before_the_newer_settings_continues_with_what_it_had(tmp_pa
     from pipelines.ipr import _check_same_config, load_config
 
     saved = {"kind": "ipr", **asdict(IPRConfig())}
-    for key in ("min_confidence", "continue_adapter", "prompt_kinds", "prior_images", "prior_data"):
+    for key in ("min_confidence", "continue_adapter", "prompt_kinds", "prior_images", "prior_data", "clause_share"):
         saved.pop(key)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = load_config(tmp_path)
     assert (config.min_confidence, config.continue_adapter, config.prompt_kinds, config.prior_images,
-            config.prior_data) == (0.0, True, None, 0, None)
+            config.prior_data, config.clause_share) == (0.0, True, None, 0, None, 0.5)
     _check_same_config(config, tmp_path)  # no "other settings" refusal
     assert IPRConfig().prompt_kinds == ["position"] and IPRConfig().min_confidence is None  # new runs
     assert IPRConfig().continue_adapter is False
@@ -292,6 +292,14 @@ def test_prior_preservation_renders_the_shapes_worlds_pretraining_data_or_asks_f
     assert prior_folder(IPRConfig(), tmp_path / "off") is None
     with pytest.raises(InvalidInput, match="needs --prior-data"):
         IPRConfig(model="sd15", prior_images=100).validate()
+
+
+def test_a_clause_share_outside_zero_to_one_is_refused_before_any_work(tmp_path, capsys):
+    from pipelines.ipr import main
+
+    assert main(["--clause-share", "1.5", "--out", str(tmp_path / "run")]) == 2
+    assert "clause share must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):

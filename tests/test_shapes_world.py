@@ -417,6 +417,13 @@ def test_training_prompts_of_chosen_kinds_state_relations_both_ways():
         training_prompts(5, kinds=["spatial"])
 
 
+def test_clause_share_picks_how_position_prompts_state_their_relation():
+    all_clauses = training_prompts(100, seed=5, kinds=["position"], clause_share=1.0)
+    assert all(";" in r["prompt"] and r["include"][1]["position"] for r in all_clauses)
+    inline = training_prompts(100, seed=5, kinds=["position"], clause_share=0.0)
+    assert not any(";" in r["prompt"] for r in inline)
+
+
 def test_training_prompts_pass_the_prompt_file_validator(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in training_prompts(200, seed=1)))

@@ -152,7 +152,8 @@ def _spec_key(include: list[dict]) -> str:
 TRAINING_KINDS = ("single_object", "colors", "counting", "two_object", "color_attr", "position", "mixed")
 
 
-def _training_record(rng: np.random.Generator, kinds: tuple[str, ...] = TRAINING_KINDS) -> dict:
+def _training_record(rng: np.random.Generator, kinds: tuple[str, ...] = TRAINING_KINDS,
+                     clause_share: float = CLAUSE_POSITION_SHARE) -> dict:
     """One random training request in plain English, richer than ShapesBench's (colours on counts
     and positions, several groups, varied wording)."""
 
@@ -196,7 +197,7 @@ def _training_record(rng: np.random.Generator, kinds: tuple[str, ...] = TRAINING
             exclude.append({"class": clause["class"], "count": clause["count"] + 1})
 
     said = [object_phrase(c["class"], c.get("color"), c["count"], numerals) for c in include]
-    if kind == "position" and rng.random() < CLAUSE_POSITION_SHARE:
+    if kind == "position" and rng.random() < clause_share:
         subject, target = include[1], include[0]
         body = clause_caption([(subject["class"], subject.get("color")), (target["class"], target.get("color"))],
                               [(0, subject["position"][0], 1)])
@@ -217,14 +218,16 @@ def check_training_kinds(kinds: tuple[str, ...] | list[str] | None) -> tuple[str
     return kinds
 
 
-def training_prompts(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] | None = None) -> list[dict]:
+def training_prompts(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] | None = None,
+                     clause_share: float = CLAUSE_POSITION_SHARE) -> list[dict]:
     """n training records (ShapesBench's format; tag "mixed" for several groups) whose prompts are
     never a ShapesBench prompt (compared ignoring case, spacing and punctuation) and whose requests
     never repeat one of ShapesBench's color_attr pairs (held out to test generalisation).
 
     `kinds` (default: all of TRAINING_KINDS, equally often) are the kinds of request drawn, each
     equally often; name one twice to draw it twice as often. Prompts are distinct while the space
-    allows; beyond that they repeat.
+    allows; beyond that they repeat. `clause_share` is the share of position requests said as a
+    caption clause (CLAUSE_POSITION_SHARE).
     """
     kinds = check_training_kinds(kinds)
     bench = shapesbench_prompts()
@@ -235,7 +238,7 @@ def training_prompts(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] |
     seen: set[str] = set()
     misses = 0
     while len(records) < n:
-        record = _training_record(rng, kinds)
+        record = _training_record(rng, kinds, clause_share)
         key = normalize_prompt(record["prompt"])
         if key in bench_prompts or _spec_key(record["include"]) in held_out:
             continue

@@ -180,6 +180,36 @@ def test_scaled_steps_give_later_iterations_as_many_passes_over_their_accumulate
     assert (first["steps"], second["steps"]) == (3, 6)
 
 
+def test_adapter_seeds_average_adapters_trained_with_different_seeds(tiny_sd, eval_prompts, tmp_path):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from workbench.errors import InvalidInput
+
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, continue_adapter=False, eval_seeds=0, adapter_seeds=2), out,
+            log=lambda m: None)
+    folder = out / "iteration-0"
+    members = [folder / "adapter-seed0", folder / "adapter-seed1"]
+    seeds = [json.loads((m / "train_config.json").read_text())["seed"] for m in members]
+    assert seeds[0] != seeds[1]
+    weights = [load_file(lora_weights_file(str(m))) for m in members]
+    assert any(not np.allclose(weights[0][key].numpy(), weights[1][key].numpy()) for key in weights[0])
+    # The iteration's adapter is the mean of the members' weight updates (up @ down, alpha = rank).
+    merged = load_file(lora_weights_file(str(folder / "adapter")))
+    ups = [key for key in merged if key.endswith("up.weight")]
+    assert ups and set(merged) == set(weights[0])
+    for up in ups:
+        down = up.replace("up.weight", "down.weight")
+        members_mean = sum(w[up] @ w[down] for w in weights) / 2
+        assert np.allclose((merged[up] @ merged[down]).numpy(), members_mean.numpy(), atol=1e-6)
+    # Iteration 2 samples with the averaged adapter.
+    first_image = out / read_jsonl(out / "iteration-1" / "samples.jsonl")[0]["image"]
+    assert [lora["path"] for lora in read_png_metadata(first_image)["loras"]] == [str(folder / "adapter")]
+    with pytest.raises(InvalidInput, match="trained afresh"):
+        run_ipr(config(tiny_sd, eval_prompts, adapter_seeds=2), tmp_path / "bad", log=lambda m: None)
+
+
 def test_an_ema_run_exports_the_averaged_adapter_weights(tiny_sd, eval_prompts, tmp_path):
     from safetensors.torch import load_file
 

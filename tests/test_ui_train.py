@@ -89,6 +89,18 @@ def test_mirroring_is_off_unless_ticked(runner, monkeypatch):
     assert submitted["mirror"] is True
 
 
+def test_averaged_adapters_reach_the_run_and_need_fresh_lora_adapters(runner, monkeypatch):
+    submitted = {}
+    monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
+    settings = ["shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4]
+    tab.start_run(runner, *settings)
+    assert submitted["adapter_seeds"] == 1  # one adapter per iteration, as in the paper
+    tab.start_run(runner, *settings, adapter_seeds=3)
+    assert submitted["adapter_seeds"] == 3
+    run, job, message = tab.start_run(runner, *settings, adapter_start=tab.ADAPTER_STARTS[0], adapter_seeds=2)
+    assert job is None and "trained afresh" in message
+
+
 def test_a_prior_preservation_folder_outside_the_data_folder_is_refused(runner, monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "submit", lambda kind, settings: pytest.fail("submitted"))
     run, job, message = tab.start_run(runner, "sd15", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4,

@@ -48,7 +48,8 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
               review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None,
-              train_text_encoder=None, prior_images=None, prior_data=None, adapted_layers=None, mirror=None):
+              train_text_encoder=None, prior_images=None, prior_data=None, adapted_layers=None, mirror=None,
+              adapter_seeds=None):
     from pipelines.ipr import IPRConfig
     from workbench.datasets import inside_data_folder
 
@@ -70,6 +71,7 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                            prior_images=int(prior_images or 0),
                            target_modules=target_modules(adapted_layers, defaults.target_modules),
                            mirror=defaults.mirror if mirror is None else bool(mirror),
+                           adapter_seeds=defaults.adapter_seeds if adapter_seeds in (None, "") else int(adapter_seeds),
                            prior_data=str(inside_data_folder(prior_data.strip())) if (prior_data or "").strip() else None)
         config.validate()
         return config.__dict__
@@ -133,6 +135,9 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             steps = gr.Number(800, label="Training steps per iteration", precision=0)
             batch = gr.Number(32, label="Batch size", precision=0)
             lr = gr.Number(5e-4, label="Learning rate")
+            adapter_seeds = gr.Number(defaults.adapter_seeds, label="Adapters averaged per iteration", precision=0,
+                                      info="trained on the same pairs with different seeds and averaged (a model "
+                                           "soup; that many times the training time; LoRA trained afresh only)")
             weighting = gr.Radio(["relabel", "detector"], value="relabel", label="Loss re-scaling",
                                  info="relabel: 1.0 matched / 0.5 relabeled; detector: also x detector confidence")
             min_confidence = optional_number("Minimum detector confidence",
@@ -158,7 +163,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
                              eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder, prior_images,
-                             prior_data, adapted_layers, mirror], "train-status",
+                             prior_data, adapted_layers, mirror, adapter_seeds], "train-status",
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")

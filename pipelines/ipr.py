@@ -408,7 +408,7 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
         return _train_adapter(config, data, folder / "adapter", init_adapter, steps, config.seed + k,
                               lambda f, m: stages(k, "train", f, m), should_stop, k)
 
-    from pipelines.selma import merge_experts
+    from pipelines.lora_merge import merge_experts
 
     n = config.adapter_seeds
     members = []

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -42,7 +41,7 @@ from pipelines.trainer import UNET_TARGETS, add_target_modules_argument, parse_t
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, pick_detector, run_benchmark
 from workbench.config import get_settings
 from workbench.errors import InvalidInput, WorkbenchError
-from workbench.store import bind_run_config
+from workbench.store import bind_run_config, write_jsonl
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.relabel import relabel
 from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
@@ -244,7 +243,7 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
         if not samples_file.exists():
             images = sample(config, records, k, adapter, folder, stages, should_stop)
             samples = annotate(config, images, k, detector, stages)
-            _write_jsonl(samples_file, samples)
+            write_jsonl(samples_file, samples)
             log(f"iteration {k + 1}: {relabel_summary(samples)}")
         if config.review and not (folder / "reviewed").exists():
             log(f"iteration {k + 1}: relabels wait for review (Review tab), then continue the run")
@@ -398,7 +397,7 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
     data_dir = folder / "train"
     data_dir.mkdir(parents=True, exist_ok=True)
     run_root = folder.parent
-    _write_jsonl(data_dir / "metadata.jsonl",
+    write_jsonl(data_dir / "metadata.jsonl",
                  [{"file_name": str((run_root / row["file_name"]).resolve()), "text": row["text"],
                    "weight": row["weight"], **({"flip_text": row["flip_text"]} if "flip_text" in row else {})}
                   for row in rows])
@@ -453,7 +452,7 @@ def mirror_safe_prior(prior: Path, folder: Path) -> Path:
     rows = [{**row, "file_name": str((prior / row["file_name"]).resolve()),
              "flip_text": None if SIDES.search(row["text"]) else row["text"]} for row in prior_rows]
     folder.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(folder / "metadata.jsonl", rows)
+    write_jsonl(folder / "metadata.jsonl", rows)
     return folder
 
 
@@ -556,11 +555,6 @@ def load_config(out_dir: Path) -> IPRConfig:
         raise InvalidInput(f"{out_dir} is not an IPR run (no config.json).")
     return IPRConfig.from_dict({**OLDER_RUNS, **json.loads(path.read_text())})
 
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
 
 
 # --- command line -----------------------------------------------------------------------------------

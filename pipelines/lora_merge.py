@@ -11,14 +11,13 @@ and "ties"/"dare_*" prune and re-sign the factors first.
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from pathlib import Path
 
 from pipelines.trainer import diffusers_lora_layers
 from workbench.errors import InvalidInput, ModelNotAvailable
 from workbench.generation import lora_weights_file, quiet_adapter_report
+from workbench.store import write_json
 
 COMBINATIONS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # these read `density`
@@ -104,7 +103,7 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_layers, unet_lora_adapter_metadata=unet_metadata,
                                               text_encoder_lora_layers=te_layers,
                                               text_encoder_lora_adapter_metadata=te_metadata, safe_serialization=True)
-    _write_json(out / "merge.json", {"combination": combination, "weights": [float(w) for w in weights],
+    write_json(out / "merge.json", {"combination": combination, "weights": [float(w) for w in weights],
                                      "experts": [str(e) for e in experts], "rank": unet_config.r,
                                      "text_encoder_rank": te_merged[1].r if te_merged else None,
                                      "density": density if combination in PRUNING else None, "seed": seed})
@@ -157,10 +156,3 @@ def _merge_component(load_clean, read_expert, files: list[Path], weights: list[f
         raise InvalidInput(f"Cannot merge these adapters with {combination}: {error}") from None
     return (get_peft_model_state_dict(peft_model, adapter_name="merged", save_embedding_layers=False),
             peft_model.peft_config["merged"])
-
-
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

@@ -57,7 +57,7 @@ from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
 from workbench.generation import LoraSpec, lora_weights_file
 from workbench.imagefolder import read_imagefolder
 from workbench.shapes.world import IMAGE_SIZE
-from workbench.store import bind_run_config
+from workbench.store import bind_run_config, write_json, write_jsonl
 
 CAPTION_MIXES = ("mix", "short", "long")  # the paper's short/long mix, or short or long captions only
 VARIANTS = {"base": "base", "alt_text": "alt-text", "recap": "RECAP"}  # summary key -> column title
@@ -306,13 +306,13 @@ def make_shapes_dataset(out: Path, n: int, seed: int = 0, size: int = IMAGE_SIZE
                 on_progress((i + 1) / n, f"{i + 1}/{n} scenes rendered")
             if should_stop is not None and should_stop() and i < n - 1:
                 raise JobCancelled("making the shapes dataset was stopped; run again to make it")
-    _write_jsonl(out / "scenes.jsonl", scenes)
-    _write_jsonl(out / "metadata.jsonl", rows)
+    write_jsonl(out / "scenes.jsonl", scenes)
+    write_jsonl(out / "metadata.jsonl", rows)
     info = {"settings": settings, "images": n, "seconds": round(time.time() - started, 2),
             "alt_text_exact": float(np.mean([r["text"] == s["caption"] for r, s in zip(rows, scenes)])),
             "shapesbench_overlap": {"alt_text": bench_overlap([r["text"] for r in rows]),
                                     "exact_caption": bench_overlap([s["caption"] for s in scenes])}}
-    _write_json(info_path, info)
+    write_json(info_path, info)
     return info
 
 
@@ -375,7 +375,7 @@ def recaption(data: Path, out: Path, captioner: str = "shapes", text_field: str 
         if info.get("done") and final.exists():
             return info
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(info_path, {"settings": settings, "done": False})
+    write_json(info_path, {"settings": settings, "done": False})
 
     check_backend("captioner", captioner, **captioner_options)  # missing weights: say so before work
     model = get_captioner(captioner, **captioner_options)
@@ -419,12 +419,12 @@ def recaption(data: Path, out: Path, captioner: str = "shapes", text_field: str 
     kept = [row for row in rows if "skipped" not in row]
     if not kept:
         raise InvalidInput(f"No image of {data} could be read, so nothing was captioned.")
-    _write_jsonl(final, kept)
+    write_jsonl(final, kept)
     info = {"settings": settings, "done": True, "captioner": captioner, "images": len(kept),
             "skipped": len(rows) - len(kept), "skipped_files": [r["file_name"] for r in rows if "skipped" in r][:20],
             "empty_captions": sum(not r["long_caption"] for r in kept),
             "seconds": round(time.time() - started, 2)}
-    _write_json(info_path, info)
+    write_json(info_path, info)
     partial.unlink()
     return info
 
@@ -513,7 +513,7 @@ def fine_tune(config: RecapConfig, rows: list[dict], folder: Path, stage: str, s
     result = adapter / "pipeline" if not config.lora else adapter
     if (adapter / "done").exists():
         return result
-    _write_jsonl(folder / "train" / "metadata.jsonl", rows)
+    write_jsonl(folder / "train" / "metadata.jsonl", rows)
     train_config = TrainConfig(model=config.model, data=[str(folder / "train")], out=str(adapter), lora=config.lora,
                                rank=config.rank, alpha=config.alpha, target_modules=tuple(config.target_modules),
                                train_text_encoder=config.train_text_encoder,
@@ -576,7 +576,7 @@ def write_summary(out_dir: Path, config: RecapConfig, scores: dict, adapters: di
         done = out_dir / folder / "adapter" / "done"
         if done.exists():
             summary.setdefault("training", {})[variant] = json.loads(done.read_text() or "{}")
-    _write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -634,18 +634,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 # --- command line -----------------------------------------------------------------------------------

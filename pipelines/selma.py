@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -61,7 +60,7 @@ from workbench.generation import GenerationRequest, LoraSpec, generate_many, lor
 from workbench.imagefolder import read_imagefolder
 from workbench.rouge import DEFAULT_THRESHOLD, RougeFilter
 from workbench.skills import Skill, resolve_skills, world_of
-from workbench.store import bind_run_config
+from workbench.store import bind_run_config, write_json, write_jsonl
 
 # Merging: "set_adapters" is the authors' (every expert active at weight w_i); the rest are peft's
 # add_weighted_adapter combinations, baked into one adapter.
@@ -265,7 +264,7 @@ def run_selma(config: SelmaConfig, out_dir: Path, on_progress: Callable[[float, 
         if not path.exists():
             llm = llm or make_llm(config)
             record = write_skill_prompts(config, skill, llm, progress, should_stop)
-            _write_json(path, record)
+            write_json(path, record)
             log(f"{skill.name}: {prompt_summary(record['stats'])}")
 
     # 2. Images of every prompt, by the base model or `image_model`.
@@ -458,7 +457,7 @@ def draw_images(config: SelmaConfig, skill: str, prompts: list[str], folder: Pat
                 name = f"p{start + offset:05d}_s{result.seed:04d}.png"
                 save_png(result.image, result.metadata, folder / "images", name=name)
                 rows.append({"file_name": f"images/{name}", "text": prompt, "skill": skill, "seed": result.seed})
-    _write_jsonl(folder / "metadata.jsonl", rows)
+    write_jsonl(folder / "metadata.jsonl", rows)
     return rows
 
 
@@ -513,8 +512,8 @@ def check_images(folder: Path, detector, mode: str, report: Callable[[float, str
                            f"more images per prompt.")
     checked = folder / "checked"
     checked.mkdir(parents=True, exist_ok=True)
-    _write_json(checked / "check.json", stats)
-    _write_jsonl(checked / "metadata.jsonl", kept)  # last: it marks the stage done
+    write_json(checked / "check.json", stats)
+    write_jsonl(checked / "metadata.jsonl", kept)  # last: it marks the stage done
     return stats
 
 
@@ -599,7 +598,7 @@ def write_summary(config: SelmaConfig, out_dir: Path, seconds: float | None = No
                "mixed_adapter": str(out_dir / "mixed") if (out_dir / "mixed" / "done").exists() else None,
                "skills": skills, "scores": scores, "table": {"tags": tags, "rows": rows},
                "seconds": None if seconds is None else round(seconds, 1)}
-    _write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -655,18 +654,6 @@ def load_config(out_dir: Path) -> SelmaConfig:
     return SelmaConfig.from_dict(data)
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
 
 
 # --- command line -----------------------------------------------------------------------------------

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 from .benchmark import BenchmarkConfig, format_scores, run_benchmark
 from .compare import run_compare_job
 from .errors import InvalidInput, JobCancelled
 from .generation import GenerationRequest, generate
+from .store import write_json
 
 
 def run_generate_job(params: dict, ctx) -> dict:
@@ -100,7 +100,7 @@ def run_skill_prompts_job(params: dict, ctx) -> dict:
     config = SelmaConfig.from_dict(params)
     config.validate()
     skills = config.skill_list()
-    _write_json(out / "config.json", {"kind": PROMPT_SET_KIND, "model": config.model, "llm": config.llm_name(),
+    write_json(out / "config.json", {"kind": PROMPT_SET_KIND, "model": config.model, "llm": config.llm_name(),
                                       "skills": [s.name for s in skills], "prompts_per_skill": config.prompts_per_skill,
                                       "prompts_per_request": config.prompts_per_request,
                                       "rouge_threshold": config.rouge_threshold, "seed": config.seed})
@@ -109,7 +109,7 @@ def run_skill_prompts_job(params: dict, ctx) -> dict:
     llm, stats, rows = make_llm(config), {}, []
     for skill in skills:
         record = write_skill_prompts(config, skill, llm, progress, lambda: ctx.cancelled)
-        _write_json(out / f"{skill.name}.json", record)
+        write_json(out / f"{skill.name}.json", record)
         stats[skill.name] = {k: v for k, v in record["stats"].items() if k != "max_rouge"}
         rows += [{"skill": skill.name, "prompt": prompt} for prompt in record["prompts"]]
         ctx.log(f"{skill.name}: {prompt_summary(record['stats'])}")
@@ -165,12 +165,6 @@ def saved_config(folder: Path, kind: str) -> dict:
         raise InvalidInput(f"{folder} holds no {kind} run to continue (no config.json of kind {kind!r}).")
     return config
 
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _progress_without_stopping(ctx):

@@ -8,6 +8,7 @@ read the same file while we write.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -233,4 +234,20 @@ def bind_run_config(out_dir: Path, settings: dict, what: str, ignore: tuple[str,
         return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically (temp file, then rename): a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write one JSON object per line, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     os.replace(tmp, path)

@@ -127,6 +127,10 @@ class IPRConfig:
     # 58.2 for one (assets/adapters/ipr-shapes), so the default is 1: one adapter, as in the paper.
     adapter_seeds: int = 1
     prompt_dropout: float = 0.1  # keeps the unconditional branch that guidance subtracts trained
+    # Share of the noise schedule that training draws timesteps from (pipelines.trainer). [0.5, 1.0]:
+    # the noisier half only, where the layout that a relabel describes is decided, so the model's own
+    # images teach what goes where and not their blur (not in the paper).
+    timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     # Prior preservation (not in the paper; DreamBooth's remedy for the same drift): pairs of the
     # model's pre-training kind of data mixed into every iteration's training set, so the adapter keeps
     # drawing clean shapes while it learns from its own, blurrier images. `prior_data`: an imagefolder
@@ -162,6 +166,9 @@ class IPRConfig:
         if self.adapter_seeds > 1 and (self.continue_adapter or not self.lora):
             raise InvalidInput("Averaging several adapters per iteration (--adapter-seeds) needs LoRA adapters "
                                "trained afresh each iteration (drop --continue-adapter and --full).")
+        if len(self.timestep_range) != 2 or not 0 <= self.timestep_range[0] < self.timestep_range[1] <= 1:
+            raise InvalidInput(f"The timestep range must be two shares of the schedule, 0 <= low < high <= 1, "
+                               f"e.g. 0.5 1.0 (got {self.timestep_range}).")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise InvalidInput(f"The EMA decay must be in (0, 1), e.g. 0.99 (got {self.ema_decay}).")
         if self.prior_images < 0:
@@ -179,7 +186,8 @@ class IPRConfig:
 # Settings added after runs were saved, with the value those runs had.
 OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
               "prior_data": None, "target_modules": list(UNET_TARGETS), "mirror": False,
-              "scale_steps": False, "ema_decay": None, "clause_share": 0.5, "adapter_seeds": 1}
+              "scale_steps": False, "ema_decay": None, "clause_share": 0.5, "adapter_seeds": 1,
+              "timestep_range": [0.0, 1.0]}
 
 
 @dataclass
@@ -433,7 +441,8 @@ def _train_adapter(config: IPRConfig, data: list[str], out: Path, init_adapter: 
                                train_text_encoder=config.train_text_encoder,
                                init_lora=str(init_adapter) if init_adapter is not None else None,
                                steps=steps, batch_size=config.batch_size, lr=config.lr, random_flip=config.mirror,
-                               prompt_dropout=config.prompt_dropout, ema_decay=config.ema_decay, seed=seed)
+                               prompt_dropout=config.prompt_dropout, ema_decay=config.ema_decay,
+                               timestep_range=tuple(config.timestep_range), seed=seed)
     result = train(train_config, on_progress=on_progress, should_stop=should_stop)
     if result.get("stopped"):
         from workbench.jobs import JobCancelled
@@ -598,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "model (either way it trains on all pairs so far)")
     parser.add_argument("--prompt-dropout", type=float, default=defaults.prompt_dropout,
                         help="share of training captions replaced by the empty prompt")
+    parser.add_argument("--timestep-range", type=float, nargs=2, default=defaults.timestep_range,
+                        metavar=("LOW", "HIGH"),
+                        help="train on timesteps from this share of the noise schedule only (0.5 1.0: the noisier "
+                             "half, where the layout is decided; default 0 1: all)")
     parser.add_argument("--prior-images", type=int, default=defaults.prior_images,
                         help="shapes model: render this many pre-training scenes and mix them into every iteration's "
                              "training set (prior preservation; not in the paper; 0: off)")
@@ -639,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
                                scale_steps=args.scale_steps, ema_decay=args.ema_decay,
                                adapter_seeds=args.adapter_seeds,
                                batch_size=args.batch_size, lr=args.lr, prompt_dropout=args.prompt_dropout,
+                               timestep_range=list(args.timestep_range),
                                prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting,
                                mirror=args.mirror,
                                split_colors=not args.literal_relabels,

@@ -83,6 +83,11 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     ema_decay: float | None = None  # exported weights are the EMA when set
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023)
+    # Timesteps drawn uniformly from this share of the schedule, [low, high) of num_train_timesteps.
+    # (0.5, 1.0): only the noisier half, where a sample's layout is decided (Choi et al. 2022, "Perception
+    # Prioritized Training": coarse content at high noise, detail at low noise), so a fine-tune on the
+    # model's own images teaches what goes where without re-learning their detail.
+    timestep_range: tuple[float, float] = (0.0, 1.0)
     resolution: int | None = None  # default: the model's native size
     center_crop: bool = True  # False: a random crop, drawn once per image and run (latents are cached)
     # Horizontal flips with p = 0.5. They break left/right captions, hence off by default; a row's
@@ -103,6 +108,7 @@ class TrainConfig:
             self.data = [str(self.data)]
         self.data = [str(d) for d in self.data]
         self.target_modules = tuple(self.target_modules)
+        self.timestep_range = tuple(float(share) for share in self.timestep_range)
         checks = [
             (bool(self.data), "No training data: give at least one imagefolder (--data DIR)."),
             (bool(str(self.out).strip()), "No output folder given (--out DIR)."),
@@ -120,6 +126,8 @@ class TrainConfig:
              f"mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision!r})."),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1) (got {self.ema_decay})."),
             (self.snr_gamma is None or self.snr_gamma > 0, f"snr_gamma must be positive (got {self.snr_gamma})."),
+            (len(self.timestep_range) == 2 and 0 <= self.timestep_range[0] < self.timestep_range[1] <= 1,
+             f"timestep_range must be two shares of the schedule, 0 <= low < high <= 1 (got {self.timestep_range})."),
             (self.resolution is None or self.resolution >= 8,
              f"resolution must be at least 8 (got {self.resolution})."),
             (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1 (got {self.checkpoint_every})."),
@@ -622,6 +630,8 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
     n, rank = len(rows.paths), accelerator.process_index
     global_batch = config.batch_size * accelerator.num_processes
     num_timesteps = noise_scheduler.config.num_train_timesteps
+    first_timestep = int(round(config.timestep_range[0] * num_timesteps))
+    end_timestep = max(first_timestep + 1, int(round(config.timestep_range[1] * num_timesteps)))
     if main:
         _log(f"trainer: {'LoRA' if config.lora else 'full'} fine-tune of {entry.name}, "
              f"{sum(p.numel() for p in params) / 1e6:.3f}M trainable parameters, steps {start}->{config.steps}, "
@@ -649,7 +659,7 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
                     ids = torch.where(flipped.view(-1, 1), flip_ids[picked], ids)
                 latents = (mean + std * torch.randn(mean.shape, generator=generator) - shift) * scaling
                 noise = torch.randn(latents.shape, generator=generator)
-                timesteps = torch.randint(0, num_timesteps, (len(picked),), generator=generator)
+                timesteps = torch.randint(first_timestep, end_timestep, (len(picked),), generator=generator)
                 latents, noise = latents.to(device, weight_dtype), noise.to(device, weight_dtype)
                 timesteps = timesteps.to(device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)

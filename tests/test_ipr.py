@@ -332,6 +332,20 @@ def test_a_clause_share_outside_zero_to_one_is_refused_before_any_work(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_timestep_range_reaches_every_iterations_trainer_and_a_bad_one_is_refused(tiny_sd, eval_prompts, tmp_path,
+                                                                                    capsys):
+    from pipelines.ipr import main
+
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, eval_seeds=0, timestep_range=[0.5, 1.0]), out, log=lambda m: None)
+    for k in range(2):
+        trained = json.loads((out / f"iteration-{k}" / "adapter" / "train_config.json").read_text())
+        assert trained["timestep_range"] == [0.5, 1.0]
+    assert main(["--timestep-range", "0.8", "0.2", "--out", str(tmp_path / "bad")]) == 2
+    assert "timestep range must be two shares" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):
     out = tmp_path / "run"
     run_ipr(config(tiny_sd, eval_prompts, iterations=1, eval_seeds=0), out, log=lambda m: None)

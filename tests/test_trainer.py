@@ -255,6 +255,26 @@ def test_random_flips_train_mirror_images_under_their_own_caption(tiny_sd, shape
     assert captions_trained("a circle right of a square", random_flip=False) == {asked}
 
 
+def test_a_timestep_range_trains_on_that_share_of_the_schedule_only(tiny_sd, shapes_data, tmp_path, monkeypatch):
+    """timestep_range (0.5, 1.0) trains the noisier half of the schedule only; the default draws from all of it."""
+    from diffusers import DDPMScheduler
+
+    drawn, original = [], DDPMScheduler.add_noise
+    monkeypatch.setattr(DDPMScheduler, "add_noise",
+                        lambda self, x, noise, t: drawn.append(t.clone()) or original(self, x, noise, t))
+
+    def timesteps(name: str, **overrides) -> torch.Tensor:
+        drawn.clear()
+        train(tiny_config(tiny_sd, [shapes_data], tmp_path / name, steps=8, checkpoint_every=100, **overrides))
+        return torch.cat(drawn)
+
+    total = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler").config.num_train_timesteps
+    late = timesteps("late", timestep_range=(0.5, 1.0))
+    assert len(late) == 24 and late.min() >= total // 2 and late.max() < total
+    everywhere = timesteps("all")
+    assert everywhere.min() < total // 2 <= everywhere.max()  # 24 uniform draws: both halves, all but surely
+
+
 def test_the_target_follows_the_scheduler_prediction_type():
     from diffusers import DDPMScheduler
 
@@ -350,6 +370,7 @@ def test_accelerate_launch_with_two_processes_keeps_replicas_in_sync(tiny_sd, sh
     ({"steps": 0}, "steps must be at least 1"),
     ({"mixed_precision": "fp8"}, "mixed_precision must be no, fp16 or bf16"),
     ({"prompt_dropout": 1.0}, "prompt_dropout must be in"),
+    ({"timestep_range": (0.6, 0.5)}, "timestep_range must be two shares"),
     ({"lora": False, "init_lora": "x"}, "init_lora continues a LoRA"),
     ({"model": "no-such-model"}, "Unknown model"),
 ])

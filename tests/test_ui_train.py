@@ -101,6 +101,16 @@ def test_averaged_adapters_reach_the_run_and_need_fresh_lora_adapters(runner, mo
     assert job is None and "trained afresh" in message
 
 
+def test_the_lowest_trained_timestep_reaches_the_run(runner, monkeypatch):
+    submitted = {}
+    monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
+    settings = ["shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4]
+    tab.start_run(runner, *settings)
+    assert submitted["timestep_range"] == [0.0, 1.0]  # the whole schedule, as in the paper
+    tab.start_run(runner, *settings, lowest_timestep=0.5)
+    assert submitted["timestep_range"] == [0.5, 1.0]
+
+
 def test_a_prior_preservation_folder_outside_the_data_folder_is_refused(runner, monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "submit", lambda kind, settings: pytest.fail("submitted"))
     run, job, message = tab.start_run(runner, "sd15", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4,

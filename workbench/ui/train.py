@@ -49,7 +49,7 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
               review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None,
               train_text_encoder=None, prior_images=None, prior_data=None, adapted_layers=None, mirror=None,
-              adapter_seeds=None):
+              adapter_seeds=None, lowest_timestep=None):
     from pipelines.ipr import IPRConfig
     from workbench.datasets import inside_data_folder
 
@@ -72,6 +72,8 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                            target_modules=target_modules(adapted_layers, defaults.target_modules),
                            mirror=defaults.mirror if mirror is None else bool(mirror),
                            adapter_seeds=defaults.adapter_seeds if adapter_seeds in (None, "") else int(adapter_seeds),
+                           timestep_range=(defaults.timestep_range if lowest_timestep in (None, "")
+                                           else [float(lowest_timestep), 1.0]),
                            prior_data=str(inside_data_folder(prior_data.strip())) if (prior_data or "").strip() else None)
         config.validate()
         return config.__dict__
@@ -138,6 +140,10 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             adapter_seeds = gr.Number(defaults.adapter_seeds, label="Adapters averaged per iteration", precision=0,
                                       info="trained on the same pairs with different seeds and averaged (a model "
                                            "soup; that many times the training time; LoRA trained afresh only)")
+            lowest_timestep = gr.Slider(0.0, 0.9, value=defaults.timestep_range[0], step=0.05,
+                                        label="Train timesteps from this share of the noise schedule up",
+                                        info="0: all of it; 0.5: the noisier half only, where the layout is decided "
+                                             "(not in the paper)")
             weighting = gr.Radio(["relabel", "detector"], value="relabel", label="Loss re-scaling",
                                  info="relabel: 1.0 matched / 0.5 relabeled; detector: also x detector confidence")
             min_confidence = optional_number("Minimum detector confidence",
@@ -163,7 +169,7 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
                              eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder, prior_images,
-                             prior_data, adapted_layers, mirror, adapter_seeds], "train-status",
+                             prior_data, adapted_layers, mirror, adapter_seeds, lowest_timestep], "train-status",
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")

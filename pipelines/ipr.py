@@ -129,7 +129,9 @@ class IPRConfig:
     prompt_dropout: float = 0.1  # keeps the unconditional branch that guidance subtracts trained
     # Share of the noise schedule that training draws timesteps from (pipelines.trainer). [0.5, 1.0]:
     # the noisier half only, where the layout that a relabel describes is decided, so the model's own
-    # images teach what goes where and not their blur (not in the paper).
+    # images teach what goes where and not their blur (not in the paper). On the shapes model it scored
+    # 52.9 and 55.0 after two iterations (two seeds), against 58.2 for the whole schedule: the LoRA also
+    # acts at the low-noise steps it was never trained on (assets/adapters/ipr-shapes).
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     # Prior preservation (not in the paper; DreamBooth's remedy for the same drift): pairs of the
     # model's pre-training kind of data mixed into every iteration's training set, so the adapter keeps

@@ -58,7 +58,8 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KEEP_CHECKPOINTS = 2
 # Settings a checkpoint is bound to: resuming with other values would not continue the same run.
-RUN_IDENTITY = ("model", "data", "lora", "rank", "alpha", "target_modules", "train_text_encoder", "init_lora",
+RUN_IDENTITY = ("model", "data", "lora", "rank", "alpha", "target_modules", "train_unet", "train_text_encoder",
+                "init_lora",
                 "seed", "batch_size", "grad_accum", "resolution", "center_crop", "random_flip", "prompt_dropout")
 
 
@@ -72,6 +73,9 @@ class TrainConfig:
     alpha: float = 8.0
     target_modules: tuple[str, ...] = UNET_TARGETS
     train_text_encoder: bool = False  # LoRA on its attention projections (full fine-tune when lora=False)
+    # False (LoRA only, with train_text_encoder): the UNet stays the base model's and only the text
+    # encoder's LoRA learns, so the fine-tune changes how prompts are read, never how things are drawn.
+    train_unet: bool = True
     init_lora: str | None = None  # continue training this diffusers-format LoRA (folder or .safetensors)
     steps: int = 200
     batch_size: int = 8  # per process
@@ -118,6 +122,9 @@ class TrainConfig:
             (self.rank >= 1, f"LoRA rank must be at least 1 (got {self.rank})."),
             (self.alpha > 0, f"LoRA alpha must be positive (got {self.alpha})."),
             (bool(self.target_modules), "target_modules is empty: name the UNet layers the LoRA adapts."),
+            (self.train_unet or (self.lora and self.train_text_encoder),
+             "Leaving the UNet untrained (train_unet=False) needs a LoRA on the text encoder (lora and "
+             "train_text_encoder)."),
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number (got {self.lr})."),
             (self.warmup >= 0, f"warmup must be 0 or more steps (got {self.warmup})."),
             (self.weight_decay >= 0, f"weight_decay must be 0 or more (got {self.weight_decay})."),
@@ -331,10 +338,12 @@ def save_lora(folder: Path | str, unet, text_encoder=None) -> Path:
         # save_embedding_layers=False: no adapter targets embeddings, and "auto" would query the hub.
         return diffusers_lora_layers(get_peft_model_state_dict(model, save_embedding_layers=False))
 
+    has_unet = "default" in getattr(unet, "peft_config", {})
     has_te = text_encoder is not None and "default" in getattr(text_encoder, "peft_config", {})
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=layers(unet), text_encoder_lora_layers=layers(text_encoder) if has_te else None,
-        unet_lora_adapter_metadata=lora_metadata(unet),
+        folder, unet_lora_layers=layers(unet) if has_unet else None,
+        text_encoder_lora_layers=layers(text_encoder) if has_te else None,
+        unet_lora_adapter_metadata=lora_metadata(unet) if has_unet else None,
         text_encoder_lora_adapter_metadata=lora_metadata(text_encoder) if has_te else None,
         safe_serialization=True)
     return Path(folder) / LORA_FILE
@@ -350,7 +359,7 @@ def load_lora_state(weights: Path, unet, text_encoder) -> None:
     state, _ = StableDiffusionPipeline.lora_state_dict(str(weights.parent), weight_name=weights.name)
     unet_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()
                                                   if k.startswith("unet.")})
-    result = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
+    result = set_peft_model_state_dict(unet, unet_state, adapter_name="default") if unet_state else None
     if getattr(result, "unexpected_keys", None):
         raise InvalidInput(f"{weights} does not fit this model's adapter: {result.unexpected_keys[:3]} ...")
     if any(k.startswith("text_encoder.") for k in state):
@@ -365,8 +374,9 @@ def add_lora(config: TrainConfig, unet, text_encoder) -> bool:
     te_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                            target_modules=TEXT_ENCODER_TARGETS)
     if config.init_lora is None:
-        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                    target_modules=list(config.target_modules)))
+        if config.train_unet:
+            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                        target_modules=list(config.target_modules)))
         if config.train_text_encoder:
             text_encoder.add_adapter(te_config)
         return config.train_text_encoder
@@ -379,9 +389,10 @@ def add_lora(config: TrainConfig, unet, text_encoder) -> bool:
                            f"holding {LORA_FILE}).")
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
         str(weights.parent), weight_name=weights.name, return_lora_metadata=True)
-    if not any(k.startswith("unet.") for k in state):
+    if config.train_unet and not any(k.startswith("unet.") for k in state):
         raise InvalidInput(f"init_lora {weights} holds no UNet LoRA in diffusers format.")
-    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="default", metadata=metadata)
+    if config.train_unet:
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="default", metadata=metadata)
     if any(k.startswith("text_encoder.") for k in state):
         with quiet_adapter_report():
             StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, adapter_name="default",
@@ -535,7 +546,7 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
         text_encoder.requires_grad_(config.train_text_encoder)
     for module in (vae, text_encoder, unet):
         module.to(device)
-    trained = [unet, text_encoder] if config.train_text_encoder else [unet]
+    trained = [module for module, on in ((unet, config.train_unet), (text_encoder, config.train_text_encoder)) if on]
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
 
     # Data: latents of every image once (and of its mirror image for random_flip), captions tokenized once.
@@ -565,8 +576,9 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
     prepared = accelerator.prepare(*trained, optimizer)
-    model, optimizer = prepared[0], prepared[-1]
-    te_model = prepared[1] if config.train_text_encoder else text_encoder
+    optimizer = prepared[-1]
+    model = prepared[0] if config.train_unet else unet
+    te_model = prepared[-2] if config.train_text_encoder else text_encoder
     unwrap = accelerator.unwrap_model
 
     if config.lora:  # checkpoints hold the adapter (diffusers format), not the whole UNet
@@ -602,7 +614,8 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
                 "global_batch": config.batch_size * accelerator.num_processes * config.grad_accum,
                 "trainable_parameters": sum(p.numel() for p in params),
                 "prediction_type": noise_scheduler.config.prediction_type,
-                "lora_config": {k: lora_metadata(unwrap(model))[k] for k in ("r", "lora_alpha", "target_modules")}
+                "lora_config": {k: lora_metadata(unwrap(model if config.train_unet else te_model))[k]
+                                for k in ("r", "lora_alpha", "target_modules")}
                 if config.lora else None,
                 "versions": {"torch": torch.__version__, "diffusers": _version("diffusers"),
                              "peft": _version("peft"), "accelerate": _version("accelerate")}}
@@ -780,6 +793,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     p.add_argument("--alpha", type=float, default=d.alpha)
     add_target_modules_argument(p, d.target_modules)
     p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--no-train-unet", action="store_true",
+                   help="with --train-text-encoder: a LoRA on the text encoder only, the UNet left as it is")
     p.add_argument("--init-lora", default=None, help="continue training this diffusers-format LoRA")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
@@ -804,7 +819,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     config = TrainConfig(
         model=a.model, data=a.data, out=a.out, lora=not a.full, rank=a.rank, alpha=a.alpha,
         target_modules=parse_target_modules(a.target_modules),
-        train_text_encoder=a.train_text_encoder, init_lora=a.init_lora, steps=a.steps, batch_size=a.batch_size,
+        train_text_encoder=a.train_text_encoder, train_unet=not a.no_train_unet, init_lora=a.init_lora, steps=a.steps, batch_size=a.batch_size,
         grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
         max_grad_norm=a.max_grad_norm, mixed_precision=a.mixed_precision, ema_decay=a.ema_decay,
         snr_gamma=a.snr_gamma, resolution=a.resolution, center_crop=not a.no_center_crop,

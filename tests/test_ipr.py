@@ -346,6 +346,21 @@ def test_a_timestep_range_reaches_every_iterations_trainer_and_a_bad_one_is_refu
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_text_encoder_only_run_leaves_the_unet_as_the_base_models(tiny_sd, eval_prompts, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from pipelines.ipr import main
+
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, eval_seeds=0, train_unet=False), out, log=lambda m: None)
+    for k in range(2):
+        keys = load_file(out / f"iteration-{k}" / "adapter" / "pytorch_lora_weights.safetensors").keys()
+        assert keys and all(key.startswith("text_encoder.") for key in keys)
+    assert main(["--no-train-unet", "--no-train-text-encoder", "--out", str(tmp_path / "bad")]) == 2
+    assert "needs a LoRA on the text encoder" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):
     out = tmp_path / "run"
     run_ipr(config(tiny_sd, eval_prompts, iterations=1, eval_seeds=0), out, log=lambda m: None)

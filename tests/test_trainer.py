@@ -91,6 +91,25 @@ def test_lora_training_writes_an_adapter_the_generation_service_loads(tiny_sd, s
     assert np.array_equal(muted, base), "a LoRA at weight 0 must give the base model's image"
 
 
+def test_a_text_encoder_only_lora_leaves_the_unet_alone_and_loads_and_resumes(tiny_sd, shapes_data, tmp_path):
+    from workbench.generation import LoraSpec
+
+    out = tmp_path / "run"
+    config = tiny_config(tiny_sd, [shapes_data], out, train_text_encoder=True, train_unet=False)
+    train(replace(config, steps=2))
+    result = train(config)  # resumes from the step-2 checkpoint, through the same save and load hooks
+    assert result["steps"] == 4 and log_steps(out) == [1, 2, 3, 4]
+    keys = load_file(result["lora"]).keys()
+    assert keys and all(k.startswith("text_encoder.") for k in keys)
+    assert json.loads((out / "train_config.json").read_text())["lora_config"]["target_modules"]
+
+    base = generate_pixels(tiny_sd, [])
+    adapted = generate_pixels(tiny_sd, [LoraSpec(str(out), 1.0)])
+    assert np.abs(adapted.astype(int) - base).max() > 0, "the text-encoder LoRA changes nothing"
+    with pytest.raises(InvalidInput, match="needs a LoRA on the text encoder"):
+        train(replace(config, train_text_encoder=False, out=str(tmp_path / "unet-off")))
+
+
 def test_a_lora_beyond_the_attention_layers_loads_back_whole(tiny_sd, shapes_data, tmp_path):
     # Adapting the transformer blocks' projections and feed-forward layers too: every adapted layer
     # must come back through diffusers' own loader with its trained weights, not only the attention.

@@ -111,6 +111,19 @@ def test_the_lowest_trained_timestep_reaches_the_run(runner, monkeypatch):
     assert submitted["timestep_range"] == [0.5, 1.0]
 
 
+def test_a_text_encoder_only_run_starts_from_the_tab_and_needs_the_text_encoder(runner, monkeypatch):
+    submitted = {}
+    monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
+    settings = ["shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4]
+    tab.start_run(runner, *settings)
+    assert submitted["train_unet"] is True
+    tab.start_run(runner, *settings, train_unet=False)
+    assert submitted["train_unet"] is False and submitted["train_text_encoder"] is True
+    submitted.clear()
+    run, job, message = tab.start_run(runner, *settings, train_text_encoder=False, train_unet=False)
+    assert job is None and "needs a LoRA on the text encoder" in message and not submitted
+
+
 def test_a_prior_preservation_folder_outside_the_data_folder_is_refused(runner, monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "submit", lambda kind, settings: pytest.fail("submitted"))
     run, job, message = tab.start_run(runner, "sd15", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4,

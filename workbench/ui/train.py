@@ -49,7 +49,7 @@ def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
               review, eval_seeds, min_confidence=None, adapter_start=None, prompt_kinds=None,
               train_text_encoder=None, prior_images=None, prior_data=None, adapted_layers=None, mirror=None,
-              adapter_seeds=None, lowest_timestep=None):
+              adapter_seeds=None, lowest_timestep=None, train_unet=None):
     from pipelines.ipr import IPRConfig
     from workbench.datasets import inside_data_folder
 
@@ -68,6 +68,7 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                            prompt_kinds=defaults.prompt_kinds if prompt_kinds is None else list(prompt_kinds),
                            train_text_encoder=(defaults.train_text_encoder if train_text_encoder is None
                                                else bool(train_text_encoder)),
+                           train_unet=defaults.train_unet if train_unet is None else bool(train_unet),
                            prior_images=int(prior_images or 0),
                            target_modules=target_modules(adapted_layers, defaults.target_modules),
                            mirror=defaults.mirror if mirror is None else bool(mirror),
@@ -133,6 +134,9 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             rank = gr.Number(8, label="LoRA rank", precision=0)
             adapted_layers = adapted_layers_picker(defaults.target_modules)
             train_text_encoder = gr.Checkbox(defaults.train_text_encoder, label="Train the text encoder too")
+            train_unet = gr.Checkbox(defaults.train_unet, label="Train the UNet",
+                                     info="off: a LoRA on the text encoder only; the model learns to read prompts "
+                                          "and draws as the base model does")
         with gr.Column():
             steps = gr.Number(800, label="Training steps per iteration", precision=0)
             batch = gr.Number(32, label="Batch size", precision=0)
@@ -169,7 +173,8 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
     controls = run_controls(runner, "ipr", "IPR", start_run,
                             [model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting, review,
                              eval_seeds, min_confidence, adapter_start, prompt_kinds, train_text_encoder, prior_images,
-                             prior_data, adapted_layers, mirror, adapter_seeds, lowest_timestep], "train-status",
+                             prior_data, adapted_layers, mirror, adapter_seeds, lowest_timestep, train_unet],
+                            "train-status",
                             extra_buttons=["Reviewed: continue"])
     plot = gr.LinePlot(pd.DataFrame(columns=METRIC_COLUMNS), x="iteration", y="accuracy", color="tag",
                        title="ShapesBench accuracy (%) per iteration (0 = base model)")

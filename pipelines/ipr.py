@@ -179,8 +179,6 @@ class IPRConfig:
         if not self.train_unet and not (self.lora and self.train_text_encoder):
             raise InvalidInput("Leaving the UNet untrained (--no-train-unet) needs a LoRA on the text encoder "
                                "(--lora --train-text-encoder).")
-        if not self.train_unet and self.adapter_seeds > 1:
-            raise InvalidInput("Averaging adapters (--adapter-seeds) needs UNet adapters; drop --no-train-unet.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise InvalidInput(f"The EMA decay must be in (0, 1), e.g. 0.99 (got {self.ema_decay}).")
         if self.prior_images < 0:

@@ -69,6 +69,8 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
 
     def read_unet_expert(reader, name: str, weights_file: Path) -> bool:
         state, alphas, metadata = loaded[weights_file]
+        if not any(key.startswith("unet.") for key in state):
+            return False  # a text-encoder-only adapter (trainer's train_unet=False)
         StableDiffusionPipeline.load_lora_into_unet(state, alphas, reader, adapter_name=name, metadata=metadata)
         return True
 
@@ -81,8 +83,8 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
                                                                 adapter_name=name, metadata=metadata)
         return True
 
-    unet_state, unet_config = _merge_component(lambda: load("unet"), read_unet_expert, files, weights,
-                                               combination, density, seed, f"{entry.name}'s UNet")
+    unet_merged = _merge_component(lambda: load("unet"), read_unet_expert, files, weights,
+                                   combination, density, seed, f"{entry.name}'s UNet")
     te_merged = _merge_component(lambda: load("text_encoder"), read_text_encoder_expert, files, weights,
                                  combination, density, seed, f"{entry.name}'s text encoder")
 
@@ -96,7 +98,7 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
         metadata["base_model_name_or_path"] = None
         return layers, metadata
 
-    unet_layers, unet_metadata = layers_and_metadata((unet_state, unet_config))
+    unet_layers, unet_metadata = layers_and_metadata(unet_merged)
     te_layers, te_metadata = layers_and_metadata(te_merged)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,8 @@ def merge_experts(model: str, experts: list[str | Path], weights: list[float], o
                                               text_encoder_lora_layers=te_layers,
                                               text_encoder_lora_adapter_metadata=te_metadata, safe_serialization=True)
     write_json(out / "merge.json", {"combination": combination, "weights": [float(w) for w in weights],
-                                     "experts": [str(e) for e in experts], "rank": unet_config.r,
+                                     "experts": [str(e) for e in experts],
+                                     "rank": unet_merged[1].r if unet_merged else None,
                                      "text_encoder_rank": te_merged[1].r if te_merged else None,
                                      "density": density if combination in PRUNING else None, "seed": seed})
     return out

@@ -104,6 +104,9 @@ class SelmaConfig:
     # A LoRA on the text encoder too (our addition; IPR's position gain on the shapes model needed it).
     # Merging then combines the text-encoder adapters the same way as the UNet's.
     train_text_encoder: bool = False
+    # False (with train_text_encoder): every expert and the mixed LoRA adapt the text encoder only; the
+    # UNet stays the base model's (pipelines.trainer train_unet).
+    train_unet: bool = True
     steps: int = 400  # per expert
     baseline: bool = True  # also train one LoRA on every skill's data mixed (the paper's comparison)
     # None: n_skills x steps, the optimizer steps of all experts together, so the mixed LoRA sees each
@@ -166,6 +169,8 @@ class SelmaConfig:
             (self.baseline_steps is None or self.baseline_steps >= 1,
              f"baseline_steps must be at least 1, or None for n_skills x steps (got {self.baseline_steps})."),
             (self.lr > 0 and math.isfinite(self.lr), f"The learning rate must be a positive number (got {self.lr})."),
+            (self.train_unet or self.train_text_encoder,
+             "Leaving the UNet untrained (--no-train-unet) needs a LoRA on the text encoder (--train-text-encoder)."),
             (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
             (self.merge in MERGES, f"Unknown merge '{self.merge}'; use one of {', '.join(MERGES)}."),
             (self.image_check in IMAGE_CHECKS,
@@ -530,7 +535,8 @@ def train_adapter(config: SelmaConfig, data: list[Path], out: Path, steps: int, 
         return out
     train_config = TrainConfig(model=config.model, data=[str(d) for d in data], out=str(out), lora=True,
                                rank=config.rank, alpha=config.alpha, target_modules=tuple(config.target_modules),
-                               train_text_encoder=config.train_text_encoder, steps=steps,
+                               train_text_encoder=config.train_text_encoder, train_unet=config.train_unet,
+                               steps=steps,
                                batch_size=config.batch_size, lr=config.lr,
                                prompt_dropout=config.prompt_dropout, seed=config.seed)
     result = train(train_config, on_progress=lambda f, m: progress(task, f, m), should_stop=should_stop)
@@ -642,7 +648,7 @@ def finished_stages(out_dir: Path, config: SelmaConfig | None = None) -> dict[st
 def _check_same_config(config: SelmaConfig, out_dir: Path) -> None:
     # Scoring the experts alone adds evaluations without changing any result; the rest must match.
     bind_run_config(out_dir, {"kind": "selma", **asdict(config)}, "a SELMA run", ignore=("eval_experts",),
-                    implied={"image_check": "none", "train_text_encoder": False,
+                    implied={"image_check": "none", "train_text_encoder": False, "train_unet": True,
                              "target_modules": list(UNET_TARGETS)})  # what runs saved before these had
 
 
@@ -685,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     add_target_modules_argument(p, d.target_modules)
     p.add_argument("--train-text-encoder", action="store_true", help="a LoRA on the text encoder too")
+    p.add_argument("--no-train-unet", dest="train_unet", action="store_false",
+                   help="with --train-text-encoder: LoRAs on the text encoder only; the UNet stays the base model's")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per expert")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="steps of the mixed LoRA (default: n_skills x steps)")
@@ -726,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompts_per_request=args.prompts_per_request, rouge_threshold=args.rouge_threshold,
                 samples_per_prompt=args.samples_per_prompt, sample_steps=args.sample_steps,
                 image_check=args.image_check,
-                rank=args.rank, train_text_encoder=args.train_text_encoder,
+                rank=args.rank, train_text_encoder=args.train_text_encoder, train_unet=args.train_unet,
                 target_modules=list(parse_target_modules(args.target_modules)),
                 alpha=float(args.alpha if args.alpha is not None else args.rank), steps=args.steps,
                 baseline=not args.no_baseline, baseline_steps=args.baseline_steps, batch_size=args.batch_size,

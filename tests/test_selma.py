@@ -250,6 +250,18 @@ def test_fused_cat_adapter_merges_text_encoder_adapters_too(tiny_sd, experts, tm
                                unet_output(tiny_sd, list(zip(adapters, weights))), rtol=1e-5, atol=1e-5)
 
 
+def test_text_encoder_only_adapters_merge_without_a_unet_part(tiny_sd, tmp_path):
+    from safetensors.torch import load_file
+
+    only_te = [str(build_tiny_lora(tiny_sd, tmp_path / f"te{i}", rank=2, seed=40 + i, text_encoder=True, unet=False))
+               for i in range(2)]
+    merged = merge_experts(str(tiny_sd), only_te, [0.5, 0.5], tmp_path / "merged", combination="cat")
+    assert all(key.startswith("text_encoder.") for key in load_file(merged / "pytorch_lora_weights.safetensors"))
+    assert json.loads((merged / "merge.json").read_text())["rank"] is None
+    expected = text_encoder_output(tiny_sd, list(zip(only_te, [0.5, 0.5])))
+    torch.testing.assert_close(text_encoder_output(tiny_sd, [(str(merged), 1.0)]), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("combination", ["linear", "ties", "dare_linear", "dare_ties"])
 def test_weighted_adapter_combinations_load_and_generate(tiny_sd, experts, tmp_path, combination):
     out = merge_experts(str(tiny_sd), experts[1:], [0.5, 0.5], tmp_path / combination, combination=combination,
@@ -303,6 +315,17 @@ def test_the_shapes_llm_samples_other_prompts_for_other_examples():
         write_prompts(shapes, "counting", "", a, 5, temperature=1.0)  # deterministic all the same
 
 
+def test_text_encoder_only_experts_merge_into_a_text_encoder_adapter(tiny_sd, eval_prompts, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    run_selma(config(tiny_sd, eval_prompts, eval_seeds=0, skills=list(SKILLS)[:2], train_text_encoder=True,
+                     train_unet=False), out, log=lambda m: None)
+    for adapter in ("experts/" + list(SKILLS)[0], "mixed", "merged"):
+        keys = load_file(out / adapter / "pytorch_lora_weights.safetensors").keys()
+        assert keys and all(key.startswith("text_encoder.") for key in keys), adapter
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(merge="average"), "Unknown merge 'average'"),
     (dict(merge_weights=[1.0]), "one merge weight per skill \\(2\\)"),
@@ -314,6 +337,7 @@ def test_the_shapes_llm_samples_other_prompts_for_other_examples():
     (dict(merge="ties", merge_density=0.0), "merge_density must be in \\(0, 1\\]"),
     (dict(eval_seeds=17), "Evaluation seeds must be between 0 and 16"),
     (dict(prompt_dropout=1.0), "prompt_dropout must be in \\[0, 1\\)"),
+    (dict(train_unet=False), "needs a LoRA on the text encoder"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(tiny_sd, eval_prompts, tmp_path, overrides, message):
     with pytest.raises(InvalidInput, match=message):

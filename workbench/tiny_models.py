@@ -77,9 +77,9 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_lora(pipeline_folder: Path, out_folder: Path, rank: int = 4, seed: int = 1,
-                    text_encoder: bool = False, target_modules=None) -> Path:
-    """A LoRA on the UNet's `target_modules` (default: the attention layers) and the text encoder's
-    attention, if asked, with non-zero weights, saved in diffusers' LoRA format."""
+                    text_encoder: bool = False, target_modules=None, unet: bool = True) -> Path:
+    """A LoRA on the UNet's `target_modules` (default: the attention layers; none with unet=False) and
+    the text encoder's attention, if asked, with non-zero weights, saved in diffusers' LoRA format."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -88,11 +88,13 @@ def build_tiny_lora(pipeline_folder: Path, out_folder: Path, rank: int = 4, seed
     from pipelines.trainer import TEXT_ENCODER_TARGETS, UNET_TARGETS, diffusers_lora_layers
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(pipeline_folder, subfolder="unet")
-    # init_lora_weights=False draws both LoRA matrices at random, so the adapter changes outputs.
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                target_modules=list(target_modules or UNET_TARGETS)))
-    layers = diffusers_lora_layers(get_peft_model_state_dict(unet))
+    layers = None
+    if unet:
+        model = UNet2DConditionModel.from_pretrained(pipeline_folder, subfolder="unet")
+        # init_lora_weights=False draws both LoRA matrices at random, so the adapter changes outputs.
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                     target_modules=list(target_modules or UNET_TARGETS)))
+        layers = diffusers_lora_layers(get_peft_model_state_dict(model))
     te_layers = None
     if text_encoder:
         te = CLIPTextModel.from_pretrained(pipeline_folder, subfolder="text_encoder")

@@ -74,6 +74,10 @@ class ReFLConfig:
     # A LoRA on the text encoder too (our addition): the reward's gradient then also reaches how the
     # prompt's words are encoded, the lever that moved IPR's position score on the shapes model.
     train_text_encoder: bool = False
+    # False (with train_text_encoder): the text encoder's LoRA alone takes the reward's gradient, and
+    # the UNet stays the base model's, so the reward can change how prompts are read but cannot be met
+    # by repainting pixels that fool the captioner (pipelines.trainer train_unet).
+    train_unet: bool = True
     # lambda of eq. 5. The paper's 1e-3 suits ImageReward-scale rewards; a mean log-likelihood's gradient
     # is far smaller (measured on the shapes model: ~35x below the denoising loss's at lambda 1), so by
     # default (None) lambda is set once, at the first step, to the ratio of the two terms' gradient
@@ -117,6 +121,8 @@ class ReFLConfig:
             (self.last_grad_step is None or self.first_grad_step < self.last_grad_step <= self.schedule_steps,
              f"last_grad_step must lie after first_grad_step and at most at {self.schedule_steps}."),
             (0 <= self.prompt_dropout < 1, "prompt_dropout must be in [0, 1)."),
+            (self.train_unet or self.train_text_encoder,
+             "Leaving the UNet untrained (--no-train-unet) needs a LoRA on the text encoder (--train-text-encoder)."),
             (0 <= self.negatives <= 32, f"negatives must be between 0 and 32 (got {self.negatives})."),
             (0 <= self.reward_shifts <= 16, f"reward_shifts must be between 0 and 16 (got {self.reward_shifts})."),
             (self.model == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,
@@ -202,7 +208,8 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         for module in (text_encoder, vae, unet):
             module.requires_grad_(False)
         te_trained = add_lora(TrainConfig(model=config.model, data=["-"], out="-", rank=config.rank, alpha=config.alpha,
-                                          train_text_encoder=config.train_text_encoder), unet, text_encoder)
+                                          train_text_encoder=config.train_text_encoder, train_unet=config.train_unet),
+                       unet, text_encoder)
         params = [p for p in unet.parameters() if p.requires_grad]
         if te_trained:
             params += [p for p in text_encoder.parameters() if p.requires_grad]
@@ -383,7 +390,8 @@ def _save_state(out_dir: Path, unet, optimizer, rng: np.random.Generator, step: 
                 text_encoder=None) -> None:
     from peft import get_peft_model_state_dict
 
-    state = {"step": step, "lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict(),
+    unet_lora = get_peft_model_state_dict(unet) if "default" in getattr(unet, "peft_config", {}) else {}
+    state = {"step": step, "lora": unet_lora, "optimizer": optimizer.state_dict(),
              "rng": json.dumps(rng.bit_generator.state), "reward_weight": reward_weight}
     if text_encoder is not None:
         state["text_encoder_lora"] = get_peft_model_state_dict(text_encoder)
@@ -400,7 +408,8 @@ def _load_state(out_dir: Path, unet, optimizer, rng: np.random.Generator,
     if not path.exists():
         return 0, None
     state = torch.load(path, weights_only=True)
-    set_peft_model_state_dict(unet, state["lora"])
+    if state["lora"]:
+        set_peft_model_state_dict(unet, state["lora"])
     if text_encoder is not None:
         set_peft_model_state_dict(text_encoder, state["text_encoder_lora"])
     optimizer.load_state_dict(state["optimizer"])
@@ -416,7 +425,7 @@ def _append_jsonl(path: Path, row: dict) -> None:
 def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     # More or fewer evaluation seeds re-scores the same adapter; the rest must match.
     bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
-                    implied={"negatives": 0, "train_text_encoder": False, "last_grad_step": None,
+                    implied={"negatives": 0, "train_text_encoder": False, "train_unet": True, "last_grad_step": None,
                              "detach_uncond": False, "reward_shifts": 0})  # what runs saved before these had
 
 

@@ -123,13 +123,13 @@ def test_a_shifted_reward_scores_moved_copies_of_the_image(tiny_sd, caption_mode
     assert len(history) == 3 and all(-20 < h["reward"] <= 0 for h in history)
 
 
-@pytest.mark.parametrize("negatives, text_encoder", [(0, False), (2, True)])
+@pytest.mark.parametrize("negatives, text_encoder, unet", [(0, False, True), (2, True, True), (0, True, False)])
 def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretrain_data, tmp_path, negatives,
-                                                   text_encoder):
+                                                   text_encoder, unet):
     # lambda left to the gradient balance: set once at step 1, kept through the resume; hard negatives
     # drawn as in the straight run; a text-encoder LoRA restored with the UNet's.
     config = tiny_refl(tiny_sd, caption_model, pretrain_data, reward_weight=None, negatives=negatives,
-                       train_text_encoder=text_encoder)
+                       train_text_encoder=text_encoder, train_unet=unet)
     straight = run_refl(config, tmp_path / "straight", log=lambda m: None)
     calls = []
     with pytest.raises(JobCancelled, match="step 2"):
@@ -144,13 +144,14 @@ def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretr
     assert bool(text_encoder_keys) == text_encoder
     trained_up = [k for k in text_encoder_keys if ".up." in k]  # diffusers' lora_linear_layer.up (the zero init)
     assert bool(trained_up) == text_encoder and all(a[k].abs().sum() > 0 for k in trained_up)
+    assert any(k.startswith("unet.") for k in a) == unet  # text encoder only: the UNet stays the base model's
     weights = {json.loads(line)["reward_weight"] for line in (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()}
     assert len(weights) == 1 and weights.pop() > 0
     # The same folder refuses other settings instead of mixing two runs.
     with pytest.raises(InvalidInput, match="other settings"):
         run_refl(replace(config, lr=1e-3), tmp_path / "resumed", log=lambda m: None)
     # A run saved before hard negatives existed continues as the plain-likelihood run it was.
-    if not negatives:
+    if not negatives and unet:
         saved = json.loads((tmp_path / "resumed" / "config.json").read_text())
         del saved["negatives"], saved["train_text_encoder"]
         (tmp_path / "resumed" / "config.json").write_text(json.dumps(saved))

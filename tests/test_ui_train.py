@@ -56,7 +56,7 @@ def test_the_tab_settings_reach_the_run(runner, monkeypatch):
     submitted = {}
     monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
     tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4, 0.8,
-                  tab.ADAPTER_STARTS[1], ["position", "two_object"], False)
+                  tab.ADAPTER_STARTS[1], ["position", "two_object"], False, train_unet=True)
     assert submitted["min_confidence"] == 0.8 and submitted["continue_adapter"] is False
     assert submitted["prompt_kinds"] == ["position", "two_object"] and submitted["train_text_encoder"] is False
     tab.start_run(runner, "shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4)
@@ -116,9 +116,9 @@ def test_a_text_encoder_only_run_starts_from_the_tab_and_needs_the_text_encoder(
     monkeypatch.setattr(runner, "submit", lambda kind, settings: submitted.update(settings) or "job-1")
     settings = ["shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4]
     tab.start_run(runner, *settings)
+    assert submitted["train_unet"] is False and submitted["train_text_encoder"] is True  # the default
+    tab.start_run(runner, *settings, train_unet=True)
     assert submitted["train_unet"] is True
-    tab.start_run(runner, *settings, train_unet=False)
-    assert submitted["train_unet"] is False and submitted["train_text_encoder"] is True
     submitted.clear()
     run, job, message = tab.start_run(runner, *settings, train_text_encoder=False, train_unet=False)
     assert job is None and "needs a LoRA on the text encoder" in message and not submitted

@@ -133,10 +133,10 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
             method = gr.Radio(["LoRA", "Full"], value="LoRA", label="Fine-tuning")
             rank = gr.Number(8, label="LoRA rank", precision=0)
             adapted_layers = adapted_layers_picker(defaults.target_modules)
-            train_text_encoder = gr.Checkbox(defaults.train_text_encoder, label="Train the text encoder too")
-            train_unet = gr.Checkbox(defaults.train_unet, label="Train the UNet",
-                                     info="off: a LoRA on the text encoder only; the model learns to read prompts "
-                                          "and draws as the base model does")
+            train_text_encoder = gr.Checkbox(defaults.train_text_encoder, label="Train the text encoder (LoRA)")
+            train_unet = gr.Checkbox(defaults.train_unet, label="Train the UNet too",
+                                     info="off (the default): the text encoder's LoRA alone; the model learns to read "
+                                          "prompts and draws as the base model does")
         with gr.Column():
             steps = gr.Number(800, label="Training steps per iteration", precision=0)
             batch = gr.Number(32, label="Batch size", precision=0)

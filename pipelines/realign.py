@@ -390,7 +390,9 @@ def _save_state(out_dir: Path, unet, optimizer, rng: np.random.Generator, step: 
                 text_encoder=None) -> None:
     from peft import get_peft_model_state_dict
 
-    unet_lora = get_peft_model_state_dict(unet) if "default" in getattr(unet, "peft_config", {}) else {}
+    from pipelines.trainer import has_lora
+
+    unet_lora = get_peft_model_state_dict(unet) if has_lora(unet) else {}
     state = {"step": step, "lora": unet_lora, "optimizer": optimizer.state_dict(),
              "rng": json.dumps(rng.bit_generator.state), "reward_weight": reward_weight}
     if text_encoder is not None:

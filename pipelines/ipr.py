@@ -37,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pipelines.trainer import UNET_TARGETS, add_target_modules_argument, parse_target_modules
+from pipelines.trainer import (UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER, add_target_modules_argument,
+                               parse_target_modules)
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, pick_detector, run_benchmark
 from workbench.config import get_settings
 from workbench.errors import InvalidInput, WorkbenchError
@@ -180,8 +181,7 @@ class IPRConfig:
             raise InvalidInput(f"The timestep range must be two shares of the schedule, 0 <= low < high <= 1, "
                                f"e.g. 0.5 1.0 (got {self.timestep_range}).")
         if not self.train_unet and not (self.lora and self.train_text_encoder):
-            raise InvalidInput("Leaving the UNet untrained (--no-train-unet) needs a LoRA on the text encoder "
-                               "(--lora --train-text-encoder).")
+            raise InvalidInput(UNTRAINED_UNET_NEEDS_TEXT_ENCODER)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise InvalidInput(f"The EMA decay must be in (0, 1), e.g. 0.99 (got {self.ema_decay}).")
         if self.prior_images < 0:

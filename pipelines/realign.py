@@ -112,6 +112,8 @@ class ReFLConfig:
     eval_seeds: int = 4  # 0: skip evaluation
 
     def validate(self) -> None:
+        from pipelines.trainer import UNTRAINED_UNET_NEEDS_TEXT_ENCODER
+
         checks = [
             (self.steps >= 1 and self.batch_size >= 1, "ReFL needs at least one step and a batch of one."),
             (self.lr > 0 and (self.reward_weight is None or self.reward_weight > 0),
@@ -122,7 +124,7 @@ class ReFLConfig:
              f"last_grad_step must lie after first_grad_step and at most at {self.schedule_steps}."),
             (0 <= self.prompt_dropout < 1, "prompt_dropout must be in [0, 1)."),
             (self.train_unet or self.train_text_encoder,
-             "Leaving the UNet untrained (--no-train-unet) needs a LoRA on the text encoder (--train-text-encoder)."),
+             UNTRAINED_UNET_NEEDS_TEXT_ENCODER),
             (0 <= self.negatives <= 32, f"negatives must be between 0 and 32 (got {self.negatives})."),
             (0 <= self.reward_shifts <= 16, f"reward_shifts must be between 0 and 16 (got {self.reward_shifts})."),
             (self.model == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,

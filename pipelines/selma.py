@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pipelines.lora_merge import COMBINATIONS, merge_experts
-from pipelines.trainer import UNET_TARGETS, TrainConfig, add_target_modules_argument, parse_target_modules, train
+from pipelines.trainer import (UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER, TrainConfig, add_target_modules_argument,
+                               parse_target_modules, train)
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
@@ -170,7 +171,7 @@ class SelmaConfig:
              f"baseline_steps must be at least 1, or None for n_skills x steps (got {self.baseline_steps})."),
             (self.lr > 0 and math.isfinite(self.lr), f"The learning rate must be a positive number (got {self.lr})."),
             (self.train_unet or self.train_text_encoder,
-             "Leaving the UNet untrained (--no-train-unet) needs a LoRA on the text encoder (--train-text-encoder)."),
+             UNTRAINED_UNET_NEEDS_TEXT_ENCODER),
             (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
             (self.merge in MERGES, f"Unknown merge '{self.merge}'; use one of {', '.join(MERGES)}."),
             (self.image_check in IMAGE_CHECKS,

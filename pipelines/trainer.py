@@ -57,6 +57,9 @@ TARGET_PRESETS = {"attention": UNET_TARGETS, "transformer": TRANSFORMER_TARGETS}
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KEEP_CHECKPOINTS = 2
+# The one rule on which parts train, said the same way by every pipeline that checks it up front.
+UNTRAINED_UNET_NEEDS_TEXT_ENCODER = ("Leaving the UNet untrained (--no-train-unet) needs a LoRA on the text encoder "
+                                     "(--train-text-encoder, and a LoRA rather than a full fine-tune).")
 # Settings a checkpoint is bound to: resuming with other values would not continue the same run.
 RUN_IDENTITY = ("model", "data", "lora", "rank", "alpha", "target_modules", "train_unet", "train_text_encoder",
                 "init_lora",
@@ -123,8 +126,7 @@ class TrainConfig:
             (self.alpha > 0, f"LoRA alpha must be positive (got {self.alpha})."),
             (bool(self.target_modules), "target_modules is empty: name the UNet layers the LoRA adapts."),
             (self.train_unet or (self.lora and self.train_text_encoder),
-             "Leaving the UNet untrained (train_unet=False) needs a LoRA on the text encoder (lora and "
-             "train_text_encoder)."),
+             UNTRAINED_UNET_NEEDS_TEXT_ENCODER),
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number (got {self.lr})."),
             (self.warmup >= 0, f"warmup must be 0 or more steps (got {self.warmup})."),
             (self.weight_decay >= 0, f"weight_decay must be 0 or more (got {self.weight_decay})."),

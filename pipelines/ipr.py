@@ -607,8 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,
                         default=defaults.train_text_encoder, help="also train the text encoder (LoRA or full)")
     parser.add_argument("--train-unet", action=argparse.BooleanOptionalAction, default=defaults.train_unet,
-                        help="train the UNet's LoRA (default); --no-train-unet: the text encoder's LoRA only, so the "
-                             "model learns to read prompts and draws as the base model does")
+                        help="train a LoRA on the UNet too; --no-train-unet (the default): the text encoder's LoRA "
+                             "only, so the model learns to read prompts and draws as the base model does")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per iteration")
     parser.add_argument("--scale-steps", action=argparse.BooleanOptionalAction, default=defaults.scale_steps,
                         help="scale later iterations' steps with their accumulated pairs (same passes over the data)")

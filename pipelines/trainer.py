@@ -395,9 +395,9 @@ def add_lora(config: TrainConfig, unet, text_encoder) -> bool:
                            f"holding {LORA_FILE}).")
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
         str(weights.parent), weight_name=weights.name, return_lora_metadata=True)
-    if config.train_unet and not any(k.startswith("unet.") for k in state):
-        raise InvalidInput(f"init_lora {weights} holds no UNet LoRA in diffusers format.")
     if config.train_unet:
+        if not any(k.startswith("unet.") for k in state):
+            raise InvalidInput(f"init_lora {weights} holds no UNet LoRA in diffusers format.")
         StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name="default", metadata=metadata)
     if any(k.startswith("text_encoder.") for k in state):
         with quiet_adapter_report():

@@ -19,13 +19,15 @@ from test_realign import caption_model, pretrain_data, tiny_refl  # noqa: F401 (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # model, steps, batch, lr, rank, reward weight, sampling steps, first gradient step, guidance,
-# pretrain batch, pretrain data, eval seeds, hard negatives, text-encoder LoRA: the order of the tab's inputs
-GOOD = ["shapes", 300, 8, 1e-4, 8, 1e-3, 20, 15, None, 16, "", 4, 0, False]
+# pretrain batch, pretrain data, eval seeds, hard negatives, text-encoder LoRA, UNet LoRA: the order of the tab's
+# inputs
+GOOD = ["shapes", 300, 8, 1e-4, 8, 1e-3, 20, 15, None, 16, "", 4, 0, False, True]
 
 
 def settings_with(**changes) -> list:
     names = ["model", "steps", "batch", "lr", "rank", "reward_weight", "schedule_steps", "first_grad_step",
-             "guidance", "pretrain_batch", "pretrain_data", "eval_seeds", "negatives", "train_text_encoder"]
+             "guidance", "pretrain_batch", "pretrain_data", "eval_seeds", "negatives", "train_text_encoder",
+             "train_unet"]
     return [changes.get(name, value) for name, value in zip(names, GOOD)]
 
 
@@ -49,6 +51,7 @@ def test_the_refl_kind_is_registered():
     ({"model": "org/some-model"}, "pre-training data"),
     ({"pretrain_data": "/no/such/folder"}, "not an imagefolder"),
     ({"negatives": -1}, "negatives must be between 0 and 32"),
+    ({"train_unet": False}, "needs a LoRA on the text encoder"),  # nothing would train
 ])
 def test_bad_settings_are_refused_with_a_message(runner, changes, words):
     run, job, message = tab.start_refl_run(runner, *settings_with(**changes))
@@ -66,6 +69,14 @@ def test_good_settings_submit_a_refl_job(runner):
     config = ReFLConfig.from_dict(params)
     assert (config.steps, config.guidance, config.pretrain_batch, config.rank, config.alpha, config.negatives,
             config.train_text_encoder) == (120, 3.5, 0, 8, 8.0, 4, True)
+    assert config.train_unet is True  # the tab's default
+
+
+def test_a_text_encoder_only_refl_job_leaves_the_unet_untrained(runner):
+    runner.register("refl", lambda params, ctx: {"params": params})
+    _, job_id, _ = tab.start_refl_run(runner, *settings_with(train_text_encoder=True, train_unet=False))
+    config = ReFLConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
+    assert (config.train_text_encoder, config.train_unet) == (True, False)
 
 
 def test_a_refl_job_runs_lists_its_run_and_plots_its_history(runner, tiny_sd, caption_model, pretrain_data):

@@ -28,12 +28,12 @@ from test_selma import SKILLS, config as selma_settings, scripted  # noqa: F401
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # model, image model, LLM, skills, prompts per skill, ROUGE-L threshold, images per prompt, steps, rank, lr,
-# merge, eval seeds, eval experts, image check, text encoder, adapted layers: the order of the SELMA section's
-# inputs
+# merge, eval seeds, eval experts, image check, text encoder, adapted layers, UNet: the order of the SELMA
+# section's inputs
 SELMA_GOOD = ["shapes", "", "auto", ["counting", "spatial"], 150, 0.8, 3, 400, 8, 5e-4, "set_adapters", 4, False,
-              "none", False, None]
+              "none", False, None, True]
 SELMA_NAMES = ["model", "image_model", "llm", "skills", "prompts", "rouge", "samples", "steps", "rank", "lr", "merge",
-               "eval_seeds", "eval_experts", "image_check", "text_encoder", "layers"]
+               "eval_seeds", "eval_experts", "image_check", "text_encoder", "layers", "unet"]
 # model, data, images, captioner, captions, steps, rank, lr, prompt dropout, LoRA/Full, eval seeds, inline pairs,
 # adapted layers
 RECAP_GOOD = ["shapes", None, 2000, "auto", "mix", 700, 64, 1e-3, 0.14, "LoRA", 4, False, None]
@@ -84,6 +84,7 @@ def test_the_kinds_are_registered_and_the_train_tab_has_their_sections(runner):
     ({"steps": None}, "Steps per expert needs a value"),
     ({"merge": "average"}, "Unknown merge"),
     ({"layers": "everything"}, "Unknown choice of adapted layers 'everything'"),
+    ({"unet": False}, "needs a LoRA on the text encoder"),  # nothing would train
 ])
 def test_bad_selma_settings_are_refused_with_a_message(runner, changes, words):
     run, job, message = train_selma.start_selma_run(runner, *with_changes(SELMA_GOOD, SELMA_NAMES, **changes))
@@ -102,6 +103,15 @@ def test_good_selma_settings_submit_a_selma_job(runner):
             config.eval_experts, config.image_check, config.train_text_encoder) == (
         ["counting", "spatial"], "ties", 16, 16.0, None, None, True, "relabel", True)
     assert tuple(config.target_modules) == UNET_TARGETS  # the section's default: SELMA's
+    assert config.train_unet is True  # the section's default
+
+
+def test_selma_text_encoder_experts_leave_the_unet_untrained(runner):
+    runner.register("selma", lambda params, ctx: {"params": params})
+    _, job_id, _ = train_selma.start_selma_run(runner, *with_changes(SELMA_GOOD, SELMA_NAMES, text_encoder=True,
+                                                                     unet=False))
+    config = SelmaConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
+    assert (config.train_text_encoder, config.train_unet) == (True, False)
 
 
 def test_the_adapted_layers_chosen_reach_the_selma_and_recap_runs(runner):

@@ -124,7 +124,7 @@ def refl_status(runner: JobRunner, run, job_id, smoothing=1):
 
 
 def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, first_grad_step, guidance,
-                pretrain_batch, pretrain_data, eval_seeds, negatives=0, train_text_encoder=False):
+                pretrain_batch, pretrain_data, eval_seeds, negatives=0, train_text_encoder=False, train_unet=True):
     """The tab's settings as a validated ReFLConfig; InvalidInput says what is wrong."""
     from pipelines.realign import ReFLConfig
 
@@ -139,7 +139,8 @@ def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, fi
                         guidance=None if guidance in (None, "") else number(guidance, "Guidance", float),
                         pretrain_batch=number(pretrain_batch, "Pre-training batch"), pretrain_data=pretrain_data,
                         eval_seeds=number(eval_seeds, "ShapesBench seeds"),
-                        negatives=number(negatives, "Hard negatives"), train_text_encoder=bool(train_text_encoder))
+                        negatives=number(negatives, "Hard negatives"), train_text_encoder=bool(train_text_encoder),
+                        train_unet=bool(train_unet))
     if config.rank < 1 or config.pretrain_batch < 0:
         raise InvalidInput("The LoRA rank must be at least 1 and the pre-training batch at least 0.")
     if not 0 <= config.eval_seeds <= MAX_EVAL_SEEDS:
@@ -176,6 +177,9 @@ def build_refl_section(runner: JobRunner):
             lr = gr.Number(1e-4, label="Learning rate")
             rank = gr.Number(8, label="LoRA rank", precision=0)
             train_text_encoder = gr.Checkbox(False, label="Train a text-encoder LoRA too")
+            train_unet = gr.Checkbox(True, label="Train the UNet's LoRA",
+                                     info="off (with the text encoder on): the reward reaches only the text "
+                                          "encoder and cannot repaint pixels")
             reward_weight = optional_number("Reward weight λ (eq. 5; empty: balance the reward's and the denoising "
                                             "loss's gradients)", elem_id="refl-reward-weight")
             negatives = gr.Number(0, label="Hard negatives (0: the plain likelihood)", precision=0,
@@ -193,7 +197,8 @@ def build_refl_section(runner: JobRunner):
             eval_seeds = gr.Number(4, label="ShapesBench seeds per prompt (0: no evaluation)", precision=0)
     controls = run_controls(runner, KIND, "ReFL", start_refl_run,
                             [model, steps, batch, lr, rank, reward_weight, schedule_steps, first_grad_step, guidance,
-                             pretrain_batch, pretrain_data, eval_seeds, negatives, train_text_encoder], "refl-status")
+                             pretrain_batch, pretrain_data, eval_seeds, negatives, train_text_encoder, train_unet],
+                            "refl-status")
     smoothing = gr.Slider(1, 50, value=10, step=1, label="Smoothing (moving average over steps; 1: raw)")
     empty = pd.DataFrame(columns=HISTORY_COLUMNS)
     with gr.Row():

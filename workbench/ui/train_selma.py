@@ -122,7 +122,7 @@ def selma_status(runner: JobRunner, run, job_id):
 
 def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank, lr,
                  merge, eval_seeds, eval_experts, image_check="none", train_text_encoder=False,
-                 adapted_layers=None) -> SelmaConfig:
+                 adapted_layers=None, train_unet=True) -> SelmaConfig:
     """The section's settings as a validated SelmaConfig; InvalidInput says what is wrong."""
     rank = number(rank, "LoRA rank")
     config = SelmaConfig(model=(model or "").strip(), image_model=(image_model or "").strip() or None,
@@ -131,7 +131,7 @@ def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_thres
                          rouge_threshold=number(rouge_threshold, "ROUGE-L threshold", float),
                          samples_per_prompt=number(samples, "Images per prompt"), image_check=image_check or "none",
                          steps=number(steps, "Steps per expert"), train_text_encoder=bool(train_text_encoder),
-                         rank=rank, alpha=float(rank), lr=number(lr, "Learning rate", float), merge=merge,
+                         train_unet=bool(train_unet), rank=rank, alpha=float(rank), lr=number(lr, "Learning rate", float), merge=merge,
                          target_modules=target_modules(adapted_layers, SelmaConfig().target_modules),
                          eval_seeds=number(eval_seeds, "ShapesBench seeds"), eval_experts=bool(eval_experts))
     config.validate()
@@ -168,6 +168,9 @@ def build_selma_section(runner: JobRunner):
             rank = gr.Number(8, label="LoRA rank", precision=0)
             adapted_layers = adapted_layers_picker(SelmaConfig().target_modules)
             train_text_encoder = gr.Checkbox(False, label="LoRA on the text encoder too (merged with the UNet's)")
+            train_unet = gr.Checkbox(True, label="LoRA on the UNet",
+                                     info="off (with the text encoder on): text-encoder experts, the UNet stays the "
+                                          "base model's (assets/adapters/selma-shapes)")
             lr = gr.Number(5e-4, label="Learning rate")
             merge = gr.Dropdown(list(MERGES), value=MERGES[0], label="Merge",
                                 info="set_adapters: every expert at 1/n (the authors'); the rest: peft's combinations")
@@ -175,7 +178,7 @@ def build_selma_section(runner: JobRunner):
             eval_experts = gr.Checkbox(False, label="Also score each expert alone")
     controls = run_controls(runner, KIND, "SELMA", start_selma_run,
                             [model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank,
-                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder, adapted_layers],
+                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder, adapted_layers, train_unet],
                             "selma-status",
                             extra_buttons=[SCORE_EXPERTS])
     table = gr.Dataframe(pd.DataFrame(columns=["variant"]), interactive=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -104,8 +105,16 @@ def test_a_text_encoder_only_lora_leaves_the_unet_alone_and_loads_and_resumes(ti
     assert json.loads((out / "train_config.json").read_text())["lora_config"]["target_modules"]
 
     base = generate_pixels(tiny_sd, [])
-    adapted = generate_pixels(tiny_sd, [LoraSpec(str(out), 1.0)])
+    warnings = logging.Handler(logging.WARNING)  # diffusers' loggers do not propagate to pytest's
+    warnings.emit = lambda record: seen.append(record.getMessage())
+    seen: list[str] = []
+    logging.getLogger("diffusers").addHandler(warnings)
+    try:
+        adapted = generate_pixels(tiny_sd, [LoraSpec(str(out), 1.0)])
+    finally:
+        logging.getLogger("diffusers").removeHandler(warnings)
     assert np.abs(adapted.astype(int) - base).max() > 0, "the text-encoder LoRA changes nothing"
+    assert not [m for m in seen if "No LoRA keys" in m], seen  # no warning about the UNet it never had
     with pytest.raises(InvalidInput, match="needs a LoRA on the text encoder"):
         train(replace(config, train_text_encoder=False, out=str(tmp_path / "unet-off")))
 

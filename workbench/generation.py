@@ -228,16 +228,30 @@ def _set_scheduler(pipe, name: str) -> None:
 
 
 @contextmanager
-def quiet_adapter_report():
+def quiet_adapter_report(text_encoder_only: bool = False):
     """Silence the load report transformers 5 logs when diffusers puts a LoRA on a CLIP text encoder: it
-    calls every adapter weight MISSING although they load (tests/test_generation.py compares them)."""
-    logger = logging.getLogger("transformers.integrations.peft")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    calls every adapter weight MISSING although they load (tests/test_generation.py compares them). With
+    `text_encoder_only`, also diffusers' warning that the file holds no UNet keys, which it calls safe to
+    ignore and which is expected of a text-encoder adapter (IPR's default)."""
+    names = ["transformers.integrations.peft"] + (["diffusers.loaders.peft"] if text_encoder_only else [])
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def adapts_only_text_encoder(weights: Path) -> bool:
+    """Whether a diffusers-format LoRA file holds text-encoder layers and no UNet layers."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        parts = {key.split(".", 1)[0] for key in f.keys()}
+    return "text_encoder" in parts and "unet" not in parts
 
 
 def _set_adapters(pipe, loras: list[LoraSpec]) -> None:
@@ -249,7 +263,7 @@ def _set_adapters(pipe, loras: list[LoraSpec]) -> None:
     for lora in loras:
         if lora.adapter_name() not in loaded:
             weights = lora_weights_file(lora.path)
-            with quiet_adapter_report():
+            with quiet_adapter_report(text_encoder_only=adapts_only_text_encoder(weights)):
                 pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
                                        adapter_name=lora.adapter_name())
     pipe.enable_lora()

@@ -131,7 +131,8 @@ def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_thres
                          rouge_threshold=number(rouge_threshold, "ROUGE-L threshold", float),
                          samples_per_prompt=number(samples, "Images per prompt"), image_check=image_check or "none",
                          steps=number(steps, "Steps per expert"), train_text_encoder=bool(train_text_encoder),
-                         train_unet=bool(train_unet), rank=rank, alpha=float(rank), lr=number(lr, "Learning rate", float), merge=merge,
+                         train_unet=bool(train_unet), rank=rank, alpha=float(rank),
+                         lr=number(lr, "Learning rate", float), merge=merge,
                          target_modules=target_modules(adapted_layers, SelmaConfig().target_modules),
                          eval_seeds=number(eval_seeds, "ShapesBench seeds"), eval_experts=bool(eval_experts))
     config.validate()
@@ -168,7 +169,7 @@ def build_selma_section(runner: JobRunner):
             rank = gr.Number(8, label="LoRA rank", precision=0)
             adapted_layers = adapted_layers_picker(SelmaConfig().target_modules)
             train_text_encoder = gr.Checkbox(False, label="LoRA on the text encoder too (merged with the UNet's)")
-            train_unet = gr.Checkbox(True, label="LoRA on the UNet",
+            train_unet = gr.Checkbox(SelmaConfig().train_unet, label="LoRA on the UNet",
                                      info="off (with the text encoder on): text-encoder experts, the UNet stays the "
                                           "base model's (assets/adapters/selma-shapes)")
             lr = gr.Number(5e-4, label="Learning rate")
@@ -178,7 +179,8 @@ def build_selma_section(runner: JobRunner):
             eval_experts = gr.Checkbox(False, label="Also score each expert alone")
     controls = run_controls(runner, KIND, "SELMA", start_selma_run,
                             [model, image_model, llm, skills, prompts_per_skill, rouge_threshold, samples, steps, rank,
-                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder, adapted_layers, train_unet],
+                             lr, merge, eval_seeds, eval_experts, image_check, train_text_encoder, adapted_layers,
+                             train_unet],
                             "selma-status",
                             extra_buttons=[SCORE_EXPERTS])
     table = gr.Dataframe(pd.DataFrame(columns=["variant"]), interactive=False,

@@ -105,9 +105,9 @@ def test_a_text_encoder_only_lora_leaves_the_unet_alone_and_loads_and_resumes(ti
     assert json.loads((out / "train_config.json").read_text())["lora_config"]["target_modules"]
 
     base = generate_pixels(tiny_sd, [])
+    seen: list[str] = []
     warnings = logging.Handler(logging.WARNING)  # diffusers' loggers do not propagate to pytest's
     warnings.emit = lambda record: seen.append(record.getMessage())
-    seen: list[str] = []
     logging.getLogger("diffusers").addHandler(warnings)
     try:
         adapted = generate_pixels(tiny_sd, [LoraSpec(str(out), 1.0)])

@@ -109,6 +109,22 @@ def test_the_gradient_step_is_drawn_in_the_given_window_and_can_spare_the_uncond
         run_refl(replace(config, last_grad_step=1), tmp_path / "bad", log=lambda m: None)
 
 
+def test_the_reward_can_score_the_finished_image_through_an_early_steps_prediction(tiny_sd, caption_model,
+                                                                                    pretrain_data, tmp_path):
+    config = tiny_refl(tiny_sd, caption_model, pretrain_data, schedule_steps=6, first_grad_step=1, last_grad_step=3)
+    run_refl(config, tmp_path / "x0", log=lambda m: None)
+    run_refl(replace(config, score_final_image=True), tmp_path / "finished", log=lambda m: None)
+    x0, finished = ([json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()]
+                    for name in ("x0", "finished"))
+    # Same draws (prompts, noise, gradient step); at step 1 the adapter is still the identity, so only the
+    # image that is scored differs: a blurry early prediction in one run, the sampled image in the other.
+    assert [h["grad_step"] for h in x0] == [h["grad_step"] for h in finished]
+    assert all(1 <= h["grad_step"] < 3 for h in finished)
+    assert x0[0]["reward"] != pytest.approx(finished[0]["reward"], abs=1e-6)
+    weights = load_file(str(tmp_path / "finished" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert any(".lora.up." in k and v.abs().sum() > 0 for k, v in weights.items())  # the gradient reached the LoRA
+
+
 def test_a_shifted_reward_scores_moved_copies_of_the_image(tiny_sd, caption_model, pretrain_data, tmp_path):
     from pipelines.realign import random_shift
 

@@ -66,6 +66,18 @@ def generate_pixels(model: Path, loras: list) -> np.ndarray:
     return np.asarray(generate(request)[0].image)
 
 
+def generate_pixels_and_warnings(model: Path, loras: list) -> tuple[np.ndarray, list[str]]:
+    """generate_pixels, and the warnings diffusers logged meanwhile (its loggers do not propagate to pytest's)."""
+    seen: list[str] = []
+    warnings = logging.Handler(logging.WARNING)
+    warnings.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(warnings)
+    try:
+        return generate_pixels(model, loras), seen
+    finally:
+        logging.getLogger("diffusers").removeHandler(warnings)
+
+
 def test_lora_training_writes_an_adapter_the_generation_service_loads(tiny_sd, shapes_data, tmp_path):
     from workbench.generation import LoraSpec
 
@@ -86,9 +98,10 @@ def test_lora_training_writes_an_adapter_the_generation_service_loads(tiny_sd, s
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
     base = generate_pixels(tiny_sd, [])
-    adapted = generate_pixels(tiny_sd, [LoraSpec(str(out), 1.0)])
+    adapted, seen = generate_pixels_and_warnings(tiny_sd, [LoraSpec(str(out), 1.0)])
     muted = generate_pixels(tiny_sd, [LoraSpec(str(out), 0.0)])
     assert np.abs(adapted.astype(int) - base).max() > 0, "the trained LoRA changes nothing"
+    assert not [m for m in seen if "No LoRA keys" in m], seen  # no warning about the text encoder it never had
     assert np.array_equal(muted, base), "a LoRA at weight 0 must give the base model's image"
 
 
@@ -105,14 +118,7 @@ def test_a_text_encoder_only_lora_leaves_the_unet_alone_and_loads_and_resumes(ti
     assert json.loads((out / "train_config.json").read_text())["lora_config"]["target_modules"]
 
     base = generate_pixels(tiny_sd, [])
-    seen: list[str] = []
-    warnings = logging.Handler(logging.WARNING)  # diffusers' loggers do not propagate to pytest's
-    warnings.emit = lambda record: seen.append(record.getMessage())
-    logging.getLogger("diffusers").addHandler(warnings)
-    try:
-        adapted = generate_pixels(tiny_sd, [LoraSpec(str(out), 1.0)])
-    finally:
-        logging.getLogger("diffusers").removeHandler(warnings)
+    adapted, seen = generate_pixels_and_warnings(tiny_sd, [LoraSpec(str(out), 1.0)])
     assert np.abs(adapted.astype(int) - base).max() > 0, "the text-encoder LoRA changes nothing"
     assert not [m for m in seen if "No LoRA keys" in m], seen  # no warning about the UNet it never had
     with pytest.raises(InvalidInput, match="needs a LoRA on the text encoder"):

@@ -227,13 +227,18 @@ def _set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = scheduler_class.from_config(default.config)
 
 
+# The diffusers logger that warns, for each part of the pipeline, when a LoRA file holds none of its keys.
+NO_KEYS_LOGGERS = {"unet": "diffusers.loaders.peft", "text_encoder": "diffusers.loaders.lora_base"}
+
+
 @contextmanager
-def quiet_adapter_report(text_encoder_only: bool = False):
+def quiet_adapter_report(absent_parts: frozenset[str] | set[str] = frozenset()):
     """Silence the load report transformers 5 logs when diffusers puts a LoRA on a CLIP text encoder: it
     calls every adapter weight MISSING although they load (tests/test_generation.py compares them). With
-    `text_encoder_only`, also diffusers' warning that the file holds no UNet keys, which it calls safe to
-    ignore and which is expected of a text-encoder adapter (IPR's default)."""
-    names = ["transformers.integrations.peft"] + (["diffusers.loaders.peft"] if text_encoder_only else [])
+    `absent_parts` ("unet", "text_encoder"), also diffusers' warning that the file holds no keys for those
+    parts, which it calls safe to ignore and which is expected of an adapter that never trained them
+    (IPR's text-encoder LoRA, ReFL's UNet LoRA)."""
+    names = ["transformers.integrations.peft"] + [NO_KEYS_LOGGERS[part] for part in sorted(absent_parts)]
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -245,13 +250,13 @@ def quiet_adapter_report(text_encoder_only: bool = False):
             logger.setLevel(level)
 
 
-def adapts_only_text_encoder(weights: Path) -> bool:
-    """Whether a diffusers-format LoRA file holds text-encoder layers and no UNet layers."""
+def absent_adapter_parts(weights: Path) -> set[str]:
+    """The pipeline parts (of NO_KEYS_LOGGERS) a diffusers-format LoRA file holds no layers for."""
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
         parts = {key.split(".", 1)[0] for key in f.keys()}
-    return "text_encoder" in parts and "unet" not in parts
+    return set(NO_KEYS_LOGGERS) - parts
 
 
 def _set_adapters(pipe, loras: list[LoraSpec]) -> None:
@@ -263,7 +268,7 @@ def _set_adapters(pipe, loras: list[LoraSpec]) -> None:
     for lora in loras:
         if lora.adapter_name() not in loaded:
             weights = lora_weights_file(lora.path)
-            with quiet_adapter_report(text_encoder_only=adapts_only_text_encoder(weights)):
+            with quiet_adapter_report(absent_adapter_parts(weights)):
                 pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
                                        adapter_name=lora.adapter_name())
     pipe.enable_lora()

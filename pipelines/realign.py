@@ -273,19 +273,20 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
                     pred_uncond, pred_cond = pred.chunk(2)
                 return pred_uncond + guidance * (pred_cond - pred_uncond)
 
+            @torch.no_grad()
+            def sample(x: torch.Tensor, timesteps) -> torch.Tensor:
+                for t in timesteps:
+                    x = sampler.step(guided(sampler.scale_model_input(x, t), t), t, x).prev_sample
+                return x
+
             # Sample without gradients down to the drawn step, then take that step with gradients.
-            with torch.no_grad():
-                for t in sampler.timesteps[:grad_step]:
-                    latents = sampler.step(guided(sampler.scale_model_input(latents, t), t), t, latents).prev_sample
+            latents = sample(latents, sampler.timesteps[:grad_step])
             t = sampler.timesteps[grad_step]
             stepped = sampler.step(guided(sampler.scale_model_input(latents, t), t, config.detach_uncond), t, latents)
             images = vae.decode(stepped.pred_original_sample / scaling).sample
             if config.score_final_image:
                 with torch.no_grad():
-                    latents = stepped.prev_sample
-                    for t in sampler.timesteps[grad_step + 1:]:
-                        latents = sampler.step(guided(sampler.scale_model_input(latents, t), t), t, latents).prev_sample
-                    finished = vae.decode(latents / scaling).sample
+                    finished = vae.decode(sample(stepped.prev_sample, sampler.timesteps[grad_step + 1:]) / scaling).sample
                 images = images + (finished - images).detach()  # the finished image's value, x0's gradient path
             # Hard negatives come from the run's own generator, which checkpoints save, so a resume draws the same.
             scored, scored_prompts = images, prompts

@@ -156,17 +156,16 @@ class ShapesPretrainingData:
     """What the shapes model was trained on: fresh random scenes with noisy web-style alt text."""
 
     def __init__(self, vae):
-        from pipelines.train_shapes import augment_caption
+        from pipelines.train_shapes import augment_caption, render_batch
         from workbench.shapes.captions import noisy_alt_text
-        from workbench.shapes.render import render_array
         from workbench.shapes.scene import sample_scene
 
         self.vae = vae
-        self._caption, self._alt, self._render, self._scene = augment_caption, noisy_alt_text, render_array, sample_scene
+        self._caption, self._alt, self._render, self._scene = augment_caption, noisy_alt_text, render_batch, sample_scene
 
     def batch(self, n: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         scenes = [self._scene(rng) for _ in range(n)]
-        pixels = torch.from_numpy(np.stack([self._render(s) for s in scenes])).float().permute(0, 3, 1, 2) * 2 - 1
+        pixels = self._render(scenes)  # [-1, 1], 8-bit like the model's own training images
         captions = [self._caption(self._alt(s, rng), rng) for s in scenes]
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample(generator)

@@ -1,7 +1,7 @@
 """Train the shapes world's differentiable captioner (workbench.shapes.caption_model), the reward
 model of RealignDiff's coarse stage on the shapes model.
 
-    python -m pipelines.train_shapes_captioner --out assets/models/shapes-captioner
+    python -m pipelines.train_shapes_captioner --negatives 4 --steps 2000 --out assets/models/shapes-captioner
 
 Data, drawn afresh every step: prompts of the training grammar (`training_prompts`, never a
 ShapesBench prompt nor one of its held-out colour pairs), each rendered as a scene that satisfies it
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.train_shapes import render_batch as render_scenes
 from workbench.shapes.bench_prompts import training_prompts, vocabulary
 from workbench.shapes.caption_model import CAPTION_MODEL_DIR, CaptionerConfig, CaptionModel, PAD
-from workbench.shapes.render import render_array
 from workbench.shapes.scene import scene_from_spec
 from workbench.shapes.world import COLORS, COUNT_WORDS, SHAPES
 
@@ -42,15 +42,16 @@ SWAPS = {"left": "right", "right": "left", "above": "below", "below": "above", "
 
 
 def render_batch(records: list[dict], rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
-    images, prompts = [], []
+    """Each record drawn as a fresh scene that satisfies it: [B, 3, 64, 64] in [-1, 1], as the shapes
+    model's VAE and this captioner take images; records no scene can satisfy are skipped."""
+    scenes, prompts = [], []
     for record in records:
         scene = scene_from_spec(record, rng)
         if scene is None:
             continue
-        images.append(render_array(scene))
+        scenes.append(scene)
         prompts.append(record["prompt"])
-    pixels = torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2)
-    return pixels * 2.0 - 1.0, prompts
+    return render_scenes(scenes), prompts
 
 
 def corrupt(prompt: str, rng: np.random.Generator) -> str | None:

@@ -45,12 +45,12 @@ def test_k_negatives_prefer_swaps_and_flips_and_nothing_to_edit_gives_none():
 
 
 def test_the_contrastive_reward_prefers_the_true_binding_and_reaches_the_pixels():
+    from pipelines.train_shapes import render_batch
     from workbench.likelihood_reward import get_likelihood_reward
-    from workbench.shapes.render import render_array
     from workbench.shapes.scene import Scene, ShapeObject
 
     scene = Scene((ShapeObject("circle", "red", 18.0, 20.0, 14.0), ShapeObject("square", "blue", 44.0, 44.0, 14.0)))
-    image = torch.from_numpy(render_array(scene)).float().permute(2, 0, 1)[None] * 2 - 1
+    image = render_batch([scene])
     images = image.repeat(4, 1, 1, 1).requires_grad_(True)
     prompts = ["a red circle and a blue square", "a blue circle and a red square",
                "a red circle above a blue square", "a nice picture"]
@@ -78,6 +78,7 @@ def test_the_captioners_contrastive_term_learns_to_tell_a_prompt_from_its_negati
     model = CaptionModel(CaptionerConfig(vocab=vocabulary(), width=32, heads=2, decoder_layers=1))
     records = [r for r in training_prompts(40, seed=5) if "color" in str(r["include"])][:8]
     images, prompts = render_batch(records, np.random.default_rng(0))
+    assert images.min() >= -1 and images.max() <= 1  # the range the VAE decodes to, which the reward reads
     memory = model.encode_images(images)
     # Total log-probability = mean per word x words (EOS included), as the reward's contrast assumes.
     total = sequence_log_probs(model, memory, prompts)

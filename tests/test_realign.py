@@ -177,3 +177,24 @@ def test_a_stopped_run_resumes_to_the_same_adapter(tiny_sd, caption_model, pretr
 def test_a_real_model_without_pretraining_data_is_refused_with_a_hint(tmp_path):
     with pytest.raises(InvalidInput, match="--pretrain-data"):
         run_refl(ReFLConfig(model="org/some-model"), tmp_path / "run")
+
+
+def test_the_shapes_pretraining_term_trains_on_real_scenes_the_vae_can_decode():
+    """Eq. 5's denoising term must see what the shapes model was trained on: latents of 8-bit renders in
+    [-1, 1]. Encoded at the wrong scale, the latents decode to saturated noise, not to the scene."""
+    from diffusers import AutoencoderKL
+
+    from pipelines.realign import ShapesPretrainingData
+    from pipelines.train_shapes import render_batch
+    from workbench.registry import resolve
+    from workbench.shapes.scene import sample_scene
+
+    vae = AutoencoderKL.from_pretrained(resolve("shapes").source, subfolder="vae").eval()
+    data = ShapesPretrainingData(vae)
+    latents, captions = data.batch(4, np.random.default_rng(3), torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng) for _ in range(4)]  # the same draws the batch made
+    with torch.no_grad():
+        decoded = vae.decode(latents).sample.clamp(-1, 1)
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+    assert (decoded - render_batch(scenes)).abs().mean() < 0.05

@@ -128,7 +128,8 @@ def load_caption_model(folder: Path | str | None = None, device: str = "cpu") ->
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise ModelNotAvailable(
             f"The shapes captioner (the caption reward of the shapes world) is not in {folder}. "
-            f"Train it with `python -m pipelines.train_shapes_captioner --out {folder}` (a few minutes on a CPU).")
+            f"Train it with `python -m pipelines.train_shapes_captioner --negatives 4 --steps 2000 --out {folder}` "
+            "(about half an hour on a 2-core CPU).")
     model = CaptionModel(CaptionerConfig(**json.loads((folder / CONFIG_FILE).read_text())))
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return model.to(device).eval()

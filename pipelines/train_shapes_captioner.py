@@ -26,6 +26,7 @@ import argparse
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,29 @@ def contrastive_loss(model: CaptionModel, memory: torch.Tensor, prompts: list[st
     return -torch.log_softmax(scores, dim=1)[:, 0].mean()
 
 
+def adversarial_images(images: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor], eps: float,
+                       steps: int) -> torch.Tensor:
+    """images pushed up loss_of by `steps` normalised gradient steps inside an L2 ball of radius eps (PGD).
+
+    Training on them (adversarial training, Madry et al. 2018) tends to make a model's input gradients
+    perceptually aligned (Santurkar et al. 2019): the direction that raises its belief in a caption
+    then changes what the image shows. ReFL needs exactly that of its reward: a plainly trained
+    captioner reaches near-perfect reward under edits that change little a detector sees
+    (`bench/reward_gradient_alignment.py`)."""
+    start = images.detach()
+    x = start.clone()
+    step_size = 2.5 * eps / steps
+    for _ in range(steps):
+        x.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_of(x), x)
+        with torch.no_grad():
+            x = x + step_size * grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+            delta = x - start
+            delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp(min=1e-12)).clamp(max=1.0).view(-1, 1, 1, 1)
+            x = (start + delta).clamp(-1, 1)
+    return x.detach()
+
+
 def generated_bank(n: int, seed: int, model: str = "shapes") -> tuple[torch.Tensor, list[str]]:
     """n of the shapes model's own generations for training-grammar prompts, each with the prompt it
     really satisfies: the prompt where the embedded (exact) detector confirms it, else IPR's relabel of
@@ -149,7 +173,8 @@ def generated_bank(n: int, seed: int, model: str = "shapes") -> tuple[torch.Tens
 
 def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, seed: int = 0,
           vae_path: str | None = None, log_every: int = 100, bank_size: int = 4096, negatives: int = 0,
-          contrastive_weight: float = 1.0, init: str | None = None, generated: int = 0) -> dict:
+          contrastive_weight: float = 1.0, init: str | None = None, generated: int = 0,
+          adversarial_eps: float = 0.0, adversarial_steps: int = 3) -> dict:
     from diffusers import AutoencoderKL
 
     from workbench.registry import resolve
@@ -191,11 +216,21 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
             prompts = [gen_prompts[k] for k in drawn] + prompts[: batch_size - len(drawn)]
         images = images + 0.03 * torch.randn_like(images)
         ids, _ = model.tokenizer(prompts)
-        memory = model.encode_images(images)
-        logits = model.decode(memory, ids)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD)
-        if negatives:
-            loss = loss + contrastive_weight * contrastive_loss(model, memory, prompts, negatives, rng)
+        # With an attack, one draw of hard negatives per step, shared by the attack and the update.
+        negatives_seed = int(rng.integers(2**63)) if adversarial_eps else None
+
+        def loss_of(x: torch.Tensor) -> torch.Tensor:
+            memory = model.encode_images(x)
+            logits = model.decode(memory, ids)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=PAD)
+            if negatives:
+                drawn = rng if negatives_seed is None else np.random.default_rng(negatives_seed)
+                loss = loss + contrastive_weight * contrastive_loss(model, memory, prompts, negatives, drawn)
+            return loss
+
+        if adversarial_eps:
+            images = adversarial_images(images, loss_of, adversarial_eps, adversarial_steps)
+        loss = loss_of(images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -204,7 +239,8 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
             print(f"step {step}/{steps} loss {loss.item():.4f} {time.time() - started:.0f}s", flush=True)
     model.eval()
     facts = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "negatives": negatives,
-             "contrastive_weight": contrastive_weight, "init": init, "generated": generated, "seconds": round(time.time() - started, 1),
+             "contrastive_weight": contrastive_weight, "init": init, "generated": generated,
+             "adversarial_eps": adversarial_eps, "adversarial_steps": adversarial_steps, "seconds": round(time.time() - started, 1),
              "ranking_accuracy_rendered": ranking_accuracy(model, held_out),
              "ranking_accuracy_decoded": ranking_accuracy(model, held_out, vae=vae)}
     model.save(out)
@@ -227,10 +263,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bank-size", type=int, default=4096, help="VAE-decoded renders made once and reused")
     parser.add_argument("--generated", type=int, default=0,
                         help="also train on this many of the shapes model's own generations (detector-true captions)")
+    parser.add_argument("--adversarial-eps", type=float, default=0.0,
+                        help="train on PGD-perturbed images within this L2 radius (pixels in [-1, 1]); 0: off")
+    parser.add_argument("--adversarial-steps", type=int, default=3)
     args = parser.parse_args(argv)
     train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=args.log_every,
           negatives=args.negatives, contrastive_weight=args.contrastive_weight, init=args.init,
-          bank_size=args.bank_size, generated=args.generated)
+          bank_size=args.bank_size, generated=args.generated, adversarial_eps=args.adversarial_eps,
+          adversarial_steps=args.adversarial_steps)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,23 @@ def test_the_captioners_contrastive_term_learns_to_tell_a_prompt_from_its_negati
         loss().backward()
         optimizer.step()
     assert loss() < 0.5 * before
+
+
+def test_adversarial_images_raise_the_captioners_loss_within_the_radius():
+    from pipelines.train_shapes_captioner import adversarial_images, render_batch
+    from workbench.shapes.bench_prompts import training_prompts
+    from workbench.shapes.caption_model import load_caption_model
+
+    model = load_caption_model()
+    images, prompts = render_batch(training_prompts(8, seed=3), np.random.default_rng(0))
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        return -model.log_likelihood(x, prompts).mean()
+
+    edited = adversarial_images(images, loss_of, eps=4.0, steps=3)
+    distance = (edited - images).flatten(1).norm(dim=1)
+    assert bool((distance <= 4.0 + 1e-3).all()) and bool((distance > 1.0).all())
+    assert edited.min() >= -1 and edited.max() <= 1
+    with torch.no_grad():
+        assert loss_of(edited) > loss_of(images) + 0.1
+    assert all(p.grad is None for p in model.parameters())  # the attack leaves the model's gradients alone

@@ -28,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.train_shapes_captioner import adversarial_images  # noqa: E402
 from workbench.evaluation import score_detections  # noqa: E402
 from workbench.likelihood_reward import get_likelihood_reward  # noqa: E402
 from workbench.perception.shapes import ShapesDetector  # noqa: E402
@@ -45,21 +46,11 @@ def to_image(x: torch.Tensor) -> Image.Image:
 
 def climb(reward, images: torch.Tensor, prompts: list[str], eps: float, steps: int, seed: int) -> torch.Tensor:
     """images moved up the reward by `steps` normalised gradient steps, kept within L2 radius eps."""
-    start = images.clone()
-    x = images.clone()
-    step_size = 2.5 * eps / steps
-    for k in range(steps):
-        x.requires_grad_(True)
-        # The same negatives at every step of one image (a fixed objective), new ones per radius.
-        r = reward(x, prompts, rng=np.random.default_rng(seed)) if hasattr(reward, "k") else reward(x, prompts)
-        (grad,) = torch.autograd.grad(r.sum(), x)
-        with torch.no_grad():
-            norm = grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
-            x = x + step_size * grad / norm
-            delta = x - start
-            scale = (eps / delta.flatten(1).norm(dim=1).clamp(min=1e-12)).clamp(max=1.0).view(-1, 1, 1, 1)
-            x = (start + delta * scale).clamp(-1, 1)
-    return x.detach()
+    # The same hard negatives at every step (a fixed objective): drawn from the seed each time.
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        return (reward(x, prompts, rng=np.random.default_rng(seed)) if hasattr(reward, "k") else reward(x, prompts)).sum()
+
+    return adversarial_images(images, objective, eps, steps)
 
 
 def main(argv: list[str] | None = None) -> None:

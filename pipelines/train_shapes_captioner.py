@@ -124,7 +124,8 @@ def contrastive_loss(model: CaptionModel, memory: torch.Tensor, prompts: list[st
 
 def adversarial_images(images: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor], eps: float,
                        steps: int) -> torch.Tensor:
-    """images pushed up loss_of by `steps` normalised gradient steps inside an L2 ball of radius eps (PGD).
+    """images pushed up loss_of by `steps` normalised gradient steps inside an L2 ball of radius eps (PGD;
+    `bench/reward_gradient_alignment.py` climbs a reward with it).
 
     Training on them (adversarial training, Madry et al. 2018) tends to make a model's input gradients
     perceptually aligned (Santurkar et al. 2019): the direction that raises its belief in a caption

@@ -44,13 +44,15 @@ def to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def score(reward, x: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
+    """The reward of each image; a contrastive reward draws its hard negatives from `seed`, so every
+    call on the same prompts (each climbing step, before and after) contrasts with the same ones."""
+    return reward(x, prompts, rng=np.random.default_rng(seed)) if hasattr(reward, "k") else reward(x, prompts)
+
+
 def climb(reward, images: torch.Tensor, prompts: list[str], eps: float, steps: int, seed: int) -> torch.Tensor:
     """images moved up the reward by `steps` normalised gradient steps, kept within L2 radius eps."""
-    # The same hard negatives at every step (a fixed objective): drawn from the seed each time.
-    def objective(x: torch.Tensor) -> torch.Tensor:
-        return (reward(x, prompts, rng=np.random.default_rng(seed)) if hasattr(reward, "k") else reward(x, prompts)).sum()
-
-    return adversarial_images(images, objective, eps, steps)
+    return adversarial_images(images, lambda x: score(reward, x, prompts, seed).sum(), eps, steps)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,14 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         print("| eps | tag | images | reward before | reward after | made right |")
         print("|---|---|---|---|---|---|")
         for eps in args.eps:
+            starts = range(0, len(chosen), 32)
             edited = torch.cat([climb(reward, images[s:s + 32], prompts[s:s + 32], eps, args.steps, args.seed + s)
-                                for s in range(0, len(chosen), 32)])
+                                for s in starts])
             with torch.no_grad():
-                def value(x, s):
-                    return (reward(x, prompts[s:s + 32], rng=np.random.default_rng(args.seed + s))
-                            if args.negatives else reward(x, prompts[s:s + 32]))
-                before = torch.cat([value(images[s:s + 32], s) for s in range(0, len(chosen), 32)])
-                after = torch.cat([value(edited[s:s + 32], s) for s in range(0, len(chosen), 32)])
+                before, after = (torch.cat([score(reward, x[s:s + 32], prompts[s:s + 32], args.seed + s) for s in starts])
+                                 for x in (images, edited))
             fixed = [score_detections(records[row["index"]], detector.detect(to_image(x))).correct
                      for row, x in zip(chosen, edited)]
             for tag in sorted({row["tag"] for row in chosen}) + ["all"]:

@@ -124,14 +124,13 @@ def contrastive_loss(model: CaptionModel, memory: torch.Tensor, prompts: list[st
 
 def adversarial_images(images: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor], eps: float,
                        steps: int) -> torch.Tensor:
-    """images pushed up loss_of by `steps` normalised gradient steps inside an L2 ball of radius eps (PGD;
-    `bench/reward_gradient_alignment.py` climbs a reward with it).
+    """images pushed up loss_of by `steps` normalised gradient steps inside an L2 ball of radius eps (PGD).
 
     Training on them (adversarial training, Madry et al. 2018) tends to make a model's input gradients
     perceptually aligned (Santurkar et al. 2019): the direction that raises its belief in a caption
     then changes what the image shows. ReFL needs exactly that of its reward: a plainly trained
     captioner reaches near-perfect reward under edits that change little a detector sees
-    (`bench/reward_gradient_alignment.py`)."""
+    (`bench/reward_gradient_alignment.py`, which climbs a reward with this function)."""
     start = images.detach()
     x = start.clone()
     step_size = 2.5 * eps / steps

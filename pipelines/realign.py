@@ -92,7 +92,11 @@ class ReFLConfig:
     # A late step can only retouch an image whose layout the gradient-free steps already fixed; an earlier
     # one reaches the layout, but on the shapes model steps 3..9 broke the images (refl-shapes card).
     last_grad_step: int | None = None
-    guidance: float | None = None  # None: the model's default; the sampled states look like generation's
+    # None: the model's default, so the sampled states look like generation's. On the shapes model, guidance
+    # of 3 or more makes the sampled trajectory so sensitive to the weights that one Adam step changes the
+    # reward more than the one-step gradient predicts, and the training reward stays flat; at 1 it climbs
+    # (bench/refl_landscape.py, refl-shapes card), though ShapesBench did not follow.
+    guidance: float | None = None
     # The gradient step's unconditional prediction without gradients (our addition). Through guidance the
     # reward reaches it with weight (1 - guidance), -6.5 at 7.5, so each prompt's reward moves the one
     # prediction that guidance subtracts from every prompt. Detaching it did not stop the shapes model's

@@ -190,7 +190,10 @@ def build_refl_section(runner: JobRunner):
             schedule_steps = gr.Number(20, label="Sampling steps", precision=0)
             first_grad_step = gr.Number(15, label="First gradient step", precision=0,
                                         info="the gradient step is drawn from [first, sampling steps)")
-            guidance = optional_number("Guidance (empty: the model's default)", elem_id="refl-guidance")
+            guidance = optional_number("Guidance while training (empty: the model's default)", elem_id="refl-guidance",
+                                       info="on the shapes model, 3 or more makes the one-step gradient blind "
+                                            "to what a step does; 1 lets the reward climb "
+                                            "(bench/refl_landscape.py)")
             pretrain_batch = gr.Number(16, label="Pre-training batch (0: reward only)", precision=0)
             pretrain_data = gr.Textbox(label="Pre-training data (imagefolder; the shapes model renders its own)",
                                        placeholder="path/to/imagefolder")

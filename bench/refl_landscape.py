@@ -26,9 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.trainer import TrainConfig, _load_components, add_lora  # noqa: E402
+from pipelines.realign import ReFLConfig, load_with_fresh_lora  # noqa: E402
 from workbench.likelihood_reward import get_likelihood_reward  # noqa: E402
-from workbench.registry import resolve  # noqa: E402
 from workbench.shapes.bench_prompts import training_prompts  # noqa: E402
 
 
@@ -36,12 +35,7 @@ def climb(guidance: float, args) -> list[float]:
     from diffusers import DDIMScheduler
 
     torch.manual_seed(args.seed)
-    entry = resolve(args.model)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = _load_components(
-        entry.source, entry, torch.float32, torch.float32, torch.float32)
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-    add_lora(TrainConfig(model=args.model, data=["-"], out="-", rank=8, alpha=8.0), unet, text_encoder)
+    _, (tokenizer, text_encoder, vae, unet, noise_scheduler), _ = load_with_fresh_lora(ReFLConfig(model=args.model))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     sampler = DDIMScheduler.from_config(noise_scheduler.config)

@@ -196,14 +196,32 @@ class ImagefolderPretrainingData:
 # --- the run ----------------------------------------------------------------------------------------
 
 
+def load_with_fresh_lora(config: ReFLConfig):
+    """The model's registry entry, its components (frozen, float32) and a fresh LoRA on the UNet and/or the
+    text encoder as config says; returns (entry, (tokenizer, text_encoder, vae, unet, noise_scheduler),
+    whether the text encoder has a LoRA)."""
+    from pipelines.trainer import TrainConfig, _load_components, add_lora
+    from workbench.registry import resolve
+
+    entry = resolve(config.model)
+    components = _load_components(entry.source, entry, torch.float32, torch.float32, torch.float32)
+    _, text_encoder, vae, unet, _ = components
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+    te_trained = add_lora(TrainConfig(model=config.model, data=["-"], out="-", rank=config.rank, alpha=config.alpha,
+                                      train_text_encoder=config.train_text_encoder, train_unet=config.train_unet),
+                          unet, text_encoder)
+    return entry, components, te_trained
+
+
+
 def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, str], None] | None = None,
              should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = print) -> dict:
     """Train (or continue) a ReFL LoRA in out_dir/adapter, then evaluate it; returns the summary."""
     from diffusers import DDIMScheduler
 
-    from pipelines.trainer import TrainConfig, _load_components, add_lora, drop_prompts, save_lora, training_target
+    from pipelines.trainer import drop_prompts, save_lora, training_target
     from workbench.likelihood_reward import get_likelihood_reward
-    from workbench.registry import resolve
 
     config.validate()
     out_dir = Path(out_dir)
@@ -215,14 +233,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
 
     if not (adapter_dir / "done").exists():
         torch.manual_seed(config.seed)
-        entry = resolve(config.model)
-        tokenizer, text_encoder, vae, unet, noise_scheduler = _load_components(
-            entry.source, entry, torch.float32, torch.float32, torch.float32)
-        for module in (text_encoder, vae, unet):
-            module.requires_grad_(False)
-        te_trained = add_lora(TrainConfig(model=config.model, data=["-"], out="-", rank=config.rank, alpha=config.alpha,
-                                          train_text_encoder=config.train_text_encoder, train_unet=config.train_unet),
-                       unet, text_encoder)
+        entry, (tokenizer, text_encoder, vae, unet, noise_scheduler), te_trained = load_with_fresh_lora(config)
         params = [p for p in unet.parameters() if p.requires_grad]
         if te_trained:
             params += [p for p in text_encoder.parameters() if p.requires_grad]

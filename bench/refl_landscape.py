@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.realign import ReFLConfig, load_with_fresh_lora  # noqa: E402
+from pipelines.realign import ReFLConfig, guided_noise, load_with_fresh_lora  # noqa: E402
 from workbench.likelihood_reward import get_likelihood_reward  # noqa: E402
 from workbench.shapes.bench_prompts import training_prompts  # noqa: E402
 
@@ -52,18 +52,14 @@ def climb(guidance: float, args) -> list[float]:
     noise = torch.randn((len(prompts), unet.config.in_channels, size, size),
                         generator=torch.Generator().manual_seed(args.seed))
 
-    def guided(x, t):
-        pred_uncond, pred_cond = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
-        return pred_uncond + guidance * (pred_cond - pred_uncond)
-
     rewards = []
     for _ in range(args.steps + 1):
         x = noise.clone()
         with torch.no_grad():
             for t in sampler.timesteps[:args.grad_step]:
-                x = sampler.step(guided(x, t), t, x).prev_sample
+                x = sampler.step(guided_noise(unet, x, t, cond, uncond, guidance), t, x).prev_sample
         t = sampler.timesteps[args.grad_step]
-        x0 = sampler.step(guided(x, t), t, x).pred_original_sample
+        x0 = sampler.step(guided_noise(unet, x, t, cond, uncond, guidance), t, x).pred_original_sample
         r = reward(vae.decode(x0 / vae.config.scaling_factor).sample, prompts).mean()
         rewards.append(r.item())
         optimizer.zero_grad(set_to_none=True)

@@ -214,6 +214,17 @@ def load_with_fresh_lora(config: ReFLConfig):
     return entry, components, te_trained
 
 
+def guided_noise(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, guidance: float,
+                 detach_uncond: bool = False) -> torch.Tensor:
+    """The classifier-free guided noise prediction; detach_uncond: its unconditional half without gradients."""
+    if detach_uncond:
+        with torch.no_grad():
+            pred_uncond = unet(x, t, uncond).sample
+        pred_cond = unet(x, t, cond).sample
+    else:
+        pred_uncond, pred_cond = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
+    return pred_uncond + guidance * (pred_cond - pred_uncond)
+
 
 def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, str], None] | None = None,
              should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = print) -> dict:
@@ -278,14 +289,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             grad_step = int(rng.integers(config.first_grad_step, config.last_grad_step or config.schedule_steps))
 
             def guided(x: torch.Tensor, t, detach_uncond: bool = False) -> torch.Tensor:
-                if detach_uncond:
-                    with torch.no_grad():
-                        pred_uncond = unet(x, t, uncond).sample
-                    pred_cond = unet(x, t, cond).sample
-                else:
-                    pred = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
-                    pred_uncond, pred_cond = pred.chunk(2)
-                return pred_uncond + guidance * (pred_cond - pred_uncond)
+                return guided_noise(unet, x, t, cond, uncond, guidance, detach_uncond)
 
             @torch.no_grad()
             def sample(x: torch.Tensor, timesteps) -> torch.Tensor:

@@ -47,6 +47,9 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]")
     parser.add_argument("--prompts", default=None, help="GenEval evaluation_metadata.jsonl (default: ShapesBench)")
     parser.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..N-1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start the seeds here instead of 0 (e.g. 4: seeds 4..7, images the runs' own "
+                             "evaluations never drew)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -62,7 +65,7 @@ def _run_eval(args) -> int:
     from .generation import LoraSpec
 
     config = BenchmarkConfig(model=args.model, loras=[LoraSpec.parse(text) for text in args.lora],
-                             prompts=args.prompts or str(SHAPESBENCH), seeds=args.seeds, steps=args.steps,
+                             prompts=args.prompts or str(SHAPESBENCH), seeds=args.seeds, first_seed=args.first_seed, steps=args.steps,
                              guidance=args.guidance, batch_size=args.batch_size, detector=args.detector)
     if args.clip_score:
         from .clipscore import METRIC as CLIPSCORE_METRIC

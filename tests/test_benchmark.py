@@ -90,10 +90,12 @@ def test_eval_runs_as_a_background_job_with_per_tag_outputs(tiny_sd, tmp_path):
     register_all(runner)
     try:
         job_id = runner.submit("eval", {"model": str(tiny_sd), "detector": "shapes", "prompts": str(prompts),
-                                        "seeds": 1, "steps": 2, "loras": []})
+                                        "seeds": 1, "first_seed": 3, "steps": 2, "loras": []})
         job = runner.wait(job_id, timeout=120)
         assert job.status == JobStatus.DONE, job.error
         assert set(job.outputs["per_tag"]) == {r["tag"] for r in load_prompt_file(prompts)}
         assert (tmp_path / "runs" / job_id / "scores.json").is_file()
+        # The UI's "First seed" reaches the job: every image is seed 3.
+        assert set(pd.read_csv(tmp_path / "runs" / job_id / "verdicts.csv")["seed"]) == {3}
     finally:
         runner.shutdown()

@@ -102,7 +102,10 @@ def build_generate_tab(runner):
                 loras = gr.Textbox(label="Adapters, one per line: PATH[:WEIGHT]", lines=3)
             run_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
             with gr.Accordion("Evaluate on ShapesBench", open=False):
-                eval_seeds = gr.Slider(1, 4, value=4, step=1, label="Seeds per prompt")
+                with gr.Row():
+                    eval_seeds = gr.Slider(1, 4, value=4, step=1, label="Seeds per prompt")
+                    eval_first_seed = gr.Number(0, precision=0, minimum=0, label="First seed",
+                                                info="4: seeds 4..7, images no run's own evaluation drew")
                 eval_button = gr.Button("Evaluate this model (background job)", elem_id="eval-button")
                 eval_status = gr.Markdown(elem_id="eval-status")
                 eval_table = gr.Dataframe(headers=["tag", "correct", "total", "accuracy"], interactive=False,
@@ -146,9 +149,9 @@ def build_generate_tab(runner):
         except (WorkbenchError, TypeError):
             return None
 
-    def on_evaluate(model_name, seeds, steps_value, guidance_value, loras_text):
-        config = BenchmarkConfig(model=model_name, seeds=int(seeds), steps=int(steps_value),
-                                 guidance=float(guidance_value), loras=parse_loras(loras_text))
+    def on_evaluate(model_name, seeds, first_seed, steps_value, guidance_value, loras_text):
+        config = BenchmarkConfig(model=model_name, seeds=int(seeds), first_seed=int(first_seed or 0),
+                                 steps=int(steps_value), guidance=float(guidance_value), loras=parse_loras(loras_text))
         try:
             check_detector(config)
         except WorkbenchError as error:
@@ -164,7 +167,7 @@ def build_generate_tab(runner):
         rows.append(["overall", "", "", round(100 * job.outputs["overall"], 1)])
         yield rows, f"Done (job `{job_id}`); images and verdicts are in the run folder."
 
-    eval_button.click(on_evaluate, [model, eval_seeds, steps, guidance, loras], [eval_table, eval_status])
+    eval_button.click(on_evaluate, [model, eval_seeds, eval_first_seed, steps, guidance, loras], [eval_table, eval_status])
 
     inputs = [model, prompt, negative, seed, count, steps, guidance, width, height, scheduler, loras]
     model.change(model_defaults, model, [steps, guidance, width, height, model_info])

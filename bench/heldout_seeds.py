@@ -1,0 +1,70 @@
+"""Do the shipped adapters' gains hold on seeds that no run's own evaluation drew?
+
+Every pipeline scores ShapesBench on seeds 0..3, and every setting in the adapter cards was chosen on
+those images. This scores the base model and each adapter on the next seeds instead (default 4..7;
+`workbench eval --first-seed`), keeps each evaluation in OUT/<name>/ (an existing one is reused, so a
+stopped run continues), and prints the per-tag table with every adapter's gain over the base.
+
+    python bench/heldout_seeds.py [--adapter NAME=PATH[:WEIGHT] ...] [--first-seed 4] [--seeds 4]
+                                  [--out data/runs/heldout]
+
+Without --adapter it scores the four shipped adapters in assets/adapters/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workbench.benchmark import BenchmarkConfig, run_benchmark  # noqa: E402
+from workbench.generation import LoraSpec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = {name: f"assets/adapters/{name}-shapes:1.0" for name in ("ipr", "selma", "recap", "refl")}
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def evaluate(name: str, loras: list[LoraSpec], first_seed: int, seeds: int, out: Path) -> dict:
+    folder = out / name
+    if (folder / "scores.json").is_file():
+        return json.loads((folder / "scores.json").read_text())
+    started = time.time()
+    summary = run_benchmark(BenchmarkConfig(model="shapes", loras=loras, seeds=seeds, first_seed=first_seed), folder)
+    print(f"  {name}: {100 * summary['overall']:.1f} overall ({time.time() - started:.0f} s)", flush=True)
+    return summary
+
+
+def row(name: str, summary: dict, base: dict | None) -> str:
+    cells = [100 * summary["per_tag"][tag]["accuracy"] for tag in TAGS] + [100 * summary["overall"]]
+    text = " | ".join(f"{value:.1f}" for value in cells)
+    gain = "" if base is None else f" | {100 * (summary['overall'] - base['overall']):+.1f}"
+    return f"| {name} | {text}{gain} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH[:WEIGHT]")
+    parser.add_argument("--first-seed", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "data" / "runs" / "heldout")
+    args = parser.parse_args()
+    adapters = dict(text.split("=", 1) for text in args.adapter) if args.adapter else SHIPPED
+
+    print(f"ShapesBench on seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, evaluations in {args.out}")
+    base = evaluate("base", [], args.first_seed, args.seeds, args.out)
+    scores = {name: evaluate(name, [LoraSpec.parse(spec)], args.first_seed, args.seeds, args.out)
+              for name, spec in adapters.items()}
+    print("\n| variant | " + " | ".join(TAGS) + " | overall | gain |")
+    print("|---" * (len(TAGS) + 3) + "|")
+    print(row("base", base, None) + " |")
+    for name, summary in scores.items():
+        print(row(name, summary, base))
+
+
+if __name__ == "__main__":
+    main()

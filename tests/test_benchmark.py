@@ -51,6 +51,7 @@ def test_eval_from_a_later_first_seed_draws_only_those_seeds_and_the_same_images
     assert cli_main([*common, "--seeds", "1", "--first-seed", "2", "--out", str(tmp_path / "held-out")]) == 0
     verdicts = pd.read_csv(tmp_path / "held-out" / "verdicts.csv")
     assert verdicts["seed"].tolist() == [2]
+
     def pixels(path):
         return np.asarray(Image.open(path), dtype=np.int16)
 

@@ -112,9 +112,11 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path,
     if not 1 <= config.seeds <= 16:
         raise InvalidInput(f"Seeds per prompt must be between 1 and 16 (got {config.seeds}).")
     if not 0 <= config.first_seed < 2**32 - config.seeds:
-        raise InvalidInput(f"The first seed must be between 0 and {2**32 - config.seeds - 1} (got {config.first_seed}).")
+        raise InvalidInput(f"The first seed must be between 0 and {2**32 - config.seeds - 1} "
+                           f"(got {config.first_seed}).")
+    seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     detector = pick_detector(config)
-    requests = [GenerationRequest(record["prompt"], model=config.model, seeds=list(range(config.first_seed, config.first_seed + config.seeds)),
+    requests = [GenerationRequest(record["prompt"], model=config.model, seeds=seeds,
                                   steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
                                   loras=config.loras) for record in records]
     started = time.time()

@@ -65,8 +65,9 @@ def _run_eval(args) -> int:
     from .generation import LoraSpec
 
     config = BenchmarkConfig(model=args.model, loras=[LoraSpec.parse(text) for text in args.lora],
-                             prompts=args.prompts or str(SHAPESBENCH), seeds=args.seeds, first_seed=args.first_seed, steps=args.steps,
-                             guidance=args.guidance, batch_size=args.batch_size, detector=args.detector)
+                             prompts=args.prompts or str(SHAPESBENCH), seeds=args.seeds, first_seed=args.first_seed,
+                             steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+                             detector=args.detector)
     if args.clip_score:
         from .clipscore import METRIC as CLIPSCORE_METRIC
         from .perception.clip_metrics import check_clip

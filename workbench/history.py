@@ -164,9 +164,8 @@ def record_evaluation(config, summary: dict, out_dir: Path) -> int | None:
         source, source_id, label, iteration = eval_source(out_dir)
         adapters = [{"path": lora.path, "weight": lora.weight} for lora in config.loras]
         prompt_set = Path(config.prompts).name
-        first_seed = getattr(config, "first_seed", 0)
-        if first_seed:  # the seeds column holds a count; say which seeds when they do not start at 0
-            prompt_set += f" (seeds {first_seed}-{first_seed + config.seeds - 1})"
+        if config.first_seed:  # the seeds column holds a count; say which seeds when they do not start at 0
+            prompt_set += f" (seeds {config.first_seed}-{config.first_seed + config.seeds - 1})"
         return record(model=config.model, adapters=adapters, prompt_set=prompt_set,
                       seeds=config.seeds, per_tag=summary["per_tag"], overall=summary["overall"],
                       images=summary.get("images"), source=source, source_id=source_id,

@@ -167,7 +167,8 @@ def build_generate_tab(runner):
         rows.append(["overall", "", "", round(100 * job.outputs["overall"], 1)])
         yield rows, f"Done (job `{job_id}`); images and verdicts are in the run folder."
 
-    eval_button.click(on_evaluate, [model, eval_seeds, eval_first_seed, steps, guidance, loras], [eval_table, eval_status])
+    eval_button.click(on_evaluate, [model, eval_seeds, eval_first_seed, steps, guidance, loras],
+                      [eval_table, eval_status])
 
     inputs = [model, prompt, negative, seed, count, steps, guidance, width, height, scheduler, loras]
     model.change(model_defaults, model, [steps, guidance, width, height, model_info])

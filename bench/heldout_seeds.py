@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.benchmark import BenchmarkConfig, run_benchmark  # noqa: E402
 from workbench.generation import LoraSpec  # noqa: E402
+from workbench.shapes.bench_prompts import TAGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {name: f"assets/adapters/{name}-shapes:1.0" for name in ("ipr", "selma", "recap", "refl")}
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 def evaluate(name: str, loras: list[LoraSpec], first_seed: int, seeds: int, out: Path) -> dict:

@@ -31,10 +31,18 @@ SHIPPED = {name: f"assets/adapters/{name}-shapes:1.0" for name in ("ipr", "selma
 
 def evaluate(name: str, loras: list[LoraSpec], first_seed: int, seeds: int, out: Path) -> dict:
     folder = out / name
+    config = BenchmarkConfig(model="shapes", loras=loras, seeds=seeds, first_seed=first_seed)
     if (folder / "scores.json").is_file():
-        return json.loads((folder / "scores.json").read_text())
+        saved = json.loads((folder / "scores.json").read_text())
+        # Reuse only an evaluation of the same adapters on the same seeds; a stale folder would
+        # otherwise slip other images into the table.
+        asked = config.to_dict()
+        if all(saved["config"].get(key) == asked[key] for key in ("loras", "seeds", "first_seed")):
+            return saved
+        raise SystemExit(f"{folder} holds an evaluation with other adapters or seeds; "
+                         f"give another --out or remove that folder.")
     started = time.time()
-    summary = run_benchmark(BenchmarkConfig(model="shapes", loras=loras, seeds=seeds, first_seed=first_seed), folder)
+    summary = run_benchmark(config, folder)
     print(f"  {name}: {100 * summary['overall']:.1f} overall ({time.time() - started:.0f} s)", flush=True)
     return summary
 

@@ -168,6 +168,8 @@ def test_a_wrongly_formatted_upload_gives_a_clear_message_not_an_exception(tiny_
         build_config(str(tiny_sd), "", "File", "", "counting", 2, str(csv), 1, 2, "scripted")
     with pytest.raises(InvalidInput, match="upload"):
         build_config(str(tiny_sd), "", "File", "", "counting", 2, None, 1, 2, "scripted")
+    with pytest.raises(InvalidInput, match="Prompts per tag needs a value"):  # the box cleared
+        build_config(str(tiny_sd), "", "ShapesBench tag", "", "counting", None, None, 1, 2, "scripted")
 
 
 def test_the_tab_builds_base_first_then_one_variant_per_line(tiny_sd, tiny_lora):

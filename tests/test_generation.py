@@ -97,7 +97,8 @@ def test_png_metadata_round_trips_to_the_same_image(tiny_sd, tiny_lora, tmp_path
 
 @pytest.mark.parametrize("change, message", [
     (dict(prompt="   "), "prompt is empty"),
-    (dict(prompt="x" * 5000), "limit"),
+    (dict(prompt="x" * 5000), "The prompt is 5000 characters long"),
+    (dict(negative_prompt="x" * 3000), "The negative prompt is 3000 characters long"),
     (dict(width=100000), "width"),
     (dict(height=30), "height"),
     (dict(steps=0), "Steps"),

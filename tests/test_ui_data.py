@@ -230,3 +230,38 @@ def test_the_app_has_the_data_tab_after_review(whole_app):
     assert labels.index("Data") == labels.index("Review") + 1
     assert {"Skill prompts", "Recaption a dataset", "Browse datasets"} <= set(labels)
     assert labels.index("Train") > labels.index("Browse datasets")
+
+
+@pytest.fixture
+def broken_skills_file(data_dir):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "skills.json").write_text("{not json")  # hand-edited and left broken
+
+
+def test_a_broken_skills_file_leaves_the_app_starting_and_says_what_is_wrong(broken_skills_file, whole_app):
+    demo, labels = whole_app  # built after the file broke
+    assert "Skill prompts" in labels
+    assert [name for _, name in skills.skill_choices("shapes")] == list(skills.builtin_skills("shapes"))
+    assert "skills.json is not a readable skills file" in skills.skills_markdown("shapes")
+
+
+def test_adapter_pickers_offer_adapters_trained_after_the_app_started(whole_app):
+    import gradio as gr
+
+    from workbench.config import get_settings
+
+    demo, _ = whole_app
+    adapter = get_settings().runs_dir / "later-run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"")  # enough to be listed
+    pickers = [block for block in demo.blocks.values() if isinstance(block, gr.Dropdown)
+               and (block.label == "Add an adapter" or block.elem_id == "compare-adapter")]
+    assert len(pickers) == 2
+    for picker in pickers:
+        # What opening the Generate tab's adapter list, or loading the page, does to the picker.
+        refreshes = [fn for fn in demo.fns.values() if picker in fn.outputs and fn.inputs == []
+                     and any(event in ("expand", "load") for _, event in fn.targets)]
+        assert refreshes, picker.label
+        update = refreshes[0].fn()
+        update = update[refreshes[0].outputs.index(picker)] if isinstance(update, tuple) else update
+        assert str(adapter) in [value for _, value in update["choices"]]

@@ -49,7 +49,10 @@ def test_the_refl_kind_is_registered():
     ({"eval_seeds": 20}, "between 0 and 16"),
     ({"rank": 0}, "LoRA rank"),
     ({"model": "org/some-model"}, "pre-training data"),
-    ({"pretrain_data": "/no/such/folder"}, "not an imagefolder"),
+    ({"pretrain_data": "/no/such/folder"}, "outside the data folder"),
+    ({"pretrain_data": "datasets/no-such-folder"}, "not an imagefolder"),
+    ({"model": ""}, "No model given"),
+    ({"model": None}, "No model given"),
     ({"negatives": -1}, "negatives must be between 0 and 32"),
     ({"train_unet": False}, "needs a LoRA on the text encoder"),  # nothing would train
 ])
@@ -70,6 +73,16 @@ def test_good_settings_submit_a_refl_job(runner):
     assert (config.steps, config.guidance, config.pretrain_batch, config.rank, config.alpha, config.negatives,
             config.train_text_encoder) == (120, 3.5, 0, 8, 8.0, 4, True)
     assert config.train_unet is True  # the tab's default
+
+
+def test_pretraining_data_named_relative_to_the_data_folder_is_found_there(runner):
+    runner.register("refl", lambda params, ctx: {"params": params})
+    folder = get_settings().data_dir / "datasets" / "alt-text"
+    folder.mkdir(parents=True)
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red circle"}\n')
+    _, job_id, message = tab.start_refl_run(runner, *settings_with(pretrain_data="datasets/alt-text"))
+    assert job_id, message
+    assert ReFLConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"]).pretrain_data == str(folder.resolve())
 
 
 def test_a_text_encoder_only_refl_job_leaves_the_unet_untrained(runner):

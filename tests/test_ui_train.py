@@ -1,6 +1,7 @@
 """Train tab handlers and the 'ipr' job kind: start, follow, cancel, continue, metrics."""
 
 import json
+import threading
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from workbench.config import get_settings
 from workbench.job_kinds import register_all
 from workbench.jobs import JobRunner, JobStatus
 from workbench.ui import train as tab
+from workbench.ui.train_runs import cancel_run
 
 from test_ipr import ScriptedDetector
 
@@ -38,6 +40,62 @@ def test_bad_settings_are_refused_with_a_message(runner):
     run, job, message = tab.start_run(runner, "shapes", 0, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4)
     assert job is None
     assert "Not started" in message and "Iterations" in message
+
+
+@pytest.mark.parametrize("position, value, expected", [
+    (1, None, "Iterations needs a value"),
+    (2, None, "Training prompts needs a value"),  # a cleared number box reaches the handler as None
+    (7, None, "Batch size needs a value"),
+    (8, "fast", "Learning rate must be a number"),
+    (0, "", "No model given"),
+    (0, "no-such-model", "Unknown model"),
+])
+def test_cleared_or_wrong_boxes_are_named_in_the_message(runner, position, value, expected):
+    settings = ["shapes", 2, 500, 3, "LoRA", 8, 800, 32, 5e-4, "relabel", False, 4]
+    settings[position] = value
+    run, job, message = tab.start_run(runner, *settings)
+    assert job is None
+    assert message.startswith("Not started") and expected in message
+    assert not runner.list_jobs()
+
+
+def test_continue_refuses_a_run_whose_job_is_still_queued_or_running(runner, tiny_sd, tmp_path):
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow_ipr(params, ctx):
+        started.set()
+        release.wait(30)
+        return {}
+
+    runner.register("ipr", slow_ipr)
+    first = runner.submit("ipr", tiny_params(tiny_sd, tmp_path))
+    assert started.wait(30)
+    try:
+        job_id, message = tab.continue_run(runner, first, reviewed=True)
+        assert job_id == first and "already running" in message
+        assert [job.id for job in runner.list_jobs()] == [first]  # nothing queued twice
+    finally:
+        release.set()
+    assert runner.wait(first, timeout=30).status is JobStatus.DONE
+    resumed, message = tab.continue_run(runner, first, reviewed=False)
+    assert resumed != first and "continuing" in message
+
+
+def test_a_queued_run_is_followed_and_cancelled_by_its_name(runner, tiny_sd, tmp_path):
+    release = threading.Event()
+    runner.register("ipr", lambda params, ctx: release.wait(30) and {})  # holds the runner's one worker
+    running = runner.submit("ipr", tiny_params(tiny_sd, tmp_path))
+    queued = runner.submit("ipr", tiny_params(tiny_sd, tmp_path))
+    try:
+        # Its folder does not exist until it starts; after a page reload only its name is known.
+        assert not (get_settings().runs_dir / queued).exists()
+        assert tab.latest_job_for(runner, queued, None).id == queued
+        assert "Cancelling job" in cancel_run(runner, queued, None)
+        assert runner.get(queued).status is JobStatus.CANCELLED
+    finally:
+        release.set()
+    assert runner.wait(running, timeout=30).status is JobStatus.DONE
 
 
 @pytest.mark.parametrize("extra, expected", [

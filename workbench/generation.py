@@ -89,9 +89,10 @@ class GenerationRequest:
         """Raise InvalidInput with a readable message; runs before anything is loaded or written."""
         if not self.prompt or not self.prompt.strip():
             raise InvalidInput("The prompt is empty: describe the image you want.")
-        if len(self.prompt) > MAX_PROMPT_CHARS or len(self.negative_prompt or "") > MAX_PROMPT_CHARS:
-            raise InvalidInput(f"The prompt is {len(self.prompt)} characters long; the limit is "
-                               f"{MAX_PROMPT_CHARS} (text encoders read at most 77 tokens anyway).")
+        for what, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt or "")):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise InvalidInput(f"The {what} is {len(text)} characters long; the limit is "
+                                   f"{MAX_PROMPT_CHARS} (text encoders read at most 77 tokens anyway).")
         if not self.seeds or len(self.seeds) > MAX_SEEDS:
             raise InvalidInput(f"Give between 1 and {MAX_SEEDS} seeds (got {len(self.seeds)}).")
         if any(not isinstance(s, int) or not 0 <= s < 2**32 for s in self.seeds):

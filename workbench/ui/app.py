@@ -7,7 +7,7 @@ import gradio as gr
 from ..config import get_settings
 from ..job_kinds import register_all
 from ..jobs import get_runner
-from .compare import build_compare_tab, compare_runs
+from .compare import build_compare_tab
 from .data import build_data_tab
 from .generate import build_generate_tab, model_defaults
 from .inspect import build_inspect_tab
@@ -40,7 +40,7 @@ def build_app() -> gr.Blocks:
         with gr.Tab("Train"):
             train_run = build_train_tab(runner)
         with gr.Tab("Compare"):
-            compare_run = build_compare_tab(runner)
+            compare_refresh = build_compare_tab(runner)
         with gr.Tab("Results"):
             show_results, results_inputs, results_outputs = build_results_tab()
         with gr.Tab("Runs"):
@@ -49,7 +49,7 @@ def build_app() -> gr.Blocks:
         # Runs started since the app was built appear when the page is (re)loaded.
         demo.load(lambda: gr.update(choices=run_choices()), None, review_run)
         demo.load(lambda: gr.update(choices=ipr_runs()), None, train_run)
-        demo.load(lambda: gr.update(choices=compare_runs()), None, compare_run)
+        demo.load(*compare_refresh)
         demo.load(lambda: gr.update(choices=past_runs()), None, fine_run)
         demo.load(show_results, results_inputs, results_outputs)
         for refresh in data_refreshes:  # datasets, prompt sets and skills made since the app was built

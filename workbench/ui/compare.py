@@ -23,6 +23,7 @@ from ..registry import model_names, resolve
 from ..report import STYLE, grid_html, load_comparison, write_report
 from .adapters import adapter_choices
 from .generate import follow_job
+from .train_runs import number
 
 SOURCES = ["ShapesBench tag", "Text", "File"]
 BAR_COLUMNS = ["tag / variant", "accuracy", "variant"]
@@ -59,7 +60,7 @@ def collect_prompts(source: str, text: str, tag: str, count, upload) -> tuple[li
             raise InvalidInput("Choose File, then upload a GenEval-format .jsonl prompt file (one JSON record a line).")
         path = Path(upload)
         return load_prompt_file(path), path.name
-    return prompts_from_tag(tag, int(count)), f"{SHAPESBENCH.name}:{tag}"
+    return prompts_from_tag(tag, number(count, "Prompts per tag")), f"{SHAPESBENCH.name}:{tag}"
 
 
 def build_config(model, variants_text, source, text, tag, count, upload, seeds, steps, detector) -> CompareConfig:
@@ -150,8 +151,9 @@ def default_steps(model: str) -> int | None:
         return None
 
 
-def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
-    """Create the tab inside the current Gradio context; returns the comparison picker (refreshed on load)."""
+def build_compare_tab(runner: JobRunner) -> tuple:
+    """Create the tab inside the current Gradio context; returns (fn, inputs, outputs) that refresh its
+    comparison and adapter pickers, for the page load."""
     default_model = get_settings().default_model
     gr.Markdown("Same prompts, same seeds: the base model in the first column, each variant next to it. "
                 "✓ the image meets its prompt; ✗ names what it misses (objects, counts, colors, position).")
@@ -217,7 +219,9 @@ def build_compare_tab(runner: JobRunner) -> gr.Dropdown:
 
     run_button.click(on_compare, inputs, [status, grid, table, bars, run])
     run.input(show, run, [status, grid, table, bars])
-    refresh.click(lambda: (gr.update(choices=compare_runs()), gr.update(choices=adapter_choices(joined=True))), None,
-                  [run, adapter_picker])
+    def refreshed():
+        return gr.update(choices=compare_runs()), gr.update(choices=adapter_choices(joined=True))
+
+    refresh.click(refreshed, None, [run, adapter_picker])
     report.click(report_file, run, [report_download, status])
-    return run
+    return refreshed, None, [run, adapter_picker]

@@ -48,10 +48,19 @@ def world(model: str) -> str:
         return "real"
 
 
+def offered_skills(model: str) -> tuple[dict, str | None]:
+    """The skills a model's world offers (built-in, then the user's) and what is wrong with a broken
+    skills.json, whose skills are then left out so the app still starts."""
+    try:
+        return available_skills(world(model)), None
+    except WorkbenchError as error:
+        return builtin_skills(world(model)), str(error)
+
+
 def skill_choices(model: str) -> list[tuple[str, str]]:
     """(label, name) of the skills a model's world offers: its built-in ones, then the user's."""
     builtin = builtin_skills(world(model))
-    return [(name if name in builtin else f"{name} (yours)", name) for name in available_skills(world(model))]
+    return [(name if name in builtin else f"{name} (yours)", name) for name in offered_skills(model)[0]]
 
 
 def default_llm(model: str) -> str:
@@ -60,7 +69,9 @@ def default_llm(model: str) -> str:
 
 def skills_markdown(model: str) -> str:
     """Each skill's description, so a choice is an informed one."""
-    return "\n".join(f"- **{s.name}**: {s.description}" for s in available_skills(world(model)).values())
+    skills, problem = offered_skills(model)
+    lines = [f"- **{s.name}**: {s.description}" for s in skills.values()]
+    return "\n".join(lines + ([f"\n**Your skills are left out:** {problem}"] if problem else []))
 
 
 def skills_update(model: str, chosen=None):

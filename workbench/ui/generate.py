@@ -96,7 +96,7 @@ def build_generate_tab(runner):
                     width = gr.Slider(32, 1024, value=64, step=8, label="Width")
                     height = gr.Slider(32, 1024, value=64, step=8, label="Height")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="default", label="Scheduler")
-            with gr.Accordion("LoRA adapters", open=False):
+            with gr.Accordion("LoRA adapters", open=False) as adapters_accordion:
                 adapter_picker = gr.Dropdown(adapter_choices(), label="Add an adapter", value=None,
                                              allow_custom_value=True)
                 loras = gr.Textbox(label="Adapters, one per line: PATH[:WEIGHT]", lines=3)
@@ -115,6 +115,9 @@ def build_generate_tab(runner):
             gallery = gr.Gallery(label="Images", columns=4, height="auto", elem_id="generate-gallery",
                                  object_fit="contain")
             metadata = gr.JSON(label="Parameters of the selected image (embedded in the PNG)")
+
+    # Adapters trained since the app was built appear whenever the list is opened.
+    adapters_accordion.expand(lambda: gr.update(choices=adapter_choices()), None, adapter_picker)
 
     def add_adapter(path, current):
         if not path:

@@ -14,8 +14,9 @@ import pandas as pd
 
 from ..errors import InvalidInput
 from ..jobs import JobRunner
-from .train_runs import (adapted_layers_picker, continue_run, latest_job_for, model_picker, optional_number,
-                         run_controls, run_folder, runs_of_kind, status_and_log, submit_run, target_modules)
+from ..registry import resolve
+from .train_runs import (adapted_layers_picker, continue_run, latest_job_for, model_picker, number,
+                         optional_number, run_controls, run_folder, runs_of_kind, status_and_log, submit_run, target_modules)
 
 METRIC_COLUMNS = ["iteration", "tag", "accuracy"]
 
@@ -56,25 +57,31 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
     defaults = IPRConfig()
 
     def settings() -> dict:
+        resolve(model)  # an unknown model is refused now, not when the job starts
         if prompt_kinds is not None and not list(prompt_kinds):
             raise InvalidInput("Tick at least one kind of training prompt.")
-        config = IPRConfig(model=model, iterations=int(iterations), prompts=int(prompts),
-                           samples_per_prompt=int(samples), lora=method == "LoRA", rank=int(rank), alpha=float(rank),
-                           steps=int(steps), batch_size=int(batch), lr=float(lr), weighting=weighting,
-                           review=bool(review), eval_seeds=int(eval_seeds),
-                           min_confidence=None if min_confidence in (None, "") else float(min_confidence),
+        config = IPRConfig(model=model, iterations=number(iterations, "Iterations"),
+                           prompts=number(prompts, "Training prompts"),
+                           samples_per_prompt=number(samples, "Images per prompt"), lora=method == "LoRA",
+                           rank=number(rank, "LoRA rank"), alpha=number(rank, "LoRA rank", float),
+                           steps=number(steps, "Training steps per iteration"), batch_size=number(batch, "Batch size"),
+                           lr=number(lr, "Learning rate", float), weighting=weighting,
+                           review=bool(review), eval_seeds=number(eval_seeds, "ShapesBench seeds per prompt"),
+                           min_confidence=(None if min_confidence in (None, "")
+                                           else number(min_confidence, "Minimum detector confidence", float)),
                            continue_adapter=(defaults.continue_adapter if adapter_start is None
                                              else adapter_start == ADAPTER_STARTS[0]),
                            prompt_kinds=defaults.prompt_kinds if prompt_kinds is None else list(prompt_kinds),
                            train_text_encoder=(defaults.train_text_encoder if train_text_encoder is None
                                                else bool(train_text_encoder)),
                            train_unet=defaults.train_unet if train_unet is None else bool(train_unet),
-                           prior_images=int(prior_images or 0),
+                           prior_images=number(prior_images or 0, "Prior-preservation images"),
                            target_modules=target_modules(adapted_layers, defaults.target_modules),
                            mirror=defaults.mirror if mirror is None else bool(mirror),
-                           adapter_seeds=defaults.adapter_seeds if adapter_seeds in (None, "") else int(adapter_seeds),
+                           adapter_seeds=(defaults.adapter_seeds if adapter_seeds in (None, "")
+                                          else number(adapter_seeds, "Adapters averaged per iteration")),
                            timestep_range=(defaults.timestep_range if lowest_timestep in (None, "")
-                                           else [float(lowest_timestep), 1.0]),
+                                           else [number(lowest_timestep, "Lowest training timestep", float), 1.0]),
                            prior_data=str(inside_data_folder(prior_data.strip())) if (prior_data or "").strip() else None)
         config.validate()
         return config.__dict__

@@ -13,9 +13,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from ..datasets import imagefolder
 from ..errors import InvalidInput
-from ..jobs import JobRunner
 from ..registry import resolve
+from ..jobs import JobRunner
 from .train_runs import cancel_run  # noqa: F401 (this section's cancel, as its tests call it)
 from .train_runs import (model_picker, number, optional_number, read_json, run_and_config, run_controls,
                          run_folder, runs_of_kind, starter, status_and_log)
@@ -129,7 +130,8 @@ def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, fi
     from pipelines.realign import ReFLConfig
 
     resolve(model)  # an unknown model is refused now, not when the job starts
-    pretrain_data = (pretrain_data or "").strip() or None
+    # Inside the data folder, relative paths read from there (as IPR's prior data and RECAP's data).
+    pretrain_data = str(imagefolder(pretrain_data.strip())) if (pretrain_data or "").strip() else None
     rank = number(rank, "LoRA rank")
     config = ReFLConfig(model=model.strip(), steps=number(steps, "Steps"), batch_size=number(batch, "Batch size"),
                         lr=number(lr, "Learning rate", float), rank=rank, alpha=float(rank),
@@ -146,8 +148,6 @@ def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, fi
     if not 0 <= config.eval_seeds <= MAX_EVAL_SEEDS:
         raise InvalidInput(f"ShapesBench seeds per prompt must be between 0 and {MAX_EVAL_SEEDS} "
                            f"(got {config.eval_seeds}).")
-    if pretrain_data is not None and not (Path(pretrain_data).expanduser() / "metadata.jsonl").is_file():
-        raise InvalidInput(f"Pre-training data '{pretrain_data}' is not an imagefolder (no metadata.jsonl).")
     if config.model != "shapes" and pretrain_data is None and config.pretrain_batch:
         raise InvalidInput("A model other than the shapes model needs pre-training data for eq. 5's denoising "
                            "term: give an imagefolder, or set the pre-training batch to 0 to train on the reward "

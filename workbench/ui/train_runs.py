@@ -17,7 +17,7 @@ import gradio as gr
 
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
-from ..jobs import JobRunner, run_names
+from ..jobs import JobRunner, JobStatus, run_names
 from ..registry import model_names
 
 REFRESH_EVERY_S = 2.0
@@ -53,12 +53,16 @@ def picker_with(job_id: str, kind: str):
     return gr.update(choices=choices, value=job_id)
 
 
+def run_path(run: str | None) -> Path | None:
+    """Where a run's folder is or will be (a queued job's folder is made when it starts); only names
+    inside the runs folder are accepted."""
+    return (get_settings().runs_dir / Path(run).name).resolve() if run else None
+
+
 def run_folder(run: str | None) -> Path | None:
-    """The folder of a run name; only names of folders inside the runs folder are accepted."""
-    if not run:
-        return None
-    folder = (get_settings().runs_dir / Path(run).name).resolve()
-    return folder if folder.is_dir() else None
+    """The folder of a run name, if it exists."""
+    folder = run_path(run)
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def run_and_config(run: str | None) -> tuple[Path | None, dict | None]:
@@ -74,6 +78,10 @@ def continue_run(runner: JobRunner, run, reviewed: bool, kind: str = "ipr", extr
     folder = run_folder(run)
     if folder is None:
         return None, "Choose a run to continue."
+    active = latest_job_for(runner, run, None, kind)
+    if active is not None and active.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return active.id, (f"Run `{run}` is already {active.status.value} as job `{active.id}`; "
+                           f"cancel it first to continue it another way.")
     params = {"resume_dir": str(folder), **({"reviewed": True} if reviewed else {}), **(extra or {})}
     try:
         job_id = runner.submit(kind, params)
@@ -87,7 +95,7 @@ def latest_job_for(runner: JobRunner, run: str | None, job_id: str | None, kind:
     """The job to follow for a run: the one just started, else the newest job of `kind` working on that run."""
     if job_id and (job := runner.get(job_id)) is not None:
         return job
-    folder = run_folder(run)
+    folder = run_path(run)
     if folder is None:
         return None
     for job in runner.list_jobs(200):
@@ -218,7 +226,7 @@ def run_controls(runner: JobRunner, kind: str, method: str, start: Callable, set
 
     start_button.click(lambda *values: start(runner, *values), list(settings), [run, job, status])
     refresh.click(lambda: gr.update(choices=runs_of_kind(kind)), None, run)
-    run.change(lambda: None, None, job)  # another run chosen: follow that run's newest job
+    run.input(lambda: None, None, job)  # the user chose another run: follow that run's newest job
     resume.click(lambda r: continue_run(runner, r, False, kind), run, [job, status])
     cancel.click(lambda r, j: cancel_run(runner, r, j, kind), [run, job], status)
     return RunControls(run, job, status, buttons)

@@ -48,6 +48,15 @@ def test_select_a_sample_edit_its_prompt_and_the_edit_survives_a_reload(tmp_path
         expect(row).to_contain_text("edited")
         expect(row).to_contain_text("a small green square")
 
+        # Text typed but not saved is not silently lost when another sample is chosen.
+        page.locator("#review-table").get_by_text(SAMPLE).click()
+        expect(prompt).to_have_value("a small green square", timeout=30_000)
+        prompt.fill("a tiny green square")
+        page.locator("#review-table").get_by_text(FAKE_SAMPLES[2][0]).click()
+        expect(page.locator("#review-message")).to_contain_text(f"Your edit of {SAMPLE} was not saved",
+                                                                timeout=30_000)
+        expect(page.locator("#review-message")).to_contain_text("a tiny green square")
+
         page.locator("#review-export").click()
         expect(page.locator("#review-message")).to_contain_text("Exported 3 image(s)", timeout=30_000)
         assert (data / "runs" / "ipr-test" / "export" / "metadata.jsonl").is_file()

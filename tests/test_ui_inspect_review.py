@@ -183,6 +183,16 @@ def test_save_edit_accept_and_reject_are_written_at_once(store, data_dir):
     assert "not in run" in review.record_verdict(store, "ipr-test", "nope", "accepted")
 
 
+def test_leaving_a_sample_with_unsaved_text_names_that_text(store):
+    assert review.unsaved_edit_note(store, "ipr-test", IDS[1], "a green square") == ""  # what trains
+    assert review.unsaved_edit_note(store, "ipr-test", IDS[1], " a  green square ") == ""  # spacing only
+    note = review.unsaved_edit_note(store, "ipr-test", IDS[1], "two green squares")
+    assert f"Your edit of `{IDS[1]}` was not saved" in note and "two green squares" in note
+    store.set("ipr-test", IDS[1], "edited", "two green squares")
+    assert review.unsaved_edit_note(store, "ipr-test", IDS[1], "two green squares") == ""  # saved since
+    assert review.unsaved_edit_note(store, "ipr-test", "", "anything") == ""  # no sample was shown
+
+
 def test_accept_all_shown_accepts_only_the_pending_rows_shown(store):
     store.set("ipr-test", IDS[1], "edited", "a green square")
     table, _ = review.show_table(store, "ipr-test", iteration="0")

@@ -130,6 +130,21 @@ def sample_view(store: ReviewStore, run_id, sample_id):
             word_diff(sample["prompt"], sample["final_prompt"]))
 
 
+def unsaved_edit_note(store: ReviewStore, run_id, sample_id, text) -> str:
+    """What the page says when the user leaves a sample whose prompt box holds text not saved: the text,
+    so that it is not lost; "" when the box matches what trains."""
+    if not sample_id or text is None:
+        return ""
+    try:
+        sample = next((s for s in reviewed_samples(store, run_id) if s["id"] == sample_id), None)
+    except WorkbenchError:
+        return ""
+    if sample is None or " ".join(text.split()) == " ".join(sample["final_prompt"].split()):
+        return ""
+    return (f"Your edit of `{sample_id}` was not saved: \"{text.strip()}\". Select that sample again and press "
+            f"*Save edit* to keep it.")
+
+
 def record_verdict(store: ReviewStore, run_id, sample_id, verdict: str, prompt: str | None = None) -> str:
     """Write one verdict now; returns the message for the page."""
     try:
@@ -220,16 +235,19 @@ def build_review_tab(store: ReviewStore | None = None) -> gr.Dropdown:
         choices = run_choices()
         return gr.update(choices=choices, value=current if current in choices else None)
 
-    def change_run(run_id, status_value, changed):
+    def change_run(previous_run, previous_sample, typed, run_id, status_value, changed):
         rows, text = show_table(store, run_id, ALL, status_value, changed)
-        return gr.update(choices=iteration_choices(run_id), value=ALL), rows, text, "", None, "", "", None
+        note = unsaved_edit_note(store, previous_run, previous_sample, typed)
+        return (gr.update(choices=iteration_choices(run_id), value=ALL), rows, text, "", None, "", "", None, note,
+                run_id)
 
     def refilter(run_id, iteration_value, status_value, changed):
         return show_table(store, run_id, iteration_value, status_value, changed)
 
-    def select_row(run_id, event: gr.SelectData):
+    def select_row(run_id, previous, typed, event: gr.SelectData):
         chosen = str(event.row_value[0]) if event.row_value else ""
-        return chosen, *sample_view(store, run_id, chosen)
+        note = unsaved_edit_note(store, run_id, previous, typed) if chosen != previous else ""
+        return note, chosen, *sample_view(store, run_id, chosen)
 
     def act(verdict):
         def handler(run_id, chosen, text, iteration_value, status_value, changed):
@@ -242,11 +260,12 @@ def build_review_tab(store: ReviewStore | None = None) -> gr.Dropdown:
         return accept_shown(store, run_id, rows), *show_table(store, run_id, iteration_value, status_value, changed)
 
     refresh.click(refresh_runs, run, run).then(refilter, filters, [table, summary])
-    run.change(change_run, [run, status, changed_only],
-               [iteration, table, summary, sample_id, *sample_outputs])
+    shown_run = gr.State(None)  # the run whose sample is shown, to name an unsaved edit when the run changes
+    run.change(change_run, [shown_run, sample_id, prompt, run, status, changed_only],
+               [iteration, table, summary, sample_id, *sample_outputs, message, shown_run])
     for control in (iteration, status, changed_only):
         control.change(refilter, filters, [table, summary])
-    table.select(select_row, run, [sample_id, *sample_outputs])
+    table.select(select_row, [run, sample_id, prompt], [message, sample_id, *sample_outputs])
     action_inputs = [run, sample_id, prompt, iteration, status, changed_only]
     action_outputs = [message, table, summary, *sample_outputs]
     accept.click(act("accepted"), action_inputs, action_outputs, api_name="review_accept")

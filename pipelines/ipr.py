@@ -643,7 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop samples with a detection scoring above the box threshold but below this "
                              "(default: the detector's own confident score, 0.9 for the shapes detector; 0: keep all)")
     parser.add_argument("--detector", default=None)
-    parser.add_argument("--review", action="store_true", help="pause after each relabeling for a manual review")
+    parser.add_argument("--review", action=argparse.BooleanOptionalAction, default=None,
+                        help="pause after each relabeling for a manual review (default: off; with --resume, as the "
+                             "run was started)")
     parser.add_argument("--eval-prompts", default=defaults.eval_prompts)
     parser.add_argument("--eval-seeds", type=int, default=defaults.eval_seeds)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -651,11 +653,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.reviewed and not args.resume:
+        parser.error("--reviewed marks the paused iteration of an existing run: use it with --resume")
     try:
         if args.resume:
             config = load_config(args.out)
-            config.review = args.review
+            if args.review is not None:  # else the run keeps pausing as it was started
+                config.review = args.review
             if args.reviewed:
                 mark_reviewed(args.out, paused_iteration(args.out))
         else:
@@ -676,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                                say_relations=not args.literal_relabels,
                                continue_adapter=args.continue_adapter,
                                box_threshold=args.box_threshold, min_confidence=args.min_confidence,
-                               detector=args.detector, review=args.review,
+                               detector=args.detector, review=bool(args.review),
                                eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds, seed=args.seed)
         result = run_ipr(config, args.out, log=lambda m: print(m, flush=True))
     except WorkbenchError as error:

@@ -293,7 +293,7 @@ def train_vae(cfg: Config, seed: int, work_dir: Path, scenes: list[Scene], clock
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     start = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
@@ -343,7 +343,7 @@ def encode_pool(vae, scenes: list[Scene], work_dir: Path) -> tuple[torch.Tensor,
     """Latent means of the whole pool (cached on disk) and the scaling factor 1/std."""
     path = work_dir / "latents.pt"
     if path.exists():
-        cached = torch.load(path)
+        cached = torch.load(path, weights_only=True)
         if len(cached["latents"]) == len(scenes):
             return cached["latents"], cached["scaling_factor"]
     vae.eval()
@@ -404,7 +404,7 @@ def train_diffusion(cfg: Config, seed: int, work_dir: Path, scenes, latents, sca
     ema = EMA(modules, cfg.ema_decay)
     start, losses = 0, []
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])

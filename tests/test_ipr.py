@@ -373,3 +373,24 @@ def test_a_run_folder_refuses_other_settings(tiny_sd, eval_prompts, tmp_path):
 def test_cli_explains_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert ipr_main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "is not an IPR run" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_pausing_for_review_unless_told_otherwise(tiny_sd, eval_prompts, tmp_path, monkeypatch,
+                                                                      capsys):
+    import pipelines.ipr as ipr
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"kind": "ipr", **config(tiny_sd, eval_prompts, review=True).__dict__}))
+    seen = []
+    monkeypatch.setattr(ipr, "run_ipr", lambda cfg, *a, **k: seen.append(cfg.review) or {"status": "awaiting_review",
+                                                                                            "iteration": 1})
+    assert ipr_main(["--out", str(out), "--resume"]) == 0  # what the pause message tells the user to run
+    assert ipr_main(["--out", str(out), "--resume", "--no-review"]) == 0
+    assert seen == [True, False]
+    assert "--resume --reviewed" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as stop:  # without --resume it would silently start a fresh run
+        ipr_main(["--out", str(tmp_path / "fresh"), "--reviewed"])
+    assert stop.value.code == 2 and "use it with --resume" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()

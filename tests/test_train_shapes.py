@@ -40,7 +40,7 @@ def test_training_exports_a_pipeline_that_loads_and_generates(tmp_path):
 def test_a_killed_run_resumes_to_the_same_weights_as_a_straight_run(tmp_path, monkeypatch, capsys):
     cfg = replace(TINY, steps=6, checkpoint_every=2)
     train(tmp_path / "straight-model", tmp_path / "straight", seed=3, cfg=cfg)
-    straight = torch.load(tmp_path / "straight" / "diffusion.pt", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "diffusion.pt", weights_only=True)
 
     # Kill the second run during its 4th diffusion step: its last checkpoint is from step 2.
     real_make_batch, calls = train_shapes.make_batch, []

@@ -76,6 +76,20 @@ def test_eval_rejects_a_malformed_prompt_file_with_its_line_number(tiny_sd, tmp_
     assert not (tmp_path / "o").exists()
 
 
+def test_an_output_path_taken_by_a_file_is_refused_before_any_image_is_drawn(tiny_sd, tmp_path, capsys, monkeypatch):
+    import workbench.generation
+
+    drawn = []
+    monkeypatch.setattr(workbench.generation, "load_pipeline", lambda *a: drawn.append(1))
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for command in (["eval", "--detector", "shapes"], ["generate", "--prompt", "a red circle"]):
+        assert cli_main([*command, "--model", str(tiny_sd), "--out", str(taken)]) == 2
+        err = capsys.readouterr().err
+        assert "is a file; give a folder" in err and "Traceback" not in err
+    assert not drawn and taken.read_text() == "a file"
+
+
 def test_eval_of_a_real_model_without_its_detector_says_so(tiny_sd, tmp_path, capsys):
     code = cli_main(["eval", "--model", str(tiny_sd), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err

@@ -171,3 +171,30 @@ def test_text_encoder_loras_load_with_their_weights_and_no_false_load_report(cap
             match = [p for n, p in loaded.items() if n.startswith(module + ".lora_B.")]
             assert len(match) == 1 and torch.equal(match[0], value), key
     assert "LOAD REPORT" not in "".join(capfd.readouterr())
+
+
+def test_an_adapter_listed_twice_acts_as_once_with_the_summed_weight(tiny_sd, tiny_lora):
+    twice = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5],
+                                       loras=[LoraSpec(str(tiny_lora), 0.5), LoraSpec(str(tiny_lora), 0.5)], **FAST))[0]
+    once = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5],
+                                      loras=[LoraSpec(str(tiny_lora), 1.0)], **FAST))[0]
+    assert np.abs(pixels(twice) - pixels(once)).max() <= 1
+
+
+@pytest.mark.parametrize("content", [b"not a safetensors file", "foreign"])
+def test_a_broken_or_foreign_adapter_file_is_named_and_the_model_still_works(tiny_sd, tmp_path, content):
+    from safetensors.torch import save_file
+    import torch
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    weights = folder / "pytorch_lora_weights.safetensors"
+    if content == "foreign":  # another tool's keys
+        save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8)}, str(weights))
+    else:
+        weights.write_bytes(content)
+    with pytest.raises(InvalidInput, match="is not a LoRA adapter in diffusers format"):
+        generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5], loras=[LoraSpec(str(folder))],
+                                   **FAST))
+    base = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5], **FAST))
+    assert len(base) == 1

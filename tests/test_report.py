@@ -100,3 +100,10 @@ def test_an_unknown_id_is_a_clear_error(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
     assert "is not a comparison" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+    # A folder where the HTML file should go, or a negative size, is named, not a traceback.
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    assert cli_main(["report", str(evaluation), "--out", str(tmp_path / "empty")]) == 2
+    assert "is a folder; give the name of the HTML file" in capsys.readouterr().err
+    assert cli_main(["report", str(evaluation), "--out", str(tmp_path / "r.html"), "--max-side", "-5"]) == 2
+    assert "max_side must be 0" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from .errors import InvalidInput, ModelNotAvailable
 from .evaluation import load_prompt_file, score_detections, summarize
 from .generation import GenerationRequest, LoraSpec, generate_many, save_png
 from .registry import resolve
+from .store import check_output_folder, write_json
 
 SHAPESBENCH = ASSETS_DIR / "prompts" / "shapesbench.jsonl"
 
@@ -105,6 +106,16 @@ def check_detector(config: BenchmarkConfig) -> None:
             raise ModelNotAvailable(f"{error}\n(To score shapes-world prompts without it, pass --detector shapes.)") from None
 
 
+def check_run_settings(model: str, eval_prompts: str, eval_seeds: int) -> None:
+    """What every method's run checks before it writes anything: a model it can name (not loaded) and,
+    when it evaluates, a readable prompt file and a seed count the benchmark takes (0: no evaluation)."""
+    resolve(model)
+    if not 0 <= eval_seeds <= 16:
+        raise InvalidInput(f"Evaluation seeds must be between 0 and 16 (got {eval_seeds}).")
+    if eval_seeds:
+        load_prompt_file(eval_prompts)
+
+
 def run_benchmark(config: BenchmarkConfig, out_dir: Path,
                   on_progress: Callable[[float, str], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> dict:
@@ -114,6 +125,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path,
     if not 0 <= config.first_seed < 2**32 - config.seeds:
         raise InvalidInput(f"The first seed must be between 0 and {2**32 - config.seeds - 1} "
                            f"(got {config.first_seed}).")
+    out_dir = check_output_folder(out_dir)
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     detector = pick_detector(config)
     requests = [GenerationRequest(record["prompt"], model=config.model, seeds=seeds,
@@ -122,7 +134,6 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path,
     started = time.time()
     results = generate_many(requests, on_progress=on_progress, should_stop=should_stop)
 
-    out_dir = Path(out_dir)
     rows = []
     for index, record in enumerate(records):
         folder = out_dir / "images" / f"{index:05d}"
@@ -150,7 +161,7 @@ def _write_outputs(out_dir: Path, rows: list[dict], summary: dict) -> None:
     with open(out_dir / "verdicts.jsonl", "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     pd.DataFrame(rows).to_csv(out_dir / "verdicts.csv", index=False)
-    (out_dir / "scores.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "scores.json", summary)  # last and atomic: runs take its presence as "evaluated"
 
 
 def format_scores(summary: dict) -> str:

@@ -23,6 +23,7 @@ from .errors import InvalidInput
 from .evaluation import Verdict, load_prompt_file, score_detections, summarize, validate_metadata
 from .generation import GenerationRequest, LoraSpec, generate_many, save_png
 from .history import adapters_label, record
+from .store import write_json
 
 MAX_VARIANTS = 8
 MAX_PROMPTS = 300
@@ -186,8 +187,7 @@ def run_compare(config: CompareConfig, out_dir: Path, on_progress: Callable[[flo
 
     result = {"kind": "compare", "created": time.time(), "seconds": round(time.time() - started, 1),
               "config": config.to_dict(), "variants": variants, "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
+    write_json(out_dir / RESULT_FILE, result)  # atomic: the Compare tab and reports read it
     for variant in variants:
         record(model=config.model, adapters=variant["loras"], prompt_set=config.prompt_set, seeds=len(seeds),
                per_tag=variant["per_tag"], overall=variant["overall"], images=variant["images"], source="compare",

@@ -28,6 +28,7 @@ from . import __version__
 from .config import get_settings
 from .errors import InvalidInput, JobCancelled
 from .registry import load_pipeline, resolve
+from .store import check_output_folder
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEEDS = 64
@@ -175,6 +176,8 @@ def generate_many(requests: list[GenerationRequest], out_dir: Path | None = None
         return []
     for request in requests:
         request.validate()
+    if out_dir is not None:
+        check_output_folder(out_dir)
     if any(_sampling_settings(r) != _sampling_settings(requests[0]) for r in requests):
         raise InvalidInput("Requests generated together must share model, steps, guidance, size, "
                            "scheduler, negative prompt and adapters.")
@@ -265,15 +268,32 @@ def _set_adapters(pipe, loras: list[LoraSpec]) -> None:
         if getattr(pipe, "get_list_adapters", None) and any(pipe.get_list_adapters().values()):
             pipe.disable_lora()
         return
-    loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+    # One adapter listed twice acts as once with the summed weight (a LoRA's update is linear in it).
+    weights_by_name: dict[str, float] = {}
     for lora in loras:
+        weights_by_name[lora.adapter_name()] = weights_by_name.get(lora.adapter_name(), 0.0) + lora.weight
+    loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+    for lora in {lora.adapter_name(): lora for lora in loras}.values():
         if lora.adapter_name() not in loaded:
-            weights = lora_weights_file(lora.path)
-            with quiet_adapter_report(absent_adapter_parts(weights)):
-                pipe.load_lora_weights(str(weights.parent), weight_name=weights.name,
-                                       adapter_name=lora.adapter_name())
+            _load_adapter(pipe, lora)
     pipe.enable_lora()
-    pipe.set_adapters([lora.adapter_name() for lora in loras], adapter_weights=[lora.weight for lora in loras])
+    pipe.set_adapters(list(weights_by_name), adapter_weights=list(weights_by_name.values()))
+
+
+def _load_adapter(pipe, lora: LoraSpec) -> None:
+    """Load one adapter file, or InvalidInput naming it when it is no LoRA diffusers can read (a broken
+    download, another tool's format); a failed load leaves no half-loaded adapter behind."""
+    from safetensors import SafetensorError
+
+    weights = lora_weights_file(lora.path)
+    try:
+        with quiet_adapter_report(absent_adapter_parts(weights)):
+            pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=lora.adapter_name())
+    except (SafetensorError, ValueError, KeyError, IndexError, RuntimeError) as error:
+        if any(lora.adapter_name() in names for names in pipe.get_list_adapters().values()):
+            pipe.delete_adapters(lora.adapter_name())
+        raise InvalidInput(f"{weights} is not a LoRA adapter in diffusers format for this model "
+                           f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}).") from None
 
 
 def _image_metadata(request: GenerationRequest, entry, seed: int, steps: int, guidance: float,

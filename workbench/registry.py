@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ import torch
 from .config import ASSETS_DIR, get_settings
 from .devices import pick_device, pick_dtype
 from .errors import InvalidInput, ModelNotAvailable
+
+# diffusers still passes this deprecated argument to huggingface_hub, whose warning would stand above
+# every "download it with ..." message as if it were the problem.
+warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
 
 
 @dataclass(frozen=True)

@@ -213,8 +213,12 @@ def build_report(folder: Path, max_side: int | None = 256, per_tag: int | None =
 
 
 def write_report(run_id: str | Path, out: Path, max_side: int | None = 256, per_tag: int | None = None) -> Path:
-    page = build_report(resolve_folder(run_id), max_side, per_tag)
     out = Path(out)
+    if out.is_dir():
+        raise InvalidInput(f"{out} is a folder; give the name of the HTML file to write, e.g. {out / 'report.html'}.")
+    if max_side is not None and max_side < 0:
+        raise InvalidInput(f"max_side must be 0 (keep the images' size) or more pixels (got {max_side}).")
+    page = build_report(resolve_folder(run_id), max_side, per_tag)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out

@@ -237,6 +237,16 @@ def bind_run_config(out_dir: Path, settings: dict, what: str, ignore: tuple[str,
     os.replace(tmp, path)
 
 
+def check_output_folder(folder: Path | str) -> Path:
+    """The folder to write into, checked before any work: InvalidInput when a file stands at its path."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        from .errors import InvalidInput
+
+        raise InvalidInput(f"{folder} is a file; give a folder to write into.")
+    return folder
+
+
 def write_json(path: Path, data) -> None:
     """Write JSON atomically (temp file, then rename): a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from pipelines.trainer import (UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER, add_target_modules_argument,
                                parse_target_modules)
-from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, pick_detector, run_benchmark
+from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_settings, format_scores, pick_detector,
+                                 run_benchmark)
 from workbench.config import get_settings
 from workbench.errors import InvalidInput, WorkbenchError
 from workbench.store import bind_run_config, write_jsonl
@@ -157,6 +158,7 @@ class IPRConfig:
     eval_seeds: int = 4  # 0: skip evaluation
 
     def validate(self) -> None:
+        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
         if not 1 <= self.iterations <= 20:
             raise InvalidInput(f"Iterations must be between 1 and 20 (got {self.iterations}).")
         if self.prompts < 1 or self.samples_per_prompt < 1:
@@ -189,6 +191,8 @@ class IPRConfig:
         if self.prior_images and self.prior_data is None and self.model != "shapes":
             raise InvalidInput("Prior preservation on a model other than the shapes model needs --prior-data, an "
                                "imagefolder of the model's pre-training kind of data.")
+        # The engine's own checks (lr, rank, target modules...) now, not after the first iteration's sampling.
+        trainer_config(self, ["-"], Path("-"), None, self.steps, self.seed).validate()
 
     @classmethod
     def from_dict(cls, data: dict) -> "IPRConfig":
@@ -444,19 +448,26 @@ def train_iteration(config: IPRConfig, rows: list[dict], folder: Path, init_adap
     return {"adapter": str(merged), "members": [str(m) for m in members]}
 
 
+def trainer_config(config: IPRConfig, data: list[str], out: Path, init_adapter: Path | None, steps: int, seed: int):
+    """The shared engine's settings for one adapter of an iteration."""
+    from pipelines.trainer import TrainConfig
+
+    return TrainConfig(model=config.model, data=data, out=str(out),
+                       lora=config.lora, rank=config.rank, alpha=config.alpha,
+                       target_modules=tuple(config.target_modules),
+                       train_text_encoder=config.train_text_encoder, train_unet=config.train_unet,
+                       init_lora=str(init_adapter) if init_adapter is not None else None,
+                       steps=steps, batch_size=config.batch_size, lr=config.lr, random_flip=config.mirror,
+                       prompt_dropout=config.prompt_dropout, ema_decay=config.ema_decay,
+                       timestep_range=tuple(config.timestep_range), seed=seed)
+
+
 def _train_adapter(config: IPRConfig, data: list[str], out: Path, init_adapter: Path | None, steps: int, seed: int,
                    on_progress, should_stop, k: int) -> dict:
-    from pipelines.trainer import TrainConfig, train
+    from pipelines.trainer import train
 
-    train_config = TrainConfig(model=config.model, data=data, out=str(out),
-                               lora=config.lora, rank=config.rank, alpha=config.alpha,
-                               target_modules=tuple(config.target_modules),
-                               train_text_encoder=config.train_text_encoder, train_unet=config.train_unet,
-                               init_lora=str(init_adapter) if init_adapter is not None else None,
-                               steps=steps, batch_size=config.batch_size, lr=config.lr, random_flip=config.mirror,
-                               prompt_dropout=config.prompt_dropout, ema_decay=config.ema_decay,
-                               timestep_range=tuple(config.timestep_range), seed=seed)
-    result = train(train_config, on_progress=on_progress, should_stop=should_stop)
+    result = train(trainer_config(config, data, out, init_adapter, steps, seed), on_progress=on_progress,
+                   should_stop=should_stop)
     if result.get("stopped"):
         from workbench.jobs import JobCancelled
 

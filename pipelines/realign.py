@@ -45,9 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, format_scores, run_benchmark
+from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, check_run_settings, format_scores, run_benchmark
 from workbench.errors import InvalidInput, WorkbenchError
-from workbench.store import bind_run_config
+from workbench.store import bind_run_config, write_json
 from workbench.generation import LoraSpec
 from workbench.shapes.bench_prompts import training_prompts
 
@@ -126,8 +126,13 @@ class ReFLConfig:
     def validate(self) -> None:
         from pipelines.trainer import UNTRAINED_UNET_NEEDS_TEXT_ENCODER
 
+        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
         checks = [
             (self.steps >= 1 and self.batch_size >= 1, "ReFL needs at least one step and a batch of one."),
+            (self.prompts >= 1, f"ReFL needs at least one training prompt (got {self.prompts})."),
+            (self.rank >= 1 and self.alpha > 0, f"The LoRA rank must be at least 1 (got {self.rank}) and alpha "
+                                                f"positive (got {self.alpha})."),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1 (got {self.checkpoint_every})."),
             (self.lr > 0 and (self.reward_weight is None or self.reward_weight > 0),
              "lr and reward_weight must be positive."),
             (0 < self.first_grad_step < self.schedule_steps,
@@ -374,7 +379,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             summary[name]["caption_reward"] = caption_reward_of_run(out_dir / name, config)
             log(f"refl: {name}: caption reward (eq. 4) {summary[name]['caption_reward']:.4f}")
     summary["seconds"] = round(time.time() - started, 1)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out_dir / "summary.json", summary)
     return summary
 
 

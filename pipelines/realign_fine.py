@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,7 +46,7 @@ from PIL import Image
 
 from workbench.attention_modulation import (AttentionCapture, TokenRegions, attention_map_image,
                                             modulated_generation, token_regions)
-from workbench.errors import WorkbenchError
+from workbench.errors import InvalidInput, WorkbenchError
 from workbench.evaluation import THRESHOLD
 
 
@@ -66,6 +67,21 @@ class FineStageConfig:
     steps: int | None = None
     guidance: float | None = None
     capture_resolution: int | None = None  # grid height of the captured maps' layers; None: all layers
+
+    def validate(self) -> None:
+        """InvalidInput for settings that would fail late or, worse, write a wrong image without a word."""
+        checks = [
+            (math.isfinite(self.strength) and self.strength >= 0,
+             f"The strength S must be a number of 0 or more (got {self.strength})."),
+            (math.isfinite(self.time_power) and self.time_power > 0,
+             f"The time power must be a positive number (got {self.time_power})."),
+            (self.edges in ("neutral", "outside"), f"edges must be neutral or outside (got {self.edges!r})."),
+            (self.steps is None or self.steps >= 1, f"Steps must be at least 1 (got {self.steps})."),
+            (self.layers is None or len(self.layers) > 0, "Name at least one layer to modulate, or none for all."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(message)
 
 
 def backend_names(config: FineStageConfig) -> dict[str, str]:
@@ -168,6 +184,9 @@ def realign_fine(prompt: str, seed: int, out_dir: Path | None = None, config: Fi
     from workbench.registry import load_pipeline
 
     config = config or FineStageConfig()
+    config.validate()
+    if not 0 <= seed < 2**32:
+        raise InvalidInput(f"The seed must be between 0 and {2**32 - 1} (got {seed}).")
     started = time.time()
     pipe = load_pipeline(config.model)
     perception = perception or Perception.load(config)

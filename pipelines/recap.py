@@ -52,12 +52,13 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.trainer import TRANSFORMER_TARGETS, UNET_TARGETS, add_target_modules_argument, parse_target_modules
-from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, detector_name, format_scores, run_benchmark
+from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_settings, detector_name, format_scores,
+                                 run_benchmark)
 from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
 from workbench.generation import LoraSpec, lora_weights_file
 from workbench.imagefolder import read_imagefolder
 from workbench.shapes.world import IMAGE_SIZE
-from workbench.store import bind_run_config, write_json, write_jsonl
+from workbench.store import bind_run_config, check_output_folder, write_json, write_jsonl
 
 CAPTION_MIXES = ("mix", "short", "long")  # the paper's short/long mix, or short or long captions only
 VARIANTS = {"base": "base", "alt_text": "alt-text", "recap": "RECAP"}  # summary key -> column title
@@ -127,13 +128,13 @@ class RecapConfig:
     def validate(self) -> None:
         if self.data is not None:
             self.data = str(Path(self.data).expanduser().resolve())
+        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
         checks = [
             (self.data is not None or self.images >= 1, f"Give at least one image to render (got {self.images})."),
             (self.captions in CAPTION_MIXES, f"Unknown caption choice '{self.captions}'; use one of "
                                              f"{', '.join(CAPTION_MIXES)}."),
             (self.steps >= 1 and self.batch_size >= 1, "Training needs at least one step and a batch of at least one."),
             (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
-            (0 <= self.eval_seeds <= 16, f"Evaluation seeds must be between 0 and 16 (got {self.eval_seeds})."),
             (bool(self.text_field.strip()), "Name the metadata field that holds the alt text (text_field)."),
         ]
         for ok, message in checks:
@@ -266,6 +267,7 @@ def make_shapes_dataset(out: Path, n: int, seed: int = 0, size: int = IMAGE_SIZE
     from workbench.shapes.render import render
     from workbench.shapes.scene import Scene, ShapeObject, sample_scene
 
+    check_output_folder(out)
     noise = noise or AltTextNoise()
     if single_share is None:
         from pipelines.train_shapes import Config
@@ -354,7 +356,7 @@ def recaption(data: Path, out: Path, captioner: str = "shapes", text_field: str 
     from workbench.perception.backends import check_backend, get_captioner
 
     captioner_options = CAPTIONER_OPTIONS.get(captioner, {}) if captioner_options is None else captioner_options
-    data, out = Path(data).expanduser(), Path(out).expanduser()
+    data, out = Path(data).expanduser(), check_output_folder(Path(out).expanduser())
     if out.resolve() == data.resolve():
         raise InvalidInput(f"The recaptioned folder must differ from the source {data}: the source is never "
                            f"overwritten.")
@@ -374,10 +376,10 @@ def recaption(data: Path, out: Path, captioner: str = "shapes", text_field: str 
                                f"choose another output folder.")
         if info.get("done") and final.exists():
             return info
+    check_backend("captioner", captioner, **captioner_options)  # missing weights: say so before work
     out.mkdir(parents=True, exist_ok=True)
     write_json(info_path, {"settings": settings, "done": False})
 
-    check_backend("captioner", captioner, **captioner_options)  # missing weights: say so before work
     model = get_captioner(captioner, **captioner_options)
     written = _read_partial(partial)
     started, total = time.time(), len(source)

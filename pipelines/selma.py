@@ -54,7 +54,7 @@ from pathlib import Path
 from pipelines.lora_merge import COMBINATIONS, merge_experts
 from pipelines.trainer import (UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER, TrainConfig, add_target_modules_argument,
                                parse_target_modules, train)
-from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, run_benchmark
+from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, check_run_settings, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
@@ -181,11 +181,11 @@ class SelmaConfig:
              f"Give one merge weight per skill ({len(skills)}), or none for 1/n each."),
             (self.merge_weights is None or all(math.isfinite(w) and -4 <= w <= 4 for w in self.merge_weights),
              "Merge weights must be numbers between -4 and 4."),
-            (0 <= self.eval_seeds <= 16, f"Evaluation seeds must be between 0 and 16 (got {self.eval_seeds})."),
         ]
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
+        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
 
     def world(self) -> str:
         return world_of(self.model)

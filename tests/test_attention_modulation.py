@@ -8,6 +8,7 @@ import torch
 
 from workbench.attention_modulation import (AttentionCapture, ModulatedAttnProcessor, ModulationState,
                                             TokenRegions, modulate, modulated_generation, token_regions)
+from workbench.errors import InvalidInput
 from workbench.generation import GenerationRequest, generate
 from workbench.registry import load_pipeline
 
@@ -188,3 +189,18 @@ def test_realign_fine_on_the_shapes_model_writes_its_files(tmp_path):
                  "--strength", "0"]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "cli" / "realigned.png")),
                           np.asarray(Image.open(out / "original.png"))), "strength 0 regenerates the original"
+
+
+@pytest.mark.parametrize("changes, seed, words", [
+    ({"strength": float("nan")}, 0, "strength S must be a number"),
+    ({"steps": 0}, 0, "Steps must be at least 1"),
+    ({}, -1, "seed must be between"),
+    ({"layers": ["bogus"]}, 0, "No cross-attention layer of the UNet starts with bogus"),
+])
+def test_realign_fine_refuses_settings_that_would_write_a_wrong_image(tmp_path, changes, seed, words):
+    from pipelines.realign_fine import FineStageConfig, realign_fine
+
+    with pytest.raises(InvalidInput, match=words):
+        realign_fine("a red circle", seed, tmp_path / "run", FineStageConfig(**{"steps": 2, **changes}),
+                     log=lambda _: None)
+    assert not (tmp_path / "run").exists()

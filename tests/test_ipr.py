@@ -394,3 +394,15 @@ def test_a_resumed_run_keeps_pausing_for_review_unless_told_otherwise(tiny_sd, e
         ipr_main(["--out", str(tmp_path / "fresh"), "--reviewed"])
     assert stop.value.code == 2 and "use it with --resume" in capsys.readouterr().err
     assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr", "-1"], "lr must be a positive number"),
+    (["--rank", "0"], "LoRA rank must be at least 1"),
+    (["--model", "/no/such/model"], "Unknown model"),
+    (["--eval-prompts", "/no/such/prompts.jsonl"], "does not exist"),
+])
+def test_settings_the_engine_or_the_evaluation_would_refuse_are_refused_before_sampling(tmp_path, capsys, args, words):
+    assert ipr_main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -198,3 +198,17 @@ def test_the_shapes_pretraining_term_trains_on_real_scenes_the_vae_can_decode():
         decoded = vae.decode(latents).sample.clamp(-1, 1)
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
     assert (decoded - render_batch(scenes)).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"checkpoint_every": 0}, "checkpoint_every must be at least 1"),
+    ({"prompts": 0}, "at least one training prompt"),
+    ({"rank": 0}, "LoRA rank must be at least 1"),
+    ({"eval_prompts": "/no/such/prompts.jsonl"}, "does not exist"),
+    ({"eval_seeds": -1}, "Evaluation seeds must be between 0 and 16"),
+    ({"model": "/no/such/model"}, "Unknown model"),
+])
+def test_bad_refl_settings_are_refused_before_any_work(tmp_path, changes, words):
+    with pytest.raises(InvalidInput, match=words):
+        run_refl(ReFLConfig(**changes), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -50,3 +50,23 @@ def test_finished_job_cannot_be_claimed_or_interrupted(tmp_path):
     job = store.get("a")
     assert job.status is JobStatus.DONE and job.outputs == {"x": 1}
     assert store.get("missing") is None
+
+
+def test_a_run_folder_that_failed_before_any_work_takes_corrected_settings(tmp_path):
+    import json
+
+    import pytest
+
+    from workbench.errors import InvalidInput
+    from workbench.store import bind_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    bind_run_config(run, {"model": "/no/such/model", "lr": 1e-4}, "a run")  # then the start failed
+    bind_run_config(run, {"model": "shapes", "lr": 1e-4}, "a run")  # the user fixes the model, same folder
+    assert json.loads((run / "config.json").read_text())["model"] == "shapes"
+
+    (run / "eval-base").mkdir()  # work done: other settings would mix results
+    with pytest.raises(InvalidInput, match=r"other settings \(model\)"):
+        bind_run_config(run, {"model": "sd15", "lr": 1e-4}, "a run")
+    bind_run_config(run, {"model": "shapes", "lr": 1e-4}, "a run")  # the same settings continue it

@@ -419,3 +419,8 @@ def test_bad_settings_fail_before_any_work(tiny_sd, shapes_data, tmp_path, overr
 def test_fp16_on_the_cpu_is_refused_with_a_hint(tiny_sd, shapes_data, tmp_path):
     with pytest.raises(InvalidInput, match="bf16"):
         train(tiny_config(tiny_sd, [shapes_data], tmp_path / "out", mixed_precision="fp16"))
+
+
+def test_a_target_module_no_unet_layer_has_is_named_with_the_presets(tiny_sd, shapes_data, tmp_path):
+    with pytest.raises(InvalidInput, match="No UNet layer matches the target modules bogus_layer.*attention, transformer"):
+        train(tiny_config(tiny_sd, [shapes_data], tmp_path / "out", target_modules=("bogus_layer",)))

@@ -222,7 +222,10 @@ def bind_run_config(out_dir: Path, settings: dict, what: str, ignore: tuple[str,
     import os
 
     path = Path(out_dir) / "config.json"
-    if path.exists():
+    # A run that stopped before any work (a missing model, say) holds nothing but its config: a rerun with
+    # corrected settings takes the folder over instead of being refused.
+    started = path.exists() and any(entry.name != "config.json" for entry in Path(out_dir).iterdir())
+    if started:
         saved = json.loads(path.read_text())
         saved = {**(implied or {}), **saved}
         differing = sorted(k for k in settings if k not in ignore and saved.get(k) != settings[k])

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pipelines.trainer import (UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER, add_target_modules_argument,
-                               parse_target_modules)
+                               parse_target_modules, refuse_settings_with_resume)
 from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_settings, format_scores, pick_detector,
                                  run_benchmark)
 from workbench.config import get_settings
@@ -668,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reviewed and not args.resume:
         parser.error("--reviewed marks the paused iteration of an existing run: use it with --resume")
+    if args.resume:
+        refuse_settings_with_resume(parser, args, allowed=("reviewed", "review"))
     try:
         if args.resume:
             config = load_config(args.out)

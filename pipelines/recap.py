@@ -51,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.trainer import TRANSFORMER_TARGETS, UNET_TARGETS, add_target_modules_argument, parse_target_modules
+from pipelines.trainer import (TRANSFORMER_TARGETS, UNET_TARGETS, add_target_modules_argument, parse_target_modules,
+                               refuse_settings_with_resume)
 from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_settings, detector_name, format_scores,
                                  run_benchmark)
 from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
@@ -695,11 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--size", type=int, default=IMAGE_SIZE, help="image side in pixels (the shapes model: 64)")
     make.add_argument("--single-share", type=float, default=None,
                       help="share of single-object scenes (default: the shapes model's pre-training mix)")
+    parser.run_command = run  # main checks a resumed run's flags against this sub-command's defaults
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     say = lambda message: print(message, flush=True)  # noqa: E731
     try:
         if args.command == "make-shapes-data":
@@ -718,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{info['seconds']} s)")
         else:
             if args.resume:
+                refuse_settings_with_resume(parser.run_command, args)
                 config = load_config(args.out)
             else:
                 config = RecapConfig(model=args.model, data=args.data, images=args.images, data_seed=args.data_seed,

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from pipelines.lora_merge import COMBINATIONS, merge_experts
 from pipelines.trainer import (UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER, TrainConfig, add_target_modules_argument,
-                               parse_target_modules, train)
+                               parse_target_modules, refuse_settings_with_resume, train)
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, check_run_settings, run_benchmark
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
@@ -726,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             parser.error("--out is required")
         if args.resume:
+            refuse_settings_with_resume(parser, args, allowed=("eval_experts",))  # scoring the experts only adds
             config = load_config(args.out)
             config.eval_experts = config.eval_experts or args.eval_experts
         else:

@@ -786,6 +786,20 @@ def add_target_modules_argument(parser: argparse.ArgumentParser, default) -> Non
                              " (presets) or comma-separated module names")
 
 
+def refuse_settings_with_resume(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                                 allowed: tuple[str, ...] = ()) -> None:
+    """--resume continues a run with the settings saved in its folder: a setting also given on the
+    command line would be silently ignored (an --iterations 3 that does not extend the run), so it is
+    refused, naming it. `allowed`: destinations that may change on resume (say, --review)."""
+    ignored = [action.option_strings[0] for action in parser._actions
+               if action.option_strings and action.dest not in ("help", "out", "resume", *allowed)
+               and getattr(args, action.dest, None) != parser.get_default(action.dest)]
+    if ignored:
+        parser.error(f"--resume continues the run with the settings saved in its folder; {', '.join(ignored)} "
+                     f"would be ignored. Drop {'it' if len(ignored) == 1 else 'them'}, or start a new run in "
+                     f"another folder.")
+
+
 def parse_target_modules(text: str) -> tuple[str, ...]:
     """ "attention", "transformer" (TARGET_PRESETS) or a comma-separated list of UNet module names."""
     if text.strip() in TARGET_PRESETS:

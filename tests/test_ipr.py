@@ -390,6 +390,11 @@ def test_a_resumed_run_keeps_pausing_for_review_unless_told_otherwise(tiny_sd, e
     assert seen == [True, False]
     assert "--resume --reviewed" in capsys.readouterr().out
 
+    with pytest.raises(SystemExit) as stop:  # the run keeps its saved settings: a new value would be ignored
+        ipr_main(["--out", str(out), "--resume", "--iterations", "3"])
+    assert stop.value.code == 2 and "--iterations would be ignored" in capsys.readouterr().err
+    assert seen == [True, False]
+
     with pytest.raises(SystemExit) as stop:  # without --resume it would silently start a fresh run
         ipr_main(["--out", str(tmp_path / "fresh"), "--reviewed"])
     assert stop.value.code == 2 and "use it with --resume" in capsys.readouterr().err

@@ -175,3 +175,12 @@ def test_cli(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert recap_main(["run", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "is not a RECAP run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a resumed run keeps its saved settings: a new value would be ignored
+        recap_main(["run", "--out", str(tmp_path / "nothing"), "--resume", "--steps", "5"])
+    assert "--steps would be ignored" in capsys.readouterr().err
+    # A captioner that does not exist is named before the output folder is claimed.
+    assert recap_main(["recaption", "--data", str(tmp_path / "data"), "--captioner", "bogus",
+                       "--out", str(tmp_path / "recap-bogus")]) == 2
+    assert not (tmp_path / "recap-bogus" / "recaption.json").exists()
+    assert recap_main(["recaption", "--data", str(tmp_path / "data"), "--captioner", "shapes",
+                       "--out", str(tmp_path / "recap-bogus")]) == 0

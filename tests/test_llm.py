@@ -193,6 +193,29 @@ def test_server_down_gives_one_clear_message_without_the_key(monkeypatch):
     assert no_key_anywhere(caught.value)
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n", " "])
+def test_a_key_read_with_its_line_ending_is_sent_without_it(server, monkeypatch, ending):
+    monkeypatch.setenv("WORKBENCH_LLM_API_KEY", KEY + ending)  # as a CRLF .env file sets it
+    server.replies = [completion("hello there")]
+    assert get_llm("openai").chat(MESSAGES) == "hello there"
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("key", [KEY.replace("-", "\u2011"), KEY[:4] + " " + KEY[4:], KEY[:4] + "\n" + KEY[4:]])
+def test_a_key_a_header_cannot_carry_is_named_without_showing_it(key):
+    with pytest.raises(InvalidInput) as caught:
+        get_llm("openai", base_url="http://127.0.0.1:9/v1", model="test-model", api_key=key).chat(MESSAGES)
+    message = str(caught.value)
+    assert "WORKBENCH_LLM_API_KEY" in message and "BASE_URL" not in message
+    assert KEY[4:12] not in message and no_key_anywhere(caught.value)
+
+
+def test_credentials_in_the_address_are_refused_without_echoing_them():
+    with pytest.raises(InvalidInput) as caught:
+        get_llm("openai", base_url=f"http://user:{KEY}@127.0.0.1:9/v1", model="test-model")
+    assert "WORKBENCH_LLM_API_KEY" in str(caught.value) and no_key_anywhere(caught.value)
+
+
 def test_http_error_names_status_and_never_echoes_the_key(server):
     server.replies = [(401, json.dumps({"error": {"message": f"Invalid key Bearer {KEY}"}}))]
     with pytest.raises(LLMRequestError) as caught:

@@ -361,6 +361,9 @@ class OpenAIChat:
             raise InvalidInput("The OpenAI-compatible LLM backend needs a model name: set WORKBENCH_LLM_MODEL "
                                "(e.g. gpt-4o-mini, or the name your vLLM, llama.cpp or Ollama server serves).")
         base_url = str(base_url).strip().rstrip("/")
+        if re.match(r"https?://[^/]*@", base_url):  # never echoed: the part before @ may be a secret
+            raise InvalidInput("WORKBENCH_LLM_BASE_URL holds credentials (user:password@...): give the address "
+                               "alone and the key in WORKBENCH_LLM_API_KEY.")
         if not re.match(r"https?://[^/]+", base_url):
             raise InvalidInput(f"WORKBENCH_LLM_BASE_URL must be an http(s) address such as "
                                f"http://localhost:8000/v1, got '{base_url}'")
@@ -372,7 +375,14 @@ class OpenAIChat:
             raise InvalidInput("WORKBENCH_LLM_TIMEOUT must be a number of seconds above 0")
         self.model, self.base_url, self.timeout, self.json_mode = str(model), base_url, timeout, bool(json_mode)
         self.url = f"{base_url}/chat/completions"
-        self._api_key = api_key or None
+        api_key = (api_key or "").strip() or None
+        # A key an HTTP header cannot carry (a line break from a CRLF .env file, a pasted non-ASCII
+        # character) would fail inside http.client, whose message quotes the header, key and all.
+        if api_key is not None and not all("!" <= char <= "~" for char in api_key):
+            raise InvalidInput("The LLM API key (WORKBENCH_LLM_API_KEY or OPENAI_API_KEY) holds a space, a line "
+                               "break or a non-ASCII character, which an HTTP header cannot carry: set it again "
+                               "without them.")
+        self._api_key = api_key
 
     @property
     def label(self) -> str:
@@ -413,7 +423,7 @@ class OpenAIChat:
             raise self._timeout() from None
         except (OSError, http.client.HTTPException) as error:  # reset mid-answer, not HTTP at all...
             raise self._unreachable(error) from None
-        except ValueError as error:  # urllib's word for a malformed address
+        except ValueError as error:  # urllib's word for a malformed address (the key was checked above)
             raise InvalidInput(self._redact(f"WORKBENCH_LLM_BASE_URL '{self.base_url}' is not a usable address: "
                                             f"{error}")) from None
         return self._content(raw)

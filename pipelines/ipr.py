@@ -158,7 +158,6 @@ class IPRConfig:
     eval_seeds: int = 4  # 0: skip evaluation
 
     def validate(self) -> None:
-        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
         if not 1 <= self.iterations <= 20:
             raise InvalidInput(f"Iterations must be between 1 and 20 (got {self.iterations}).")
         if self.prompts < 1 or self.samples_per_prompt < 1:
@@ -193,6 +192,7 @@ class IPRConfig:
                                "imagefolder of the model's pre-training kind of data.")
         # The engine's own checks (lr, rank, target modules...) now, not after the first iteration's sampling.
         trainer_config(self, ["-"], Path("-"), None, self.steps, self.seed).validate()
+        check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector, detects=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "IPRConfig":

@@ -125,8 +125,9 @@ class ReFLConfig:
 
     def validate(self) -> None:
         from pipelines.trainer import UNTRAINED_UNET_NEEDS_TEXT_ENCODER
+        from workbench.registry import resolve
 
-        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
+        resolve(self.model)  # a mistyped model first: the checks below depend on which model it is
         checks = [
             (self.steps >= 1 and self.batch_size >= 1, "ReFL needs at least one step and a batch of one."),
             (self.prompts >= 1, f"ReFL needs at least one training prompt (got {self.prompts})."),
@@ -151,6 +152,7 @@ class ReFLConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
+        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReFLConfig":

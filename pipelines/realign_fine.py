@@ -46,7 +46,7 @@ from PIL import Image
 
 from workbench.attention_modulation import (AttentionCapture, TokenRegions, attention_map_image,
                                             modulated_generation, token_regions)
-from workbench.errors import InvalidInput, WorkbenchError
+from workbench.errors import InvalidInput, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
 
 
@@ -104,11 +104,24 @@ class Perception:
     @classmethod
     def load(cls, config: FineStageConfig) -> "Perception":
         from workbench.llm import get_llm
-        from workbench.perception.backends import get_detector, get_segmenter, get_tagger
+        from workbench.perception.backends import check_all, check_backend, get_detector, get_segmenter, get_tagger
         from workbench.perception.grounded_sam import GroundedSam
 
         names = backend_names(config)
-        return cls(get_llm(names["llm"]), get_tagger(names["tagger"]),
+        # Everything missing in one message (the real defaults need four downloads), not one per rerun:
+        # the perception backends are checked without loading, then the LLM loads or says what is missing.
+        problems = []
+        try:
+            check_all([lambda kind=kind: check_backend(kind, names[kind]) for kind in ("tagger", "detector", "segmenter")])
+        except ModelNotAvailable as error:
+            problems.append(str(error))
+        try:
+            llm = get_llm(names["llm"])
+        except ModelNotAvailable as error:
+            problems.append(str(error))
+        if problems:
+            raise ModelNotAvailable("\n".join(problems))
+        return cls(llm, get_tagger(names["tagger"]),
                    GroundedSam(get_detector(names["detector"]), get_segmenter(names["segmenter"])))
 
 

@@ -129,7 +129,6 @@ class RecapConfig:
     def validate(self) -> None:
         if self.data is not None:
             self.data = str(Path(self.data).expanduser().resolve())
-        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
         checks = [
             (self.data is not None or self.images >= 1, f"Give at least one image to render (got {self.images})."),
             (self.captions in CAPTION_MIXES, f"Unknown caption choice '{self.captions}'; use one of "
@@ -141,6 +140,7 @@ class RecapConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
+        check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector)
 
     def captioner_name(self) -> str:
         return self.captioner or ("shapes" if self.data is None else "blip")

@@ -185,7 +185,8 @@ class SelmaConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
-        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
+        check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector,
+                           detects=self.image_check != "none")
 
     def world(self) -> str:
         return world_of(self.model)

@@ -204,3 +204,15 @@ def test_realign_fine_refuses_settings_that_would_write_a_wrong_image(tmp_path, 
         realign_fine("a red circle", seed, tmp_path / "run", FineStageConfig(**{"steps": 2, **changes}),
                      log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_every_missing_fine_stage_backend_is_named_in_one_message():
+    from pipelines.realign_fine import FineStageConfig, Perception
+    from workbench.errors import ModelNotAvailable
+
+    with pytest.raises(ModelNotAvailable) as caught:
+        Perception.load(FineStageConfig(model="shapes", llm="transformers", tagger="clip", detector="groundingdino",
+                                        segmenter="sam"))
+    message = str(caught.value)
+    for missing in ("CLIP tagger", "GroundingDINO", "SAM", "The LLM"):  # one rerun, not four
+        assert missing in message

@@ -114,3 +114,11 @@ def test_eval_runs_as_a_background_job_with_per_tag_outputs(tiny_sd, tmp_path):
         assert set(pd.read_csv(tmp_path / "runs" / job_id / "verdicts.csv")["seed"]) == {3}
     finally:
         runner.shutdown()
+
+
+def test_a_missing_model_and_its_missing_detector_are_named_together(tmp_path, capsys):
+    code = cli_main(["eval", "--model", "sd15", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "GroundingDINO" in err
+    assert not (tmp_path / "o").exists()

@@ -185,6 +185,17 @@ def test_missing_config_and_text_folder_are_named_with_their_paths(tmp_path):
         assert path in message
 
 
+def test_a_text_encoder_folder_without_weights_is_missing_for_the_quick_check_too(tmp_path, tiny_gd):
+    import shutil
+
+    config, checkpoint, bert = tiny_gd
+    partial = tmp_path / "bert-config-only"
+    partial.mkdir()
+    shutil.copy(Path(bert) / "config.json", partial / "config.json")  # an interrupted download
+    with pytest.raises(ModelNotAvailable, match="no weights"):
+        GroundingDinoDetector(config, checkpoint, text_encoder=str(partial), device="cpu", **SMALL)
+
+
 def test_eval_of_a_real_model_asks_for_the_groundingdino_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORKBENCH_GROUNDINGDINO_CHECKPOINT", raising=False)
     code = cli_main(["eval", "--model", "sd15", "--out", str(tmp_path / "o")])

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipelines.recap import RecapConfig, format_table, main as recap_main, read_jsonl, run_recap
-from workbench.errors import InvalidInput, JobCancelled
+from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable
 from workbench.generation import lora_weights_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,6 +155,10 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         run_recap(RecapConfig(captions="medium"), tmp_path / "run", log=lambda m: None)
     with pytest.raises(InvalidInput, match="prompt_dropout"):
         run_recap(RecapConfig(prompt_dropout=1.0), tmp_path / "run", log=lambda m: None)
+    # The evaluation's detector is checked now, not after both fine-tunes.
+    with pytest.raises(ModelNotAvailable, match="No 'nosuch' detector"):
+        run_recap(RecapConfig(detector="nosuch"), tmp_path / "run", log=lambda m: None)
+    RecapConfig(detector="nosuch", eval_seeds=0).validate()  # nothing is scored, so no detector is needed
     assert not (tmp_path / "run").exists()
 
 

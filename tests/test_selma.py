@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from pipelines.selma import (Progress, SelmaConfig, finished_stages, main as selma_main, make_llm, merge_experts,
                              run_selma, write_skill_prompts)
 from workbench.benchmark import DETECTORS
-from workbench.errors import InvalidInput, JobCancelled
+from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, read_png_metadata
 from workbench.llm import LLMS, _find_task
 from workbench.perception.base import Detection
@@ -433,6 +433,12 @@ def test_an_image_check_that_keeps_nothing_says_what_to_do(skill_folder):
         check_images(skill_folder, ColourKeyedDetector({c: d for c, _, d in CHECK_CASES}), "verify")
     with pytest.raises(InvalidInput, match="Unknown image check"):
         SelmaConfig(image_check="filter").validate()
+    # A detector the run will need is checked before any prompt is written or image drawn.
+    with pytest.raises(ModelNotAvailable, match="No 'nosuch' detector"):
+        SelmaConfig(model="shapes", detector="nosuch", eval_seeds=0, image_check="verify").validate()
+    with pytest.raises(ModelNotAvailable, match="No 'nosuch' detector"):
+        SelmaConfig(model="shapes", detector="nosuch").validate()  # for the evaluation
+    SelmaConfig(model="shapes", detector="nosuch", eval_seeds=0).validate()  # neither checks nor scores
 
 
 def test_a_checked_run_trains_each_expert_on_the_images_that_show_their_prompt(tiny_sd, eval_prompts, tmp_path,

@@ -16,7 +16,7 @@ from .config import ASSETS_DIR
 from .errors import InvalidInput, ModelNotAvailable
 from .evaluation import load_prompt_file, score_detections, summarize
 from .generation import GenerationRequest, LoraSpec, generate_many, save_png
-from .registry import resolve
+from .registry import check_model, resolve
 from .store import check_output_folder, write_json
 
 SHAPESBENCH = ASSETS_DIR / "prompts" / "shapesbench.jsonl"
@@ -106,14 +106,23 @@ def check_detector(config: BenchmarkConfig) -> None:
             raise ModelNotAvailable(f"{error}\n(To score shapes-world prompts without it, pass --detector shapes.)") from None
 
 
-def check_run_settings(model: str, eval_prompts: str, eval_seeds: int) -> None:
-    """What every method's run checks before it writes anything: a model it can name (not loaded) and,
-    when it evaluates, a readable prompt file and a seed count the benchmark takes (0: no evaluation)."""
+def check_run_settings(model: str, eval_prompts: str, eval_seeds: int, detector: str | None = None,
+                       detects: bool = False) -> None:
+    """What every method's run checks before it writes anything: a model it can name (not loaded);
+    when it evaluates, a readable prompt file and a seed count the benchmark takes (0: no evaluation);
+    when it evaluates or otherwise `detects`, a detector that exists and whose weights are on disk."""
+    from .perception.backends import check_all
+
     resolve(model)
     if not 0 <= eval_seeds <= 16:
         raise InvalidInput(f"Evaluation seeds must be between 0 and 16 (got {eval_seeds}).")
     if eval_seeds:
         load_prompt_file(eval_prompts)
+    # What is missing, all of it in one message: the model's weights and the detector's.
+    needed = [lambda: check_model(model)]
+    if eval_seeds or detects:
+        needed.append(lambda: check_detector(BenchmarkConfig(model=model, prompts=eval_prompts, detector=detector)))
+    check_all(needed)
 
 
 def run_benchmark(config: BenchmarkConfig, out_dir: Path,
@@ -127,6 +136,9 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path,
                            f"(got {config.first_seed}).")
     out_dir = check_output_folder(out_dir)
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
+    from .perception.backends import check_all
+
+    check_all([lambda: check_model(config.model), lambda: check_detector(config)])  # all that is missing, at once
     detector = pick_detector(config)
     requests = [GenerationRequest(record["prompt"], model=config.model, seeds=seeds,
                                   steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,

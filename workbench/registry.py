@@ -120,6 +120,22 @@ _cache: OrderedDict[tuple, object] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+def check_model(name_or_path: str) -> ModelEntry:
+    """The entry of a model whose pipeline is on this machine, without loading it; else ModelNotAvailable
+    with the download hint (a hub id counts as present when the cache holds its model_index.json)."""
+    entry = resolve(name_or_path)
+    if entry.is_local:
+        present = (Path(entry.source) / "model_index.json").is_file()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        present = isinstance(try_to_load_from_cache(entry.source, "model_index.json"), str)
+    if not present:
+        where = f"no pipeline at {entry.source}" if entry.is_local else "not in the local Hugging Face cache"
+        raise ModelNotAvailable(f"Model '{entry.name}' ({entry.source}) is {where}. {entry.fetch_hint}")
+    return entry
+
+
 def load_pipeline(name_or_path: str, device: str | None = None, dtype: str | None = None):
     """Load (or fetch from the cache) the text-to-image pipeline for a model name or path."""
     entry = resolve(name_or_path)

@@ -66,16 +66,26 @@ def _text_encoder_missing(text_encoder: str) -> Missing | None:
              f"folder holding its config.json, vocabulary and weights.")
     path = Path(text_encoder).expanduser()
     if path.is_dir():
-        return None if (path / "config.json").is_file() else Missing(
-            "text encoder (BERT)", f"{path} (no config.json)", fetch)
+        if not (path / "config.json").is_file():
+            return Missing("text encoder (BERT)", f"{path} (no config.json)", fetch)
+        if not any((path / name).is_file() for name in BERT_WEIGHTS):
+            return Missing("text encoder (BERT)", f"{path} (no weights: {' or '.join(BERT_WEIGHTS)})", fetch)
+        return None
     if path.is_absolute() or text_encoder.startswith((".", "~")):
         return Missing("text encoder (BERT)", str(path), fetch)
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(text_encoder, "config.json")
-    if isinstance(cached, str):
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(text_encoder, name), str)
+
+    if cached("config.json") and any(cached(name) for name in BERT_WEIGHTS):
         return None
-    return Missing("text encoder (BERT)", f"'{text_encoder}' in the Hugging Face cache", fetch)
+    return Missing("text encoder (BERT)", f"'{text_encoder}' in the Hugging Face cache (its config.json and "
+                                          f"weights)", fetch)
+
+
+# The files a saved BERT keeps its weights in (transformers reads either).
+BERT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def load_text_encoder(text_encoder: str):

@@ -232,3 +232,17 @@ def test_continue_needs_a_run():
 def test_run_names_cannot_leave_the_runs_folder(tmp_path):
     assert tab.run_folder("../../etc") is None
     assert tab.run_folder(None) is None
+
+
+def test_a_run_chosen_in_the_picker_shows_its_jobs_log(runner, tiny_sd, tmp_path):
+    def logging_ipr(params, ctx):
+        ctx.log("iteration 1: 12 samples, 3 matched their prompt")
+        return {}
+
+    runner.register("ipr", logging_ipr)
+    job_id = runner.submit("ipr", tiny_params(tiny_sd, tmp_path))
+    assert runner.wait(job_id, timeout=30).status is JobStatus.DONE
+    # After a page reload only the run's name is known; the list polled for it carries no logs.
+    assert all(job.log == "" for job in runner.list_jobs(with_log=False))
+    status, log = tab.status_and_log(runner, job_id, None, "ipr")
+    assert "done" in status and "3 matched their prompt" in log

@@ -144,8 +144,8 @@ class JobRunner:
     def get(self, job_id: str) -> Job | None:
         return self._store.get(job_id)
 
-    def list_jobs(self, limit: int = 200) -> list[Job]:
-        return self._store.list_jobs(limit)
+    def list_jobs(self, limit: int = 200, with_log: bool = True) -> list[Job]:
+        return self._store.list_jobs(limit, with_log)
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job at once, or ask a running one to stop. False if neither."""

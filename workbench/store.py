@@ -130,10 +130,14 @@ class JobStore:
             row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job_from_row(row) if row else None
 
-    def list_jobs(self, limit: int = 200) -> list[Job]:
+    def list_jobs(self, limit: int = 200, with_log: bool = True) -> list[Job]:
+        """The newest jobs first; without their logs (`with_log=False`, left empty) for pages that poll
+        the list every second or two, since a long run's log grows to many kilobytes."""
+        columns = "*" if with_log else ("id, kind, params, status, progress, stage, '' AS log, error, outputs, "
+                                        "created_at, started_at, finished_at")
         with self._lock:
             rows = self._conn.execute(
-                "SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)
+                f"SELECT {columns} FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_job_from_row(row) for row in rows]
 

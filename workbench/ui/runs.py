@@ -64,7 +64,7 @@ def build_runs_tab(runner: JobRunner) -> None:
     details = [params, log, outputs, error]
 
     def refresh(job_id: str | None):
-        jobs = runner.list_jobs()
+        jobs = runner.list_jobs(with_log=False)  # polled every second; the chosen job's log comes apart
         choices = [(f"{job.id} ({job.kind})", job.id) for job in jobs]
         return jobs_table(jobs), gr.update(choices=choices), *job_details(runner, job_id)
 

@@ -98,9 +98,9 @@ def latest_job_for(runner: JobRunner, run: str | None, job_id: str | None, kind:
     folder = run_path(run)
     if folder is None:
         return None
-    for job in runner.list_jobs(200):
+    for job in runner.list_jobs(200, with_log=False):  # polled: the one job found is read whole
         if job.kind == kind and (job.id == folder.name or job.params.get("resume_dir") == str(folder)):
-            return job
+            return runner.get(job.id)
     return None
 
 

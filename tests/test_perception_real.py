@@ -270,6 +270,12 @@ def test_missing_sam_checkpoint_says_what_to_download(data_dir, monkeypatch):
     with pytest.raises(InvalidInput, match="vit_b, vit_l, vit_h"):
         get_segmenter("sam")
 
+    monkeypatch.setenv("WORKBENCH_SAM_MODEL_TYPE", "vit_b")
+    (data_dir / "weights" / "sam").mkdir(parents=True)
+    monkeypatch.setenv("WORKBENCH_SAM_CHECKPOINT", str(data_dir / "weights" / "sam"))  # the folder, not the file
+    with pytest.raises(ModelNotAvailable, match="is a folder; point the setting at the file inside it"):
+        get_segmenter("sam")
+
 
 def test_sam_from_the_environment(tiny_sam, monkeypatch):
     monkeypatch.setenv("WORKBENCH_SAM_CHECKPOINT", str(tiny_sam))

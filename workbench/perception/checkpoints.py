@@ -29,7 +29,10 @@ def raise_if_missing(backend: str, missing: list[Missing]) -> None:
         return
     lines = [f"The {backend} backend cannot start: {len(missing)} required file(s) are not on this machine."]
     for item in missing:
-        lines.append(f"- {item.what}: not found at {item.looked_at}. {item.fetch}")
+        # A setting pointed at the folder that holds the file reads as "not found" otherwise.
+        found = (f"{item.looked_at} is a folder; point the setting at the file inside it" if Path(item.looked_at).is_dir()
+                 else f"not found at {item.looked_at}")
+        lines.append(f"- {item.what}: {found}. {item.fetch}")
     raise ModelNotAvailable("\n".join(lines))
 
 

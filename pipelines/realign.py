@@ -152,7 +152,16 @@ class ReFLConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
-        check_run_settings(self.model, self.eval_prompts, self.eval_seeds)
+        from workbench.likelihood_reward import check_likelihood_reward
+        from workbench.perception.backends import check_all
+
+        # Everything missing in one message, before anything is loaded or written.
+        check_all([lambda: check_run_settings(self.model, self.eval_prompts, self.eval_seeds),
+                   lambda: check_likelihood_reward(self.reward_name, self.reward_model)])
+
+    @property
+    def reward_name(self) -> str:
+        return self.reward or ("shapes" if self.model == "shapes" else "blip")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReFLConfig":
@@ -258,7 +267,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         optimizer = torch.optim.AdamW(params, lr=config.lr)
         sampler = DDIMScheduler.from_config(noise_scheduler.config)
         sampler.set_timesteps(config.schedule_steps)
-        reward = get_likelihood_reward(config.reward or ("shapes" if config.model == "shapes" else "blip"),
+        reward = get_likelihood_reward(config.reward_name,
                                        negatives=config.negatives, seed=config.seed, model=config.reward_model)
         pretrain = None
         if config.pretrain_batch:

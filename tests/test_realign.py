@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipelines.realign import ReFLConfig, run_refl
 from test_trainer import generate_pixels, make_imagefolder
-from workbench.errors import InvalidInput
+from workbench.errors import InvalidInput, WorkbenchError
 from workbench.generation import LoraSpec
 from workbench.jobs import JobCancelled
 from workbench.shapes.bench_prompts import vocabulary
@@ -198,6 +198,19 @@ def test_the_shapes_pretraining_term_trains_on_real_scenes_the_vae_can_decode():
         decoded = vae.decode(latents).sample.clamp(-1, 1)
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
     assert (decoded - render_batch(scenes)).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"reward": "blip"}, "The BLIP captioner .*no folder"),
+    ({"reward_model": "/no/such/captioner"}, "pipelines.train_shapes_captioner"),
+    ({"reward": "clip"}, "Unknown reward 'clip'"),
+])
+def test_a_reward_model_that_is_not_there_is_named_before_anything_loads_or_is_written(tmp_path, monkeypatch,
+                                                                                       changes, words):
+    monkeypatch.setenv("WORKBENCH_BLIP_MODEL", str(tmp_path / "no-blip"))
+    with pytest.raises(WorkbenchError, match=words):
+        run_refl(ReFLConfig(**changes), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("changes, words", [

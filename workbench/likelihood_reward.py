@@ -115,6 +115,20 @@ class ContrastiveLikelihoodReward:
 REWARDS: dict[str, Callable[..., object]] = {"shapes": ShapesLikelihoodReward, "blip": BlipLikelihoodReward}
 
 
+def check_likelihood_reward(name: str, model: str | None = None) -> None:
+    """Raise what get_likelihood_reward would for an unknown name or missing weights, loading nothing."""
+    if name not in REWARDS:
+        raise InvalidInput(f"Unknown reward '{name}'. Available: {', '.join(REWARDS)}.")
+    if name == "blip":
+        from workbench.perception.blip import BLIP, check_model
+
+        check_model(BLIP, model)
+    else:
+        from workbench.shapes.caption_model import check_caption_model
+
+        check_caption_model(model)
+
+
 def get_likelihood_reward(name: str, negatives: int = 0, seed: int = 0, **options):
     """The likelihood reward `name` ("shapes" or "blip"); with negatives > 0 its contrastive form."""
     if name not in REWARDS:

@@ -120,16 +120,22 @@ class CaptionModel(nn.Module):
         (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
 
 
-def load_caption_model(folder: Path | str | None = None, device: str = "cpu") -> CaptionModel:
-    """The shipped (or given) shapes captioner, eval mode, weights from safetensors only."""
-    from safetensors.torch import load_file
-
+def check_caption_model(folder: Path | str | None = None) -> Path:
+    """The captioner's folder; ModelNotAvailable, saying how to make it, when its files are not there."""
     folder = Path(folder) if folder is not None else CAPTION_MODEL_DIR
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise ModelNotAvailable(
             f"The shapes captioner (the caption reward of the shapes world) is not in {folder}. "
             f"Train it with `python -m pipelines.train_shapes_captioner --negatives 4 --steps 2000 --out {folder}` "
             "(about half an hour on a 2-core CPU).")
+    return folder
+
+
+def load_caption_model(folder: Path | str | None = None, device: str = "cpu") -> CaptionModel:
+    """The shipped (or given) shapes captioner, eval mode, weights from safetensors only."""
+    from safetensors.torch import load_file
+
+    folder = check_caption_model(folder)
     model = CaptionModel(CaptionerConfig(**json.loads((folder / CONFIG_FILE).read_text())))
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return model.to(device).eval()

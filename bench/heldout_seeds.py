@@ -1,4 +1,4 @@
-"""Do the shipped adapters' gains hold on seeds that no run's own evaluation drew?
+"""Do the shipped adapters' gains hold on seeds, or prompts, that no run's own evaluation drew?
 
 Every pipeline scores ShapesBench on seeds 0..3, and every setting in the adapter cards was chosen on
 those images. This scores the base model and each adapter on the next seeds instead (default 4..7;
@@ -6,9 +6,12 @@ those images. This scores the base model and each adapter on the next seeds inst
 stopped run continues), and prints the per-tag table with every adapter's gain over the base.
 
     python bench/heldout_seeds.py [--adapter NAME=PATH[:WEIGHT] ...] [--first-seed 4] [--seeds 4]
-                                  [--out data/runs/heldout]
+                                  [--prompts shapesbench|heldout|FILE] [--out data/runs/heldout]
 
-Without --adapter it scores the four shipped adapters in assets/adapters/.
+Without --adapter it scores the four shipped adapters in assets/adapters/. `--prompts heldout` scores
+ShapesBench's six tasks in other wordings (and color_attr's other colour pairs), none of them a
+ShapesBench prompt (`workbench.shapes.bench_prompts.heldout_prompts`, written to OUT/prompts.jsonl);
+with `--first-seed 0` that is new prompts on the usual seeds.
 """
 
 from __future__ import annotations
@@ -23,23 +26,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.benchmark import BenchmarkConfig, run_benchmark  # noqa: E402
 from workbench.generation import LoraSpec  # noqa: E402
-from workbench.shapes.bench_prompts import TAGS  # noqa: E402
+from workbench.shapes.bench_prompts import SHAPESBENCH_PATH, TAGS, heldout_prompts, write_prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {name: f"assets/adapters/{name}-shapes:1.0" for name in ("ipr", "selma", "recap", "refl")}
 
 
-def evaluate(name: str, loras: list[LoraSpec], first_seed: int, seeds: int, out: Path) -> dict:
+def evaluate(name: str, loras: list[LoraSpec], first_seed: int, seeds: int, out: Path,
+             prompts: Path = SHAPESBENCH_PATH) -> dict:
     folder = out / name
-    config = BenchmarkConfig(model="shapes", loras=loras, seeds=seeds, first_seed=first_seed)
+    config = BenchmarkConfig(model="shapes", loras=loras, seeds=seeds, first_seed=first_seed, prompts=str(prompts))
     if (folder / "scores.json").is_file():
         saved = json.loads((folder / "scores.json").read_text())
         # Reuse only an evaluation of the same adapters on the same seeds; a stale folder would
         # otherwise slip other images into the table.
         asked = config.to_dict()
-        if all(saved["config"].get(key) == asked[key] for key in ("loras", "seeds", "first_seed")):
+        if all(saved["config"].get(key) == asked[key] for key in ("loras", "seeds", "first_seed", "prompts")):
             return saved
-        raise SystemExit(f"{folder} holds an evaluation with other adapters or seeds; "
+        raise SystemExit(f"{folder} holds an evaluation with other adapters, seeds or prompts; "
                          f"give another --out or remove that folder.")
     started = time.time()
     summary = run_benchmark(config, folder)
@@ -59,13 +63,20 @@ def main() -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH[:WEIGHT]")
     parser.add_argument("--first-seed", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--prompts", default="shapesbench", help="shapesbench, heldout or a GenEval metadata file")
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "runs" / "heldout")
     args = parser.parse_args()
     adapters = dict(text.split("=", 1) for text in args.adapter) if args.adapter else SHIPPED
+    if args.prompts == "shapesbench":
+        prompts = SHAPESBENCH_PATH
+    elif args.prompts == "heldout":
+        prompts = write_prompts(heldout_prompts(), args.out / "prompts.jsonl")
+    else:
+        prompts = Path(args.prompts)
 
-    print(f"ShapesBench on seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, evaluations in {args.out}")
-    base = evaluate("base", [], args.first_seed, args.seeds, args.out)
-    scores = {name: evaluate(name, [LoraSpec.parse(spec)], args.first_seed, args.seeds, args.out)
+    print(f"{prompts.name} on seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, evaluations in {args.out}")
+    base = evaluate("base", [], args.first_seed, args.seeds, args.out, prompts)
+    scores = {name: evaluate(name, [LoraSpec.parse(spec)], args.first_seed, args.seeds, args.out, prompts)
               for name, spec in adapters.items()}
     print("\n| variant | " + " | ".join(TAGS) + " | overall | gain |")
     print("|---" * (len(TAGS) + 3) + "|")

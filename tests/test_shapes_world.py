@@ -391,6 +391,35 @@ def test_shapesbench_prompts_read_as_their_specs():
                 assert clause["color"] in words, r
 
 
+def test_heldout_prompts_ask_shapesbenchs_tasks_in_words_it_never_uses(tmp_path):
+    """The held-out set (bench/heldout_seeds.py --prompts heldout): 50 distinct prompts per task, none a
+    ShapesBench prompt, color_attr pairs ShapesBench does not ask, every word one the shapes model's
+    tokenizer holds whole, and each prompt read by the parser as exactly the request its record scores."""
+    from transformers import CLIPTokenizer
+
+    from workbench.prompt_parser import parse_prompt
+    from workbench.registry import SHAPES_MODEL_DIR
+
+    bench = shapesbench_prompts()
+    records = bench_prompts.heldout_prompts()
+    taken = {normalize_prompt(r["prompt"]) for r in bench}
+    bench_pairs = {json.dumps(r["include"], sort_keys=True) for r in bench if r["tag"] == "color_attr"}
+    tokenizer = CLIPTokenizer.from_pretrained(SHAPES_MODEL_DIR / "tokenizer")
+    for tag in TAGS:
+        prompts = [r["prompt"] for r in records if r["tag"] == tag]
+        assert len(prompts) == 50 and len(set(prompts)) == 50, tag
+    for r in records:
+        assert normalize_prompt(r["prompt"]) not in taken, r
+        if r["tag"] == "color_attr":
+            assert json.dumps(r["include"], sort_keys=True) not in bench_pairs, r
+        for word in re.findall(r"[a-z]+", r["prompt"]):
+            assert len(tokenizer.tokenize(word)) == 1, (word, r["prompt"])
+        spec = parse_prompt(r["prompt"])
+        assert sorted(map(json.dumps, spec["include"])) == sorted(map(json.dumps, r["include"])), r
+    path = bench_prompts.write_prompts(records, tmp_path / "heldout.jsonl")
+    assert load_prompt_file(path) == records == bench_prompts.heldout_prompts()
+
+
 def test_training_prompts_never_repeat_shapesbench():
     bench = {normalize_prompt(r["prompt"]) for r in shapesbench_prompts()}
     held_out = {json.dumps(r["include"], sort_keys=True) for r in shapesbench_prompts() if r["tag"] == "color_attr"}

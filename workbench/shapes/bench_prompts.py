@@ -138,6 +138,75 @@ def write_shapesbench(path: Path = SHAPESBENCH_PATH, seed: int = SHAPESBENCH_SEE
     return path
 
 
+# --- held-out prompts --------------------------------------------------------------------------
+
+# Other wordings of the same six tasks, in words the shapes model's tokenizer holds whole, none of
+# them a ShapesBench template: for checking that a gain measured on ShapesBench is not one of its
+# phrasings. color_attr keeps its one wording and asks for colour pairs that ShapesBench does not.
+HELDOUT_SEED = 7
+_HELDOUT_SINGLE = (
+    "there is {o}", "{o} on white", "clipart of {o}", "a clipart of {o}", "a stock photo of {o}",
+    "stock image of {o}", "an image showing {o}", "a photo showing {o}", "a drawing showing {o}",
+    "an illustration showing {o}", "a single {n} shape", "one {n} shape", "just {o}",
+    "{o} by itself on a plain background", "a lone {n} on white", "exactly one {n} shape",
+    "{o} shape on a light background",
+)
+_HELDOUT_COLOR = ("there is {o}", "an image showing {o}", "a single {n} shape")
+_HELDOUT_COUNT = ("there are {w} {p}", "{w} {p} together", "just {w} {p}", "a picture of {w} {p}",
+                  "a drawing of {d} {p}", "{w} {p} on white", "exactly {d} {p}")
+_HELDOUT_TWO = ("{a} beside {b}", "{a} next to {b}", "there is {a} and {b}", "a picture showing {a} and {b}",
+                "a drawing of {a} and {b}", "{a} and {b} together", "an illustration of {a} and {b}",
+                "clipart of {a} and {b}", "{a} and one {nb}")
+_HELDOUT_POSITION = ("{a} is {r} {b}", "there is {a} {r} {b}", "a picture of {a} {r} {b}")
+
+
+def _heldout_candidates(tag: str, bench: list[dict]) -> list[list[dict]]:
+    """Like _tag_candidates, in the held-out wordings (color_attr: the pairs ShapesBench leaves out)."""
+    if tag == "color_attr":
+        asked = {_spec_key(r["include"]) for r in bench if r["tag"] == "color_attr"}
+        return [records for records in _tag_candidates(tag) if _spec_key(records[0]["include"]) not in asked]
+    templates = {"single_object": _HELDOUT_SINGLE, "colors": _HELDOUT_COLOR, "counting": _HELDOUT_COUNT,
+                 "two_object": _HELDOUT_TWO}
+    requests = []
+    for records in _tag_candidates(tag):  # the same requests (metadata), reworded
+        first = records[0]
+        include, exclude = first["include"], first.get("exclude")
+        if tag == "position":
+            target, subject = include[0]["class"], include[1]["class"]
+            relation = include[1]["position"][0]
+            texts = [t.format(a=object_phrase(subject), b=object_phrase(target), r=phrase)
+                     for t in _HELDOUT_POSITION for phrase in RELATION_PHRASES[relation]]
+        elif tag == "two_object":
+            a, b = include[0]["class"], include[1]["class"]
+            texts = [t.format(a=object_phrase(a), b=object_phrase(b), na=a, nb=b) for t in templates[tag]]
+        elif tag == "counting":
+            shape, count = include[0]["class"], include[0]["count"]
+            texts = [t.format(w=COUNT_WORDS[count], d=count, p=PLURALS[shape]) for t in templates[tag]]
+        else:
+            shape, color = include[0]["class"], include[0].get("color")
+            texts = [t.format(o=object_phrase(shape, color), n=f"{color} {shape}" if color else shape)
+                     for t in templates[tag]]
+        requests.append([_record(tag, include, text, exclude) for text in texts])
+    return requests
+
+
+def heldout_prompts(seed: int = HELDOUT_SEED, per_tag: int = PROMPTS_PER_TAG) -> list[dict]:
+    """ShapesBench's six tasks, per_tag prompts each, none of them a ShapesBench prompt (compared
+    ignoring case, spacing and punctuation); the same record format."""
+    bench = shapesbench_prompts()
+    taken = {normalize_prompt(r["prompt"]) for r in bench}
+    rng = np.random.default_rng(seed)
+    records = []
+    for tag in TAGS:
+        requests = [[r for r in records_ if normalize_prompt(r["prompt"]) not in taken]
+                    for records_ in _heldout_candidates(tag, bench)]
+        picked = _pick([r for r in requests if r], per_tag, rng)
+        if len(picked) < per_tag:
+            raise ValueError(f"the held-out set can hold only {len(picked)} distinct {tag} prompts")
+        records.extend(picked)
+    return records
+
+
 # --- training prompts ---------------------------------------------------------------------------
 
 
@@ -259,6 +328,22 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def write_prompts(records: list[dict], path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fp:
+        for record in records:
+            fp.write(json.dumps(record) + "\n")
+    tmp.replace(path)
+    return path
+
+
 if __name__ == "__main__":
-    written = write_shapesbench()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write ShapesBench (default) or its held-out wordings.")
+    parser.add_argument("--heldout", type=Path, metavar="PATH", help="write the held-out prompts here instead")
+    args = parser.parse_args()
+    written = write_prompts(heldout_prompts(), args.heldout) if args.heldout else write_shapesbench()
     print(f"wrote {sum(1 for _ in written.open())} prompts to {written}")

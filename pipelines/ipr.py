@@ -181,6 +181,10 @@ class IPRConfig:
         if len(self.timestep_range) != 2 or not 0 <= self.timestep_range[0] < self.timestep_range[1] <= 1:
             raise InvalidInput(f"The timestep range must be two shares of the schedule, 0 <= low < high <= 1, "
                                f"e.g. 0.5 1.0 (got {self.timestep_range}).")
+        if not self.train_unet and not self.lora:
+            raise InvalidInput("A full fine-tune (--full, or Full in the Train tab) trains the whole UNet: train the "
+                               "UNet too (--train-unet, or tick 'Train the UNet too'). By default IPR trains a LoRA "
+                               "on the text encoder alone.")
         if not self.train_unet and not (self.lora and self.train_text_encoder):
             raise InvalidInput(UNTRAINED_UNET_NEEDS_TEXT_ENCODER)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -612,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "is above the square') instead of inline")
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--lora", action="store_true", default=True, help="train a LoRA adapter (default)")
-    kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
+    kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA (needs --train-unet: IPR trains the text encoder alone by default)")
     parser.add_argument("--rank", type=int, default=defaults.rank)
     add_target_modules_argument(parser, defaults.target_modules)
     parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,

@@ -180,6 +180,8 @@ def test_a_text_encoder_only_run_starts_from_the_tab_and_needs_the_text_encoder(
     submitted.clear()
     run, job, message = tab.start_run(runner, *settings, train_text_encoder=False, train_unet=False)
     assert job is None and "needs a LoRA on the text encoder" in message and not submitted
+    run, job, message = tab.start_run(runner, "shapes", 2, 500, 3, "Full", *settings[5:])
+    assert job is None and "Train the UNet too" in message and not submitted
 
 
 def test_a_prior_preservation_folder_outside_the_data_folder_is_refused(runner, monkeypatch, tmp_path):

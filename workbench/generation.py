@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -287,7 +288,9 @@ def _load_adapter(pipe, lora: LoraSpec) -> None:
 
     weights = lora_weights_file(lora.path)
     try:
-        with quiet_adapter_report(absent_adapter_parts(weights)):
+        # peft warns on every adapter after the first; a pipeline that keeps several loaded means to.
+        with quiet_adapter_report(absent_adapter_parts(weights)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=lora.adapter_name())
     except (SafetensorError, ValueError, KeyError, IndexError, RuntimeError) as error:
         if any(lora.adapter_name() in names for names in pipe.get_list_adapters().values()):

@@ -10,7 +10,7 @@ stopped run continues), and prints the per-tag table with every adapter's gain o
 
 Without --adapter it scores the four shipped adapters in assets/adapters/. `--prompts heldout` scores
 ShapesBench's six tasks in other wordings (and color_attr's other colour pairs), none of them a
-ShapesBench prompt (`workbench.shapes.bench_prompts.heldout_prompts`, written to OUT/prompts.jsonl);
+ShapesBench prompt (assets/prompts/shapesbench-heldout.jsonl, from `bench_prompts.heldout_prompts`);
 with `--first-seed 0` that is new prompts on the usual seeds.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.benchmark import BenchmarkConfig, run_benchmark  # noqa: E402
 from workbench.generation import LoraSpec  # noqa: E402
-from workbench.shapes.bench_prompts import SHAPESBENCH_PATH, TAGS, heldout_prompts, write_prompts  # noqa: E402
+from workbench.shapes.bench_prompts import HELDOUT_PATH, SHAPESBENCH_PATH, TAGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {name: f"assets/adapters/{name}-shapes:1.0" for name in ("ipr", "selma", "recap", "refl")}
@@ -70,7 +70,7 @@ def main() -> None:
     if args.prompts == "shapesbench":
         prompts = SHAPESBENCH_PATH
     elif args.prompts == "heldout":
-        prompts = write_prompts(heldout_prompts(), args.out / "prompts.jsonl")
+        prompts = HELDOUT_PATH
     else:
         prompts = Path(args.prompts)
 

@@ -185,6 +185,17 @@ def test_the_tab_builds_base_first_then_one_variant_per_line(tiny_sd, tiny_lora)
     assert (config.seeds, config.steps, config.detector, config.prompt_set) == (3, 2, None, "shapesbench.jsonl:position")
 
 
+def test_the_held_out_wordings_are_a_source_of_other_prompts_for_the_same_tasks(tiny_sd):
+    from workbench.shapes.bench_prompts import heldout_prompts
+    from workbench.ui.compare import build_config
+
+    bench = build_config(str(tiny_sd), "", "ShapesBench tag", "", "position", 3, None, 1, 2, "auto")
+    held = build_config(str(tiny_sd), "", "Held-out wordings tag", "", "position", 3, None, 1, 2, "auto")
+    assert held.prompts == [r for r in heldout_prompts() if r["tag"] == "position"][:3]
+    assert not {r["prompt"] for r in held.prompts} & {r["prompt"] for r in bench.prompts}
+    assert held.prompt_set == "shapesbench-heldout.jsonl:position"
+
+
 def test_a_long_comparison_shows_a_sample_of_each_tag_in_the_tab(data_dir):
     from workbench.ui.compare import GRID_PROMPTS_PER_TAG, show_result
 

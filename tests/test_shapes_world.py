@@ -418,6 +418,7 @@ def test_heldout_prompts_ask_shapesbenchs_tasks_in_words_it_never_uses(tmp_path)
         assert sorted(map(json.dumps, spec["include"])) == sorted(map(json.dumps, r["include"])), r
     path = bench_prompts.write_prompts(records, tmp_path / "heldout.jsonl")
     assert load_prompt_file(path) == records == bench_prompts.heldout_prompts()
+    assert load_prompt_file(bench_prompts.HELDOUT_PATH) == records  # the shipped file is the generator's output
 
 
 def test_training_prompts_never_repeat_shapesbench():

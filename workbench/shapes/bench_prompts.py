@@ -1,6 +1,7 @@
 """ShapesBench: GenEval's six tasks over the shapes world, and training prompts kept apart from it.
 
-Run `python -m workbench.shapes.bench_prompts` to (re)write assets/prompts/shapesbench.jsonl.
+Run `python -m workbench.shapes.bench_prompts` to (re)write assets/prompts/shapesbench.jsonl, and with
+`--heldout` assets/prompts/shapesbench-heldout.jsonl (the same tasks in other words).
 
 The world has only 3 classes and 6 colours, so some tasks hold fewer than 50 different requests:
 single_object 3, counting 9 (counts 2-4), colors 18, two_object 6 (ordered pairs), position 24;
@@ -25,6 +26,7 @@ SHAPESBENCH_SEED = 43  # GenEval's default seed
 PROMPTS_PER_TAG = 50
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SHAPESBENCH_PATH = Path(__file__).resolve().parents[2] / "assets" / "prompts" / "shapesbench.jsonl"
+HELDOUT_PATH = SHAPESBENCH_PATH.with_name("shapesbench-heldout.jsonl")  # heldout_prompts(), shipped
 
 # {o}: "a circle"; {n}: "circle"; the first template is GenEval's bare form without "a photo of".
 _SINGLE_TEMPLATES = (
@@ -343,7 +345,8 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Write ShapesBench (default) or its held-out wordings.")
-    parser.add_argument("--heldout", type=Path, metavar="PATH", help="write the held-out prompts here instead")
+    parser.add_argument("--heldout", type=Path, nargs="?", const=HELDOUT_PATH, metavar="PATH",
+                        help=f"write the held-out prompts instead (default path: {HELDOUT_PATH.name} beside ShapesBench)")
     args = parser.parse_args()
     written = write_prompts(heldout_prompts(), args.heldout) if args.heldout else write_shapesbench()
     print(f"wrote {sum(1 for _ in written.open())} prompts to {written}")

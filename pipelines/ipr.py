@@ -616,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "is above the square') instead of inline")
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--lora", action="store_true", default=True, help="train a LoRA adapter (default)")
-    kind.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA (needs --train-unet: IPR trains the text encoder alone by default)")
+    kind.add_argument("--full", action="store_true",
+                      help="fine-tune the whole UNet instead of a LoRA (needs --train-unet: IPR trains the text "
+                           "encoder alone by default)")
     parser.add_argument("--rank", type=int, default=defaults.rank)
     add_target_modules_argument(parser, defaults.target_modules)
     parser.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction,

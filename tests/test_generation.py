@@ -161,7 +161,8 @@ def test_text_encoder_loras_load_with_their_weights_and_no_false_load_report(cap
     pipe = StableDiffusionPipeline.from_pretrained(resolve("shapes").source, safety_checker=None, local_files_only=True)
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
-        for name in ("ipr-shapes", "selma-shapes"):  # one after the other on the same pipeline, as a session does
+        # one after the other on the same pipeline, as a session does
+        for name in ("ipr-shapes", "selma-shapes", "selma-shapes/mixed"):
             adapter = Path(__file__).resolve().parents[1] / "assets" / "adapters" / name
             saved = {k: v for k, v in load_file(str(lora_weights_file(str(adapter)))).items()
                      if k.startswith("text_encoder.") and ".up." in k}

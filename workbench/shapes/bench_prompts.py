@@ -346,7 +346,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Write ShapesBench (default) or its held-out wordings.")
     parser.add_argument("--heldout", type=Path, nargs="?", const=HELDOUT_PATH, metavar="PATH",
-                        help=f"write the held-out prompts instead (default path: {HELDOUT_PATH.name} beside ShapesBench)")
+                        help=f"write the held-out prompts instead (default: {HELDOUT_PATH.name} beside ShapesBench)")
     args = parser.parse_args()
     written = write_prompts(heldout_prompts(), args.heldout) if args.heldout else write_shapesbench()
     print(f"wrote {sum(1 for _ in written.open())} prompts to {written}")

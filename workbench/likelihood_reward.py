@@ -131,8 +131,7 @@ def check_likelihood_reward(name: str, model: str | None = None) -> None:
 
 def get_likelihood_reward(name: str, negatives: int = 0, seed: int = 0, **options):
     """The likelihood reward `name` ("shapes" or "blip"); with negatives > 0 its contrastive form."""
-    if name not in REWARDS:
-        raise InvalidInput(f"Unknown reward '{name}'. Available: {', '.join(REWARDS)}.")
+    check_likelihood_reward(name, options.get("model"))
     if negatives < 0:
         raise InvalidInput(f"The number of hard negatives must be 0 or more (got {negatives}).")
     base = REWARDS[name](**options)

@@ -132,12 +132,7 @@ def shapesbench_prompts(seed: int = SHAPESBENCH_SEED, per_tag: int = PROMPTS_PER
 
 
 def write_shapesbench(path: Path = SHAPESBENCH_PATH, seed: int = SHAPESBENCH_SEED, per_tag: int = PROMPTS_PER_TAG) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fp:
-        for record in shapesbench_prompts(seed, per_tag):
-            fp.write(json.dumps(record) + "\n")
-    return path
+    return write_prompts(shapesbench_prompts(seed, per_tag), path)
 
 
 # --- held-out prompts --------------------------------------------------------------------------
@@ -331,14 +326,11 @@ def vocabulary() -> list[str]:
 
 
 def write_prompts(records: list[dict], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fp:
-        for record in records:
-            fp.write(json.dumps(record) + "\n")
-    tmp.replace(path)
-    return path
+    """A prompt file (one GenEval record a line), written atomically; returns its path."""
+    from workbench.store import write_jsonl
+
+    write_jsonl(Path(path), records)
+    return Path(path)
 
 
 if __name__ == "__main__":

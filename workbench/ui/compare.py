@@ -20,8 +20,8 @@ from ..evaluation import load_prompt_file
 from ..generation import LoraSpec
 from ..jobs import JobRunner, JobStatus, run_names
 from ..registry import model_names, resolve
-from ..shapes.bench_prompts import HELDOUT_PATH
 from ..report import STYLE, grid_html, load_comparison, write_report
+from ..shapes.bench_prompts import HELDOUT_PATH
 from .adapters import adapter_choices
 from .generate import follow_job
 from .train_runs import number

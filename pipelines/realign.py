@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, check_run_settings, format_scores, run_benchmark
 from workbench.errors import InvalidInput, WorkbenchError
+from workbench.memory import out_of_memory_as_message
 from workbench.store import bind_run_config, write_json
 from workbench.generation import LoraSpec
 from workbench.shapes.bench_prompts import training_prompts
@@ -501,7 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     try:
-        result = run_refl(ReFLConfig.from_dict(args), out, log=lambda m: print(m, flush=True))
+        config = ReFLConfig.from_dict(args)
+        with out_of_memory_as_message(f"running ReFL on {config.model}",
+                                      f"Start afresh in a new --out with a smaller --batch-size (now "
+                                      f"{config.batch_size}); ReFL keeps a whole denoising step's graph per image."):
+            result = run_refl(config, out, log=lambda m: print(m, flush=True))
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

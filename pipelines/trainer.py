@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from workbench.errors import InvalidInput, ModelNotAvailable, WorkbenchError
 from workbench.imagefolder import read_imagefolder
+from workbench.memory import out_of_memory_as_message
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA script
 # The whole transformer block of every cross-attention stage: attention, the feed-forward layers and
@@ -510,7 +511,14 @@ def train(config: TrainConfig, on_progress: Callable[[float, str], None] | None 
     try:
         if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             raise InvalidInput("fp16 mixed precision needs a GPU; on the CPU use bf16 or no.")
-        return _train(config, rows, entry, out, accelerator, on_progress, should_stop, resume)
+        # Batch size and accumulation set the data order, so changing them starts afresh; precision does not.
+        advice = (f"Start afresh with a smaller batch (now {config.batch_size}) and more gradient accumulation "
+                  f"(now {config.grad_accum}) by the same factor, which keeps the effective batch.")
+        if accelerator.device.type == "cuda" and accelerator.mixed_precision == "no":
+            advice = (f"Use bf16 mixed precision: the run then continues from its last checkpoint in "
+                      f"{out / 'checkpoints'}. Or s{advice[1:]}")
+        with out_of_memory_as_message(f"fine-tuning {entry.name} on {accelerator.device}", advice):
+            return _train(config, rows, entry, out, accelerator, on_progress, should_stop, resume)
     finally:
         if accelerator.num_processes == 1:
             # The next in-process run may ask for another precision or accumulation: start it clean.

@@ -15,3 +15,7 @@ class ModelNotAvailable(WorkbenchError):
 
 class JobCancelled(Exception):
     """Raised inside a job when the user asked it to stop."""
+
+
+class OutOfMemory(WorkbenchError):
+    """The device (GPU or CPU) ran out of memory; the message says what to change (see workbench.memory)."""

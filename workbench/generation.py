@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 from .config import get_settings
 from .errors import InvalidInput, JobCancelled
+from .memory import out_of_memory_as_message
 from .registry import load_pipeline, resolve
 from .store import check_output_folder
 
@@ -195,7 +196,10 @@ def generate_many(requests: list[GenerationRequest], out_dir: Path | None = None
     total_steps = steps * len(batches)
     results: list[GeneratedImage] = []
 
-    with _pipeline_lock:
+    what = f"generating {len(items)} image(s) of {width}x{height} with '{first.model}'"
+    advice = ("Ask for fewer seeds at once or a smaller size" +
+              (f"; the images are drawn {batch_size} at a time." if len(items) > 1 else "."))
+    with _pipeline_lock, out_of_memory_as_message(what, advice):
         _set_scheduler(pipe, first.scheduler)
         _set_adapters(pipe, first.loras)
         for batch_index, batch in enumerate(batches):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
+from workbench.memory import is_out_of_memory, out_of_memory_message, release_cached_memory
 from workbench.store import Job, JobStatus, JobStore
 
 __all__ = ["Job", "JobContext", "JobRunner", "JobStatus", "get_runner"]
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 JobFn = Callable[[dict[str, Any], "JobContext"], "dict[str, Any] | None"]
 
+WORKER_THREAD_NAME = "job-runner"
+# A job whose own code did not say what to change when memory ran out gets this.
+OUT_OF_MEMORY_ADVICE = ("Start it again with a smaller batch (and more gradient accumulation to keep the "
+                        "effective batch), fewer images at once or a smaller resolution.")
 # Progress may be reported every diffusion step; the database sees at most one write per interval.
 PROGRESS_WRITE_INTERVAL_S = 0.2
 
@@ -117,7 +122,7 @@ class JobRunner:
         self._running: dict[str, threading.Event] = {}  # job id -> its cancel event
         self._finished = threading.Condition()
         self._stopping = False
-        self._worker = threading.Thread(target=self._work, name="job-runner", daemon=True)
+        self._worker = threading.Thread(target=self._work, name=WORKER_THREAD_NAME, daemon=True)
         self._worker.start()
 
     # -- public API ---------------------------------------------------------------------------
@@ -143,6 +148,13 @@ class JobRunner:
 
     def get(self, job_id: str) -> Job | None:
         return self._store.get(job_id)
+
+    def running(self) -> list[Job]:
+        """The jobs the worker is running now (at most one)."""
+        with self._lock:
+            ids = list(self._running)
+        jobs = (self._store.get(job_id) for job_id in ids)
+        return [job for job in jobs if job is not None and job.status is JobStatus.RUNNING]
 
     def list_jobs(self, limit: int = 200, with_log: bool = True) -> list[Job]:
         return self._store.list_jobs(limit, with_log)
@@ -243,7 +255,13 @@ class JobRunner:
             ctx.log(status.value)
         except Exception as exc:
             status = JobStatus.FAILED
-            error = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, WorkbenchError):
+                error = str(exc)
+            elif is_out_of_memory(exc):
+                release_cached_memory()
+                error = out_of_memory_message(f"running this {job.kind} job", OUT_OF_MEMORY_ADVICE)
+            else:
+                error = f"{type(exc).__name__}: {exc}"
             ctx.log(f"failed: {error}\n{traceback.format_exc()}")
         self._store.finish(
             job.id,
@@ -279,6 +297,13 @@ def run_names(runs_dir: Path, holds: Callable[[Path], bool]) -> list[str]:
 
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
+
+
+def running_jobs() -> list[Job]:
+    """The process-wide runner's running jobs; none when no runner was started (starts none)."""
+    with _runner_lock:
+        runner = _runner
+    return runner.running() if runner is not None else []
 
 
 def get_runner() -> JobRunner:

@@ -19,6 +19,7 @@ import torch
 from .config import ASSETS_DIR, get_settings
 from .devices import pick_device, pick_dtype
 from .errors import InvalidInput, ModelNotAvailable
+from .memory import out_of_memory_as_message
 
 # diffusers still passes this deprecated argument to huggingface_hub, whose warning would stand above
 # every "download it with ..." message as if it were the problem.
@@ -147,7 +148,10 @@ def load_pipeline(name_or_path: str, device: str | None = None, dtype: str | Non
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        pipe = _load_from_disk(entry, torch_dtype).to(torch_device)
+        with out_of_memory_as_message(f"loading '{entry.name}' onto {torch_device}",
+                                      "Free memory (other models, other programs on the GPU) or choose a smaller "
+                                      "dtype (WORKBENCH_DTYPE=fp16 or bf16) or the CPU (WORKBENCH_DEVICE=cpu)."):
+            pipe = _load_from_disk(entry, torch_dtype).to(torch_device)
         pipe.set_progress_bar_config(disable=True)
         pipe.workbench_entry = entry  # the generation service reads defaults and names from it
         pipe.workbench_default_scheduler = pipe.scheduler  # schedulers are swapped per request

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
 from ..generation import METADATA_KEY, GenerationRequest, generate
+from ..memory import out_of_memory_as_message
 from ..perception.backends import get_detector, get_segmenter
 from ..perception.base import Detection
 from ..prompt_parser import parse_prompt
@@ -31,6 +32,7 @@ DIFF_COLORS = {"removed": "#f87171", "added": "#4ade80"}
 # Shapes images are 64 px: they are enlarged (nearest neighbour) so boxes and masks stay readable.
 DISPLAY_SIDE = 384
 MASK_ALPHA = 0.45  # masks shade the object; the box outline stays opaque
+PERCEPTION_ADVICE = "Try a smaller image, or free the memory other models or programs hold."
 
 
 # --- perception backends -------------------------------------------------------------------------
@@ -171,7 +173,8 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
         spec = parse_prompt(prompt)
         # The shapes detector sees everything; open-vocabulary detectors need the names to look for.
         labels = None if name == "shapes" else _classes(spec)
-        detections = list(detector.detect(picture, labels))
+        with out_of_memory_as_message(f"detecting objects with {name}", PERCEPTION_ADVICE):
+            detections = list(detector.detect(picture, labels))
         result = relabel(prompt, [d.to_dict() for d in detections], picture.width, picture.height,
                          box_threshold=float(box_threshold))
     except WorkbenchError as error:
@@ -181,7 +184,8 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
     masks = None
     try:
         segmenter = _segmenter(SEGMENTER_FOR.get(name, "sam"))
-        masks = segmenter.segment(picture, [d.box for d in detections]) if detections else []
+        with out_of_memory_as_message("segmenting the detected objects", PERCEPTION_ADVICE):
+            masks = segmenter.segment(picture, [d.box for d in detections]) if detections else []
     except WorkbenchError as error:
         notes.append(f"No masks: {error}")
     shown = annotated(picture, detections, masks, threshold=float(box_threshold))

@@ -32,6 +32,7 @@ from ..errors import InvalidInput, WorkbenchError
 from ..generation import GenerationRequest
 from ..jobs import run_names
 from ..llm import LLMS
+from ..memory import out_of_memory_as_message
 from ..perception.backends import DETECTORS, SEGMENTERS, TAGGERS
 from ..registry import load_pipeline, model_names
 from .compare import default_steps
@@ -252,9 +253,12 @@ def run_fine_stage(model, prompt, seed, strength=1.0, edges="neutral", steps=Non
     try:
         config, seed = build_config(model, prompt, seed, strength, edges, steps, llm, tagger, detector, segmenter)
         load_pipeline(config.model)  # a missing model is named before the perception models are looked for
-        perception = _perception(tuple(sorted(backend_names(config).items())))
         folder = new_run_folder()
-        realign_fine(prompt, seed, folder, config, perception, log=lambda _: None)
+        with out_of_memory_as_message(f"realigning with '{config.model}' and its perception models",
+                                      "Free the memory other models or programs hold, or choose lighter backends "
+                                      "(a smaller LLM or tagger)."):
+            perception = _perception(tuple(sorted(backend_names(config).items())))
+            realign_fine(prompt, seed, folder, config, perception, log=lambda _: None)
         shown = show_run(load_run(folder.name))
     except WorkbenchError as error:
         return (*keep, f"Cannot realign: {error}", gr.update())

@@ -3,7 +3,7 @@
 CUDA raises `torch.OutOfMemoryError`, MPS and ROCm raise a RuntimeError that says "out of memory", the
 CPU raises MemoryError. Each is turned into `OutOfMemory` (a WorkbenchError, so the UI and the CLI show
 it as is) that says what was being done, what to change, and which background job, if any, holds
-memory on the same machine: a fine-tune in the job runner and a Generate click share one GPU.
+memory on the same machine: a fine-tune in the job runner and an Inspect click share one GPU.
 """
 
 from __future__ import annotations

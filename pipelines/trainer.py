@@ -512,13 +512,12 @@ def train(config: TrainConfig, on_progress: Callable[[float, str], None] | None 
         if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             raise InvalidInput("fp16 mixed precision needs a GPU; on the CPU use bf16 or no.")
         # Batch size and accumulation set the data order, so changing them starts afresh; precision does not.
-        advice = (f"start afresh with a smaller batch (now {config.batch_size}) and more gradient accumulation "
-                  f"(now {config.grad_accum}) by the same factor, which keeps the effective batch.")
+        smaller = (f"a smaller batch (now {config.batch_size}) and more gradient accumulation (now "
+                   f"{config.grad_accum}) by the same factor, which keeps the effective batch.")
+        advice = f"Start afresh with {smaller}"
         if accelerator.device.type == "cuda" and accelerator.mixed_precision == "no":
             advice = (f"Use bf16 mixed precision: the run then continues from its last checkpoint in "
-                      f"{out / 'checkpoints'}. Or {advice}")
-        else:
-            advice = advice[0].upper() + advice[1:]
+                      f"{out / 'checkpoints'}. Or start afresh with {smaller}")
         with out_of_memory_as_message(f"fine-tuning {entry.name} on {accelerator.device}", advice):
             return _train(config, rows, entry, out, accelerator, on_progress, should_stop, resume)
     finally:

@@ -38,6 +38,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -188,8 +189,11 @@ def find_regions(image: Image.Image, prompt: str, tokenizer, perception: Percept
 
 
 def realign_fine(prompt: str, seed: int, out_dir: Path | None = None, config: FineStageConfig | None = None,
-                 perception: Perception | None = None, log=print) -> dict:
+                 perception: Perception | None = None, log=print,
+                 on_progress: Callable[[float, str], None] | None = None) -> dict:
     """Generate, find what to realign, regenerate under the modulation; write the outputs to `out_dir`.
+
+    on_progress(fraction, stage) is called as each stage starts (the UI shows it while a real model works).
 
     Returns result.json's content plus the two images ("original", "realigned"), the RegionPlan ("plan") and
     the AttentionCapture of the realigned run ("capture").
@@ -201,19 +205,24 @@ def realign_fine(prompt: str, seed: int, out_dir: Path | None = None, config: Fi
     if not 0 <= seed < 2**32:
         raise InvalidInput(f"The seed must be between 0 and {2**32 - 1} (got {seed}).")
     started = time.time()
+    progress = on_progress or (lambda fraction, stage: None)
+    progress(0.0, "loading the model and the perception models")
     pipe = load_pipeline(config.model)
     perception = perception or Perception.load(config)
     sampling = dict(steps=config.steps, guidance=config.guidance)
 
     # 1. The image as the model draws it.
+    progress(0.2, f"generating the original image (seed {seed})")
     [original], _ = modulated_generation(pipe, prompt, None, seed, **sampling)
     log(f"generated the original image (seed {seed})")
 
     # 2-5. Tags, scores, objects, masks, local captions, and the region of each of their tokens.
+    progress(0.45, "tagging the image, scoring the tags with the LLM, finding and segmenting the objects")
     plan = find_regions(original, prompt, pipe.tokenizer, perception, config.min_score)
     log(f"tags {plan.scores}; realigning {plan.captions or 'nothing'}")
 
     # 6. The same seed again, the cross-attention pulled towards the objects' regions.
+    progress(0.65, "regenerating the same seed with the cross-attention modulated")
     capture = AttentionCapture(resolution=config.capture_resolution)
     [realigned], capture = modulated_generation(pipe, prompt, plan.regions, seed, config.strength, capture,
                                                 time_power=config.time_power, layers=config.layers, edges=config.edges,

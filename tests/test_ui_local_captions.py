@@ -63,6 +63,16 @@ def test_a_run_shows_both_images_the_tags_the_masks_and_each_tokens_attention(da
     assert "seed 0" in status and str(folder) in status and "“a red circle”" in status
 
 
+def test_the_page_shows_each_stage_while_it_works():
+    shown = []
+    tab.run_fine_stage("shapes", PROMPT, 0, 0.0, "neutral", STEPS,
+                       progress=lambda fraction, desc: shown.append((fraction, desc)))
+    fractions, stages = zip(*shown)
+    assert list(fractions) == sorted(fractions) and fractions[-1] < 1
+    assert [stage.split()[0] for stage in stages] == ["loading", "loading", "generating", "tagging", "regenerating"]
+    assert "seed 0" in stages[2] and "LLM" in stages[3]
+
+
 def test_strength_zero_regenerates_the_original_exactly():
     original, realigned, _, _, before, after, _, _ = run(strength=0)
     assert np.array_equal(pixels(original), pixels(realigned))

@@ -246,19 +246,23 @@ def _perception(names: tuple[tuple[str, str], ...]) -> Perception:
 
 
 def run_fine_stage(model, prompt, seed, strength=1.0, edges="neutral", steps=None, llm=None, tagger=None,
-                   detector=None, segmenter=None):
+                   detector=None, segmenter=None, progress=gr.Progress()):
     """Run the fine stage into a new run folder and show it; the outputs of `show_run`, then the run picker.
-    Bad input or missing weights leave the page as it is and say why in the status line."""
+    Bad input or missing weights leave the page as it is and say why in the status line. It runs in the
+    request (one image, interactive); `progress` shows each stage meanwhile, which takes minutes with a
+    real model on a CPU."""
     keep = (gr.update(),) * 6
     try:
         config, seed = build_config(model, prompt, seed, strength, edges, steps, llm, tagger, detector, segmenter)
+        progress(0.0, desc="loading the model and the perception models")
         load_pipeline(config.model)  # a missing model is named before the perception models are looked for
         folder = new_run_folder()
         with out_of_memory_as_message(f"realigning with '{config.model}' and its perception models",
                                       "Free the memory other models or programs hold, or choose lighter backends "
                                       "(a smaller LLM or tagger)."):
             perception = _perception(tuple(sorted(backend_names(config).items())))
-            realign_fine(prompt, seed, folder, config, perception, log=lambda _: None)
+            realign_fine(prompt, seed, folder, config, perception, log=lambda _: None,
+                         on_progress=lambda fraction, stage: progress(fraction, desc=stage))
         shown = show_run(load_run(folder.name))
     except WorkbenchError as error:
         return (*keep, f"Cannot realign: {error}", gr.update())

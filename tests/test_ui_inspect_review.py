@@ -79,6 +79,14 @@ def test_a_wrong_prompt_is_relabeled_to_what_the_image_shows():
     assert "1 detection(s) with `shapes`" in message
 
 
+def test_inspecting_names_each_stage_while_it_works():
+    shown = []
+    inspect.inspect_image(scene_image(("circle", "red", 32, 32)), "a red circle", "shapes",
+                          progress=lambda fraction, desc: shown.append((fraction, desc)))
+    assert [desc.split()[0] for _, desc in shown] == ["loading", "detecting", "segmenting"]
+    assert [fraction for fraction, _ in shown] == sorted(fraction for fraction, _ in shown)
+
+
 def test_a_right_prompt_stays_as_it_is():
     image = scene_image(("circle", "red", 20, 32), ("square", "blue", 44, 32))
     *_, diff, relabeled, verdict, _message = inspect.inspect_image(

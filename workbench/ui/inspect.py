@@ -160,16 +160,20 @@ def fill_from_metadata(image):
         return gr.update(), gr.update()
 
 
-def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto", box_threshold: float = 0.3):
+def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto", box_threshold: float = 0.3,
+                  progress=gr.Progress()):
     """Detect, segment and relabel; returns the values of the tab's outputs, in order:
-    annotated image, parsed scene, detected scene, word diff, relabeled prompt, verdict, message."""
+    annotated image, parsed scene, detected scene, word diff, relabeled prompt, verdict, message.
+    `progress` names each stage: real detectors and SAM take a while to load the first time."""
     empty = (None, None, None, None, "", "")
     try:
         picture = as_image(image)
         if not prompt or not prompt.strip():
             raise InvalidInput("Give the prompt the image was made for: the relabel rewrites it.")
         name = detector_for(model, detector_choice)
+        progress(0.0, desc=f"loading the {name} detector")
         detector = _detector(name)
+        progress(0.3, desc=f"detecting objects with {name}")
         spec = parse_prompt(prompt)
         # The shapes detector sees everything; open-vocabulary detectors need the names to look for.
         labels = None if name == "shapes" else _classes(spec)
@@ -183,6 +187,7 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
     notes = []
     masks = None
     try:
+        progress(0.6, desc="segmenting the detected objects")
         segmenter = _segmenter(SEGMENTER_FOR.get(name, "sam"))
         with out_of_memory_as_message("segmenting the detected objects", PERCEPTION_ADVICE):
             masks = segmenter.segment(picture, [d.box for d in detections]) if detections else []

@@ -89,6 +89,10 @@ class IPRConfig:
     # rarely composes a relation learns relations from the pairs that show one).
     split_colors: bool = True
     say_relations: bool = True
+    # Write each rewrite inside its prompt's own framing ("a photo of ... on a white background"; not in
+    # the paper's code, which edits the prompt in place). Without it only unchanged prompts keep their
+    # framing, so the framing words come to mean "the image is faithful" (relabel.relabel).
+    keep_framing: bool = False
     weighting: str = "relabel"  # see WEIGHTINGS
     # Mirror images (not in the paper): each training image is flipped left to right with p = 0.5 and
     # trained under its caption with left and right swapped, where its mirrored detections confirm
@@ -208,7 +212,7 @@ class IPRConfig:
 OLDER_RUNS = {"min_confidence": 0.0, "continue_adapter": True, "prompt_kinds": None, "prior_images": 0,
               "prior_data": None, "target_modules": list(UNET_TARGETS), "mirror": False,
               "scale_steps": False, "ema_decay": None, "clause_share": 0.5, "adapter_seeds": 1,
-              "timestep_range": [0.0, 1.0], "train_unet": True}
+              "timestep_range": [0.0, 1.0], "train_unet": True, "keep_framing": False}
 
 
 @dataclass
@@ -322,7 +326,8 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         image = item.pop("pil")
         detections = [d.to_dict() for d in detector.detect(image)]
         result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold,
-                         split_colors=config.split_colors, say_relations=config.say_relations)
+                         split_colors=config.split_colors, say_relations=config.say_relations,
+                         keep_framing=config.keep_framing)
         keep, reasons = result.keep, result.reasons
         unsure = unsure_detections(detections, config.box_threshold, min_confidence) if keep else []
         if unsure:
@@ -401,7 +406,8 @@ def mirrored_caption(config: IPRConfig, text: str, sample: dict, run_root: Path)
                 for det in sample["detections"]]
     swapped = swap_sides(text)
     confirmed = relabel(swapped, mirrored, width, height, box_threshold=config.box_threshold,
-                        split_colors=config.split_colors, say_relations=config.say_relations).prompt
+                        split_colors=config.split_colors, say_relations=config.say_relations,
+                        keep_framing=config.keep_framing).prompt
     return swapped if confirmed == swapped else None
 
 
@@ -655,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "not in the paper)")
     parser.add_argument("--literal-relabels", action="store_true",
                         help="relabels only in terms GenEval's scorer checks: no colour split, relations only where asked")
+    parser.add_argument("--keep-framing", action=argparse.BooleanOptionalAction, default=defaults.keep_framing,
+                        help="write each relabel inside its prompt's framing ('a photo of ... on a white background') "
+                             "instead of as the bare scene")
     parser.add_argument("--box-threshold", type=float, default=defaults.box_threshold)
     parser.add_argument("--min-confidence", type=float, default=defaults.min_confidence,
                         help="drop samples with a detection scoring above the box threshold but below this "
@@ -698,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                                prior_images=args.prior_images, prior_data=args.prior_data, weighting=args.weighting,
                                mirror=args.mirror,
                                split_colors=not args.literal_relabels,
-                               say_relations=not args.literal_relabels,
+                               say_relations=not args.literal_relabels, keep_framing=args.keep_framing,
                                continue_adapter=args.continue_adapter,
                                box_threshold=args.box_threshold, min_confidence=args.min_confidence,
                                detector=args.detector, review=bool(args.review),

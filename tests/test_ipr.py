@@ -258,6 +258,23 @@ def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
     assert [s["keep"] for s in annotate(IPRConfig(min_confidence=0.0), items(), 0, SureFromPoint8(), stages)] == [True, True]
 
 
+def test_keep_framing_writes_each_relabel_inside_its_prompts_framing():
+    from PIL import Image
+
+    from pipelines.ipr import Stages, annotate
+
+    def items():
+        return [{"id": "a", "prompt": "a rendering of two red circles on a light background",
+                 "pil": Image.new("RGB", (32, 32))}]
+
+    stages = Stages(None, iterations=1, evaluate=False)
+    bare = annotate(IPRConfig(), items(), 0, ScriptedDetector(), stages)[0]
+    framed = annotate(IPRConfig(keep_framing=True), items(), 0, ScriptedDetector(), stages)[0]
+    assert bare["relabeled"] == "a red circle to the left of a blue square"
+    assert framed["relabeled"] == "a rendering of a red circle to the left of a blue square on a light background"
+    assert framed["reasons"] == bare["reasons"]
+
+
 def test_a_run_saved_before_the_newer_settings_continues_with_what_it_had(tmp_path):
     from dataclasses import asdict
 

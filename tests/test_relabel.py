@@ -12,7 +12,7 @@ from workbench.errors import InvalidInput
 from workbench.evaluation import score_detections
 from workbench.perception.base import Detection
 from workbench.perception.shapes import ShapesDetector
-from workbench.prompt_parser import infer_tag, parse_prompt
+from workbench.prompt_parser import framing, infer_tag, parse_prompt
 from workbench.relabel import RelabelResult, relabel
 from workbench.shapes.bench_prompts import training_prompts
 from workbench.shapes.render import render
@@ -31,9 +31,10 @@ def scorer_accepts(prompt: str, detections) -> bool:
     return score_detections({**spec, "tag": infer_tag(spec)}, dets).correct
 
 
-def check_against_scorer(record: dict, detections: list[Detection], say_relations: bool = False) -> RelabelResult:
+def check_against_scorer(record: dict, detections: list[Detection], say_relations: bool = False,
+                         keep_framing: bool = False) -> RelabelResult:
     """The properties every relabel must have, judged with the record's own metadata and tag."""
-    result = relabel(record["prompt"], detections, 64, 64, say_relations=say_relations)
+    result = relabel(record["prompt"], detections, 64, 64, say_relations=say_relations, keep_framing=keep_framing)
     correct = score_detections(record, detections).correct
     assert result.changed == (not correct), (record, detections, result)
     if result.changed:
@@ -69,6 +70,41 @@ def test_relabel_and_scorer_agree_on_rendered_scenes():
     assert len(outcomes) >= 250
     # Both verdicts are well represented, so the agreement above means something.
     assert 0.25 < np.mean(outcomes) < 0.75
+
+
+def test_a_framed_relabel_keeps_the_framing_and_still_says_only_what_the_image_shows():
+    """Every kind of training prompt (most of them framed: "a rendering of ...", "... on a light
+    background"), shown another prompt's scene: the rewrite inside the framing parses to the detected
+    scene, the scorer accepts it, and it starts and ends as the original does."""
+    records = training_prompts(300, seed=5, kinds=["single_object", "two_object", "counting", "colors", "position",
+                                                   "color_attr"])
+    rng = np.random.default_rng(2)
+    detector = ShapesDetector()
+    framed = 0
+    for k, record in enumerate(records):
+        scene = scene_from_spec(records[(7 * k + 3) % len(records)], rng)
+        if scene is None:
+            continue
+        result = check_against_scorer(record, detector.detect(render(scene)), keep_framing=True)
+        prefix, suffix = framing(record["prompt"])
+        if result.changed and result.prompt and (prefix or suffix):
+            framed += 1
+            assert result.prompt.startswith(prefix) and result.prompt.endswith(suffix), (record["prompt"], result.prompt)
+    assert framed >= 50
+
+
+def test_framing_is_the_words_around_the_scene_that_say_nothing_about_it():
+    assert framing("a photo of two red dogs on a white background") == ("a photo of", "on a white background")
+    assert framing("An image of a square.") == ("An image of", ".")
+    assert framing("a lone square") == ("", "")  # the noun phrase's own adjective
+    # Words that place or count objects are the scene's, not its framing.
+    assert framing("two circles side by side") == ("", "")
+    assert framing("a square by itself") == ("", "")
+    assert framing("a circle and a square; the circle is above the square") == ("", "")
+    detections = [det("circle", 5, 30, "red"), det("square", 40, 30, "green")]
+    assert relabel("there are three circles on a light background", detections, 64, 64,
+                   keep_framing=True).prompt == "there is a circle and a square on a light background"
+    assert relabel("there are three circles on a light background", detections, 64, 64).prompt == "a circle and a square"
 
 
 @pytest.mark.parametrize("say_relations", [False, True])

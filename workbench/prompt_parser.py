@@ -455,6 +455,58 @@ def parse_prompt(prompt: str, vocabulary: Vocabulary | None = None) -> dict:
     return _spec(_targets_first(_merge_repeats(mentions)), negated)
 
 
+_ARTICLES = ("a", "an", "the")
+_CONTENT = {"object", "relation", "number", "at_least", "negation"}  # what a framing word may not be
+_COUNT_WORDS = {"itself", "themselves", "alone", "lone", "only", "single", "solo", "together", "both", "each", "all",
+                "several", "many", "few", "some", "multiple", "various", "group", "pile", "row"}
+
+
+def framing(prompt: str, vocabulary: Vocabulary | None = None) -> tuple[str, str]:
+    """The words around a prompt's scene, as written: ("a photo of", "on a white background") for
+    "a photo of two circles on a white background"; ("", "") when there are none.
+
+    The scene runs from the first object's noun phrase (its article, number, colours and adjectives)
+    to the last object said. Words before and after it that say no object, number or relation are the
+    framing: true of any image drawn for the prompt, so IPR's relabel can keep them around its rewrite.
+    """
+    lexicon = (vocabulary or default_vocabulary()).lexicon
+    lowered = check_prompt(prompt).lower()
+    spans = [match.span() for match in _TOKEN.finditer(lowered)]
+    tokens = tuple(lowered[start:end] for start, end in spans)
+    words = []  # (first token, number of tokens, kind or None)
+    i = 0
+    while i < len(tokens):
+        length, entries = _match(tokens, i, lexicon)
+        kind = _choose(entries, tokens, i + length, lexicon)[0] if entries else ("number" if tokens[i].isdigit() else None)
+        words.append((i, length, kind))
+        i += length
+    objects = [k for k, (_, _, kind) in enumerate(words) if kind == "object"]
+    if not objects:
+        return "", ""
+    first = objects[0]
+    while first > 0:  # back over the first noun phrase: its modifiers and unknown adjectives, up to its article
+        index, _, kind = words[first - 1]
+        if kind is None and tokens[index] in _ARTICLES:
+            first -= 1
+            break
+        if kind not in (None, "color", "number", "at_least", "negation"):
+            break
+        first -= 1
+    # A relation's words said on their own ("side by side", "to the left") place objects too.
+    spatial = {word for phrase, entries in lexicon.phrases.items() if any(kind == "relation" for kind, _ in entries)
+               for word in phrase} - set(_BREAKS) - set(_ARTICLES)
+    spatial |= _COUNT_WORDS  # and "by itself", "both", "all" say how many
+
+    def frames(part: list[tuple[int, int, str | None]]) -> bool:
+        return not any(kind in _CONTENT or (kind is None and tokens[index] in spatial) for index, _, kind in part)
+
+    last_index, last_length, _ = words[objects[-1]]
+    before, after = words[:first], words[objects[-1] + 1:]
+    prefix = prompt[:spans[words[first][0]][0]].strip() if frames(before) else ""
+    suffix = prompt[spans[last_index + last_length - 1][1]:].strip() if frames(after) else ""
+    return prefix, suffix
+
+
 def infer_tag(spec: dict) -> str:
     """GenEval's task for a spec ("counting" is the one the scorer treats differently); specs no
     GenEval task holds (several groups, counted groups with others) are "mixed", as in training."""

@@ -57,7 +57,7 @@ from workbench.evaluation import (
     score_detections,
 )
 from workbench.perception.base import Detection
-from workbench.prompt_parser import Vocabulary, default_vocabulary, describe, infer_tag, parse_prompt
+from workbench.prompt_parser import Vocabulary, default_vocabulary, describe, framing, infer_tag, parse_prompt
 
 
 @dataclass
@@ -388,9 +388,15 @@ def relabel(
     *,
     split_colors: bool = False,
     say_relations: bool = False,
+    keep_framing: bool = False,
 ) -> RelabelResult:
     """The prompt that the image (its detections: Detection objects or their dicts, boxes in pixels
-    of a width x height image) actually satisfies; see the module doc for the rules."""
+    of a width x height image) actually satisfies; see the module doc for the rules.
+
+    keep_framing=True writes the rewrite inside the prompt's own framing ("a photo of ... on a white
+    background", `prompt_parser.framing`), so a relabeled prompt differs from the original only where
+    the image does. Without it the rewrite is the bare scene, and only unchanged prompts keep their
+    framing: a text encoder trained on such pairs learns that a framed prompt means a faithful image."""
     vocabulary = vocabulary or default_vocabulary()
     if not _finite(box_threshold) or not 0.0 <= box_threshold < 1.0:
         raise InvalidInput(f"the box threshold must be a number in [0, 1), got {box_threshold!r}")
@@ -412,4 +418,20 @@ def relabel(
     reasons = reasons or list(verdict.reasons)
     if not keep:
         reasons.append("nothing the prompt asked for was detected: drop this sample")
-    return RelabelResult(describe(written, vocabulary), True, keep, reasons, spec, written)
+    rewrite = describe(written, vocabulary)
+    if keep_framing:
+        rewrite = with_framing(prompt, rewrite, vocabulary)
+    return RelabelResult(rewrite, True, keep, reasons, spec, written)
+
+
+def with_framing(original: str, scene: str, vocabulary: Vocabulary | None = None) -> str:
+    """`scene` inside the original prompt's framing: ("a photo of two circles on a white background",
+    "a square") -> "a photo of a square on a white background"."""
+    prefix, suffix = framing(original, vocabulary)
+    words = prefix.split()
+    if words and words[-1].lower() in ("is", "are"):  # "there are three circles" -> "there is a circle"
+        words[-1] = "is" if scene.split()[0] in ("a", "an") else "are"
+    text = " ".join(words + [scene])
+    if suffix:
+        text += suffix if suffix[0] in ",.;:!?" else " " + suffix
+    return text

@@ -137,6 +137,14 @@ class _Lexicon:
     phrases: dict[tuple[str, ...], list[tuple[str, object]]]
     longest: int
 
+    @cached_property
+    def spatial_words(self) -> frozenset[str]:
+        """Words of the relation phrases that place objects even said on their own ("side by side",
+        "to the left"), and words that say how many ("by itself", "both"): never a prompt's framing."""
+        words = {word for phrase, entries in self.phrases.items() if any(kind == "relation" for kind, _ in entries)
+                 for word in phrase}
+        return frozenset((words - set(_BREAKS) - set(_ARTICLES)) | _COUNT_WORDS)
+
 
 @dataclass(frozen=True)
 class Vocabulary:
@@ -492,13 +500,9 @@ def framing(prompt: str, vocabulary: Vocabulary | None = None) -> tuple[str, str
         if kind not in (None, "color", "number", "at_least", "negation"):
             break
         first -= 1
-    # A relation's words said on their own ("side by side", "to the left") place objects too.
-    spatial = {word for phrase, entries in lexicon.phrases.items() if any(kind == "relation" for kind, _ in entries)
-               for word in phrase} - set(_BREAKS) - set(_ARTICLES)
-    spatial |= _COUNT_WORDS  # and "by itself", "both", "all" say how many
-
     def frames(part: list[tuple[int, int, str | None]]) -> bool:
-        return not any(kind in _CONTENT or (kind is None and tokens[index] in spatial) for index, _, kind in part)
+        return not any(kind in _CONTENT or (kind is None and tokens[index] in lexicon.spatial_words)
+                       for index, _, kind in part)
 
     last_index, last_length, _ = words[objects[-1]]
     before, after = words[:first], words[objects[-1] + 1:]

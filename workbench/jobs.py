@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
-from workbench.memory import is_out_of_memory, out_of_memory_message, release_cached_memory
+from workbench.memory import is_out_of_memory, out_of_memory_error
 from workbench.store import Job, JobStatus, JobStore
 
 __all__ = ["Job", "JobContext", "JobRunner", "JobStatus", "get_runner"]
@@ -258,8 +258,7 @@ class JobRunner:
             if isinstance(exc, WorkbenchError):
                 error = str(exc)
             elif is_out_of_memory(exc):
-                release_cached_memory()
-                error = out_of_memory_message(f"running this {job.kind} job", OUT_OF_MEMORY_ADVICE)
+                error = str(out_of_memory_error(f"running this {job.kind} job", OUT_OF_MEMORY_ADVICE))
             else:
                 error = f"{type(exc).__name__}: {exc}"
             ctx.log(f"failed: {error}\n{traceback.format_exc()}")

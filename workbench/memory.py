@@ -44,8 +44,10 @@ def _background_jobs_note() -> str:
             f"in the Runs tab, then try again.")
 
 
-def out_of_memory_message(what: str, advice: str) -> str:
-    return f"Out of memory while {what}. {advice}{_background_jobs_note()}"
+def out_of_memory_error(what: str, advice: str) -> OutOfMemory:
+    """What to raise (or report) once memory ran out; frees the cache first."""
+    release_cached_memory()
+    return OutOfMemory(f"Out of memory while {what}. {advice}{_background_jobs_note()}")
 
 
 @contextmanager
@@ -56,6 +58,5 @@ def out_of_memory_as_message(what: str, advice: str):
     except Exception as error:
         if not is_out_of_memory(error):
             raise
-        release_cached_memory()
         # `from error` keeps the original in the job log's traceback; people see only the message.
-        raise OutOfMemory(out_of_memory_message(what, advice)) from error
+        raise out_of_memory_error(what, advice) from error

@@ -314,6 +314,17 @@ def _mention(phrase: _NounPhrase, cls: str, plural: bool) -> _Mention:
     return _Mention(cls, 1, exact=not phrase.at_least, color=phrase.color)
 
 
+def _words(tokens: tuple[str, ...], lexicon: _Lexicon):
+    """Each known phrase or unknown word in order: (first token, number of tokens, kind, value); an
+    unknown word (digits included) has kind None."""
+    i = 0
+    while i < len(tokens):
+        length, entries = _match(tokens, i, lexicon)
+        kind, value = _choose(entries, tokens, i + length, lexicon) if entries else (None, None)
+        yield i, length, kind, value
+        i += length
+
+
 def _read(tokens: tuple[str, ...], lexicon: _Lexicon) -> tuple[list[_Mention], list[str]]:
     """Object mentions in prompt order (relations linked) and the classes said with "no"."""
     mentions: list[_Mention] = []
@@ -321,11 +332,8 @@ def _read(tokens: tuple[str, ...], lexicon: _Lexicon) -> tuple[list[_Mention], l
     phrase = _NounPhrase()
     pending: tuple[str, _Mention] | None = None  # (relation, subject) waiting for its target
     last: _Mention | None = None  # the object said last (None after a negated one)
-    i = 0
-    while i < len(tokens):
-        length, entries = _match(tokens, i, lexicon)
-        if entries:
-            kind, value = _choose(entries, tokens, i + length, lexicon)
+    for i, length, kind, value in _words(tokens, lexicon):
+        if kind is not None:
             if kind == "object":
                 cls, plural = value
                 if phrase.negated or phrase.number == 0:
@@ -358,7 +366,6 @@ def _read(tokens: tuple[str, ...], lexicon: _Lexicon) -> tuple[list[_Mention], l
             phrase.number = int(tokens[i])
         elif tokens[i] == "the":
             phrase.definite = True
-        i += length
     return mentions, negated
 
 
@@ -481,13 +488,9 @@ def framing(prompt: str, vocabulary: Vocabulary | None = None) -> tuple[str, str
     lowered = check_prompt(prompt).lower()
     spans = [match.span() for match in _TOKEN.finditer(lowered)]
     tokens = tuple(lowered[start:end] for start, end in spans)
-    words = []  # (first token, number of tokens, kind or None)
-    i = 0
-    while i < len(tokens):
-        length, entries = _match(tokens, i, lexicon)
-        kind = _choose(entries, tokens, i + length, lexicon)[0] if entries else ("number" if tokens[i].isdigit() else None)
-        words.append((i, length, kind))
-        i += length
+    # (first token, number of tokens, kind or None); digits are numbers, as _read reads them
+    words = [(i, length, kind or ("number" if tokens[i].isdigit() else None))
+             for i, length, kind, _ in _words(tokens, lexicon)]
     objects = [k for k, (_, _, kind) in enumerate(words) if kind == "object"]
     if not objects:
         return "", ""

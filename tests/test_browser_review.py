@@ -24,6 +24,10 @@ def test_select_a_sample_edit_its_prompt_and_the_edit_survives_a_reload(tmp_path
     make_fake_run(data / "runs")
     with running_app({"WORKBENCH_DATA": str(data)}) as url, chromium_page() as page:
         open_run(page, url)
+        # Every row shows its image as a thumbnail, served from the run's folder.
+        page.wait_for_function("() => { const images = [...document.querySelectorAll('#review-table img')];"
+                               " return new Set(images.map(i => i.src)).size === 4"
+                               " && images.every(i => i.complete && i.naturalWidth > 0); }", timeout=30_000)
         page.locator("#review-table").get_by_text(SAMPLE).click()
         prompt = page.locator("#review-prompt textarea")
         expect(prompt).to_have_value("a green square", timeout=30_000)

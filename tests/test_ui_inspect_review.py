@@ -158,6 +158,16 @@ def test_filters_choose_the_rows(store):
     assert summary == "4 samples (3 pending, 1 rejected); 3 shown."
 
 
+def test_each_row_shows_its_own_image_as_a_thumbnail(store, data_dir):
+    table, _ = review.show_table(store, "ipr-test")
+    run_dir = (data_dir / "runs" / "ipr-test").resolve()
+    # The two samples named p00000_s0000.png are different files of different iterations.
+    for cell, (sample_id, iteration, file_name, *_) in zip(table["image"], FAKE_SAMPLES):
+        assert cell.startswith('<img src="gradio_api/file=') and f'alt="{sample_id}"' in cell
+        assert f"{run_dir}/iteration-{iteration}/images/{file_name}" in cell
+    assert review.samples_table([]).columns.tolist() == review.TABLE_COLUMNS
+
+
 def test_selecting_a_sample_shows_its_boxes_and_prefills_its_prompt(store):
     (big, layers), prompt, details, diff = review.sample_view(store, "ipr-test", IDS[1])
     assert big.size == (384, 384)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from html import escape
 from pathlib import Path
+from urllib.parse import quote
 
 import gradio as gr
 import pandas as pd
@@ -30,7 +32,9 @@ from ..reviews import (
 )
 from .inspect import DIFF_COLORS, annotated, word_diff
 
-TABLE_COLUMNS = ["id", "iter", "status", "original", "relabeled", "edit", "reasons", "kept"]
+TABLE_COLUMNS = ["image", "id", "iter", "status", "original", "relabeled", "edit", "reasons", "kept"]
+ID_COLUMN = TABLE_COLUMNS.index("id")
+THUMBNAIL_SIDE = 48  # pixels in the table; the selected sample is shown full size beside it
 STATUS_FILTERS = ["all", PENDING, *STATUSES]
 ALL = "all"
 EXPORT_FOLDER = "export"
@@ -67,8 +71,18 @@ def filter_samples(samples: list[dict], iteration=ALL, status: str = ALL, change
     return shown
 
 
-def samples_table(samples: list[dict]) -> pd.DataFrame:
-    rows = [[s["id"], s.get("iteration"), s["status"], s["prompt"], s.get("relabeled", ""),
+def thumbnail(run_dir: Path | None, sample: dict) -> str:
+    """An <img> of the sample's image, served by Gradio's file route (the app allows the data folder
+    only). The URL is relative, so it also works under a proxy's root path."""
+    if run_dir is None or not sample.get("image"):
+        return ""
+    path = (run_dir / sample["image"]).resolve()
+    return (f'<img src="gradio_api/file={quote(str(path))}" alt="{escape(str(sample["id"]))}" '
+            f'width="{THUMBNAIL_SIDE}" height="{THUMBNAIL_SIDE}" loading="lazy">')
+
+
+def samples_table(samples: list[dict], run_dir: Path | None = None) -> pd.DataFrame:
+    rows = [[thumbnail(run_dir, s), s["id"], s.get("iteration"), s["status"], s["prompt"], s.get("relabeled", ""),
              s["final_prompt"] if s["status"] == "edited" else "", "; ".join(s.get("reasons") or []),
              "yes" if s.get("keep", True) else "no"] for s in samples]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
@@ -83,11 +97,12 @@ def summary_line(samples: list[dict], shown: int) -> str:
 def show_table(store: ReviewStore, run_id, iteration=ALL, status=ALL, changed_only=False) -> tuple[pd.DataFrame, str]:
     """(table, summary) of the run under the filters; an unusable run gives an empty table and why."""
     try:
+        run_dir = run_folder(run_id)
         samples = reviewed_samples(store, run_id)
     except WorkbenchError as error:
         return samples_table([]), str(error)
     shown = filter_samples(samples, iteration, status, changed_only)
-    return samples_table(shown), summary_line(samples, len(shown))
+    return samples_table(shown, run_dir), summary_line(samples, len(shown))
 
 
 def iteration_choices(run_id) -> list[str]:
@@ -173,7 +188,7 @@ def accept_shown(store: ReviewStore, run_id, table) -> str:
     except WorkbenchError as error:
         return f"Not saved: {error}"
     ids = [str(value) for value in (table["id"].tolist() if isinstance(table, pd.DataFrame) and "id" in table
-                                    else [row[0] for row in table or []]) if value]
+                                    else [row[ID_COLUMN] for row in table or []]) if value]
     if not ids:
         return "No samples are shown: change the filters first."
     accepted = store.accept_pending(run_id, ids)
@@ -211,7 +226,8 @@ def build_review_tab(store: ReviewStore | None = None) -> gr.Dropdown:
         with gr.Column(scale=3):
             table = gr.Dataframe(samples_table([]), headers=TABLE_COLUMNS, interactive=False, wrap=True,
                                  max_height=600, label="Samples (click a row)", elem_id="review-table",
-                                 column_widths=["17%", "6%", "10%", "17%", "17%", "13%", "14%", "6%"])
+                                 datatype=["html"] + ["str"] * (len(TABLE_COLUMNS) - 1),
+                                 column_widths=["8%", "14%", "5%", "10%", "16%", "16%", "11%", "14%", "6%"])
             accept_all = gr.Button("Accept all shown (pending ones)", elem_id="review-accept-all")
             with gr.Row():
                 export = gr.Button("Export reviewed run (imagefolder)", elem_id="review-export")
@@ -245,7 +261,7 @@ def build_review_tab(store: ReviewStore | None = None) -> gr.Dropdown:
         return show_table(store, run_id, iteration_value, status_value, changed)
 
     def select_row(run_id, previous, typed, event: gr.SelectData):
-        chosen = str(event.row_value[0]) if event.row_value else ""
+        chosen = str(event.row_value[ID_COLUMN]) if event.row_value else ""
         note = unsaved_edit_note(store, run_id, previous, typed) if chosen != previous else ""
         return note, chosen, *sample_view(store, run_id, chosen)
 

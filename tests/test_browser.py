@@ -38,6 +38,15 @@ def test_type_a_prompt_click_generate_and_an_image_appears(tiny_sd, tmp_path):
         expect(table).to_contain_text("generate", timeout=20_000)
         expect(table).to_contain_text("done")
 
+        # The Inspect tab offers the same images to pick, and a pick brings its prompt along.
+        page.get_by_role("tab", name="Inspect & Relabel").click()
+        page.get_by_text("Or pick an image generated earlier").click()
+        expect(page.locator("#inspect-saved-gallery img")).to_have_count(4, timeout=20_000)
+        page.locator("#inspect-saved-gallery img").first.click()
+        expect(page.locator("#inspect-prompt textarea")).to_have_value("a red circle above a blue square",
+                                                                        timeout=20_000)
+        expect(page.locator("#inspect-status")).to_contain_text("Picked")
+
 
 def test_a_missing_model_shows_a_clear_message_in_the_page(tmp_path):
     env = {"WORKBENCH_DATA": str(tmp_path / "d"), "WORKBENCH_DEFAULT_MODEL": "sdxl"}

@@ -113,6 +113,37 @@ def test_an_uploaded_workbench_png_fills_in_its_prompt_and_model(tmp_path):
     assert prompt == model == {"__type__": "update"}  # a plain image leaves the fields as they are
 
 
+def test_images_generated_earlier_can_be_picked_with_their_prompt_and_model(data_dir):
+    import os
+
+    from workbench.generation import save_png
+
+    assert inspect.saved_gallery() == ([], [])  # a fresh install has none, and says nothing is wrong
+    metadata = {"prompt": "a red circle", "model": "shapes", "steps": 20, "guidance": 7.5, "seed": 3,
+                "width": 64, "height": 64}
+    older = save_png(scene_image(("circle", "red", 20, 32)), metadata, data_dir / "runs" / "job-a" / "images")
+    newer = save_png(scene_image(("square", "blue", 32, 32)), {**metadata, "prompt": "a blue square", "seed": 5},
+                     data_dir / "runs" / "job-b" / "images")
+    os.utime(older, (1, 1))  # made long before the other
+    plain = data_dir / "runs" / "job-c" / "images" / "plain.png"  # no embedded parameters
+    plain.parent.mkdir(parents=True)
+    scene_image(("triangle", "green", 32, 32)).save(plain)
+    os.utime(plain, (0, 0))
+    (data_dir / "runs" / "job-c" / "images" / "broken.png").write_text("not a png")
+
+    items, paths = inspect.saved_gallery()
+    assert items == [(str(newer), "a blue square"), (str(older), "a red circle"), (str(plain), "plain.png")]
+    picture, prompt, model, message = inspect.pick_saved(paths, 0)
+    assert (prompt, model) == ("a blue square", "shapes") and "seed 5" in message
+    assert picture.size == (64, 64) and picture.getpixel((32, 32)) != picture.getpixel((2, 2))
+    picture, prompt, model, _ = inspect.pick_saved(paths, 2)
+    assert picture.size == (64, 64) and prompt == model == {"__type__": "update"}  # kept as typed
+    assert inspect.pick_saved(paths, 7)[-1] == "Pick an image in the gallery."
+    outside = data_dir.parent / "elsewhere.png"
+    scene_image(("circle", "red", 20, 32)).save(outside)
+    assert inspect.pick_saved([str(outside)], 0)[-1].startswith("Cannot open `elsewhere.png`")
+
+
 def test_generate_reports_a_missing_model_or_bad_input_as_text():
     image, message = inspect.generate_image("sdxl", "a cat", 0)
     assert not isinstance(image, Image.Image)

@@ -33,6 +33,7 @@ DIFF_COLORS = {"removed": "#f87171", "added": "#4ade80"}
 DISPLAY_SIDE = 384
 MASK_ALPHA = 0.45  # masks shade the object; the box outline stays opaque
 PERCEPTION_ADVICE = "Try a smaller image, or free the memory other models or programs hold."
+SAVED_IMAGES_SHOWN = 120  # newest first; older ones stay on disk, and can be uploaded
 
 
 # --- perception backends -------------------------------------------------------------------------
@@ -160,6 +161,59 @@ def fill_from_metadata(image):
         return gr.update(), gr.update()
 
 
+# --- images saved earlier -------------------------------------------------------------------------
+
+
+def saved_images(limit: int = SAVED_IMAGES_SHOWN) -> list[Path]:
+    """The images the workbench generated (Generate tab jobs, comparisons), newest first."""
+    runs = get_settings().runs_dir
+    if not runs.is_dir():
+        return []
+    paths = [path for path in runs.glob("*/images/**/*.png") if path.is_file()]
+    paths.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    return paths[:limit]
+
+
+def _metadata(image: Image.Image) -> dict:
+    try:
+        metadata = json.loads(image.info[METADATA_KEY])
+        return metadata if isinstance(metadata, dict) else {}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return {}
+
+
+def saved_gallery() -> tuple[list[tuple[str, str]], list[str]]:
+    """(gallery items: path and the prompt it was made for, the paths in the same order)."""
+    items = []
+    for path in saved_images():
+        try:
+            with Image.open(path) as image:
+                prompt = _metadata(image).get("prompt", "")
+        except (OSError, UnidentifiedImageError):
+            continue
+        items.append((str(path), prompt or path.name))
+    return items, [path for path, _ in items]
+
+
+def pick_saved(paths: list[str], index: int | None):
+    """(image, prompt, model, message) of the picked image; prompt and model come from the PNG's
+    embedded parameters and stay as they are for an image without them."""
+    if index is None or not 0 <= index < len(paths or []):
+        return gr.update(), gr.update(), gr.update(), "Pick an image in the gallery."
+    path = Path(paths[index])
+    try:
+        path.resolve().relative_to(get_settings().runs_dir.resolve())  # only the data folder's images
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+            metadata = _metadata(image)
+    except (OSError, ValueError, UnidentifiedImageError) as error:
+        return gr.update(), gr.update(), gr.update(), f"Cannot open `{path.name}`: {error}"
+    prompt = metadata.get("prompt") or gr.update()
+    model = metadata.get("model") or gr.update()
+    seed = f", seed {metadata['seed']}" if "seed" in metadata else ""
+    return picture, prompt, model, f"Picked `{path.name}`{seed}. Press **Detect & relabel** next."
+
+
 def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto", box_threshold: float = 0.3,
                   progress=gr.Progress()):
     """Detect, segment and relabel; returns the values of the tab's outputs, in order:
@@ -228,6 +282,11 @@ def build_inspect_tab() -> None:
                 generate_button = gr.Button("Generate one image", elem_id="inspect-generate")
             image = gr.Image(type="pil", label="Image (generated, or upload your own)", sources=["upload", "clipboard"],
                              height=320, elem_id="inspect-image")
+            with gr.Accordion("Or pick an image generated earlier", open=False, elem_id="inspect-saved") as saved_box:
+                saved = gr.Gallery(label="Newest first (Generate tab, comparisons)", columns=6, height=260, object_fit="contain",
+                                   allow_preview=False, elem_id="inspect-saved-gallery")
+                refresh_saved = gr.Button("Refresh", size="sm", elem_id="inspect-saved-refresh")
+            saved_paths = gr.State([])
             with gr.Row():
                 detector = gr.Dropdown(DETECTOR_CHOICES, value="auto", label="Detector",
                                        info="auto: shapes for the shapes model, GroundingDINO otherwise")
@@ -245,6 +304,12 @@ def build_inspect_tab() -> None:
                 detected = gr.JSON(label="Scene detected")
 
     generate_button.click(generate_image, [model, prompt, seed], [image, message], api_name="inspect_generate")
+    def on_pick(paths, event: gr.SelectData):
+        return pick_saved(paths, event.index)
+
+    saved_box.expand(saved_gallery, None, [saved, saved_paths])
+    refresh_saved.click(saved_gallery, None, [saved, saved_paths])
+    saved.select(on_pick, [saved_paths], [image, prompt, model, message])
     image.upload(fill_from_metadata, image, [prompt, model])
     inspect_button.click(inspect_image, [image, prompt, model, detector, threshold],
                          [boxes, parsed, detected, diff, relabeled, verdict, message], api_name="inspect_relabel")

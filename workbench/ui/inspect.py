@@ -152,13 +152,21 @@ def generate_image(model: str, prompt: str, seed):
     return result.image, f"Generated with `{model}`, seed {seed_value}. Press **Detect & relabel** next."
 
 
-def fill_from_metadata(image):
-    """An uploaded workbench PNG carries its prompt and model: fill them in (else leave both)."""
+def _metadata(image: Image.Image) -> dict:
+    """The generation parameters a workbench PNG carries; {} for any other image."""
     try:
         metadata = json.loads(image.info[METADATA_KEY])
-        return metadata["prompt"], metadata["model"]
+        return metadata if isinstance(metadata, dict) else {}
     except (AttributeError, KeyError, TypeError, ValueError):
-        return gr.update(), gr.update()
+        return {}
+
+
+def fill_from_metadata(image):
+    """An uploaded workbench PNG carries its prompt and model: fill them in (else leave both)."""
+    metadata = _metadata(image)
+    if "prompt" in metadata and "model" in metadata:
+        return metadata["prompt"], metadata["model"]
+    return gr.update(), gr.update()
 
 
 # --- images saved earlier -------------------------------------------------------------------------
@@ -172,14 +180,6 @@ def saved_images(limit: int = SAVED_IMAGES_SHOWN) -> list[Path]:
     paths = [path for path in runs.glob("*/images/**/*.png") if path.is_file()]
     paths.sort(key=lambda path: path.stat().st_mtime, reverse=True)
     return paths[:limit]
-
-
-def _metadata(image: Image.Image) -> dict:
-    try:
-        metadata = json.loads(image.info[METADATA_KEY])
-        return metadata if isinstance(metadata, dict) else {}
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return {}
 
 
 def saved_gallery() -> tuple[list[tuple[str, str]], list[str]]:
@@ -304,6 +304,7 @@ def build_inspect_tab() -> None:
                 detected = gr.JSON(label="Scene detected")
 
     generate_button.click(generate_image, [model, prompt, seed], [image, message], api_name="inspect_generate")
+
     def on_pick(paths, event: gr.SelectData):
         return pick_saved(paths, event.index)
 

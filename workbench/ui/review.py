@@ -73,10 +73,11 @@ def filter_samples(samples: list[dict], iteration=ALL, status: str = ALL, change
 
 def thumbnail(run_dir: Path | None, sample: dict) -> str:
     """An <img> of the sample's image, served by Gradio's file route (the app allows the data folder
-    only). The URL is relative, so it also works under a proxy's root path."""
+    only). The URL is relative, so it also works under a proxy's root path. `run_dir` is absolute
+    (the settings resolve the data folder), so no per-row resolve is needed."""
     if run_dir is None or not sample.get("image"):
         return ""
-    path = (run_dir / sample["image"]).resolve()
+    path = run_dir / sample["image"]
     return (f'<img src="gradio_api/file={quote(str(path))}" alt="{escape(str(sample["id"]))}" '
             f'width="{THUMBNAIL_SIDE}" height="{THUMBNAIL_SIDE}" loading="lazy">')
 

@@ -104,6 +104,9 @@ def test_the_shapes_model_against_the_shipped_ipr_adapter_on_shapesbench(tmp_pat
         for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"):
             expect(table).to_contain_text(tag)
         expect(page.locator("#compare-bars")).to_be_visible()
+        differences = page.locator("#compare-differences")  # the adapter minus the base, with its interval
+        expect(differences).to_contain_text("ipr-shapes:1 − base")
+        expect(differences).to_contain_text(re.compile(r"overall\s*[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] p="))
         page.wait_for_function("() => [...document.querySelectorAll('#compare-grid-table img')]"
                                ".every(img => img.naturalWidth > 0)", timeout=30_000)
         print("\n" + table.inner_text())  # the per-tag table, for the record (pytest -s)

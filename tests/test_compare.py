@@ -12,7 +12,7 @@ from workbench.benchmark import DETECTORS
 from workbench.compare import (CompareConfig, Variant, accuracy_table, mark, prompts_from_tag, prompts_from_text,
                                run_compare, verdict_mark)
 from workbench.errors import InvalidInput
-from workbench.evaluation import score_detections
+from workbench.evaluation import score_detections, summarize
 from workbench.generation import LoraSpec, read_png_metadata
 from workbench.perception.base import Detection
 
@@ -207,8 +207,36 @@ def test_a_long_comparison_shows_a_sample_of_each_tag_in_the_tab(data_dir):
     variants = [{"label": "base", "loras": [], "per_tag": {"counting": 1.0, "colors": 1.0}, "overall": 1.0}]
     (folder / "compare.json").write_text(json.dumps({"config": {"model": "m"}, "variants": variants, "rows": rows}))
 
-    grid, table, _ = show_result("long")
+    grid, table, _, _ = show_result("long")
     assert grid.count("<img ") == 2 * GRID_PROMPTS_PER_TAG and "of 70" in grid
     assert list(table["base"]) == [100.0, 100.0, 100.0]
     with pytest.raises(InvalidInput, match="at least 1"):
         prompts_from_tag("counting", 0)
+
+
+def test_the_tab_says_how_sure_each_variants_difference_from_the_base_is(data_dir):
+    from workbench.ui.compare import show_result
+
+    folder = data_dir / "runs" / "sure"
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(folder / "images" / "x.png")
+    # 40 prompts x 2 seeds; "fixed" gets every position image right where the base gets none,
+    # "same" is the base's verdicts again.
+    base = [{"index": i, "tag": ["position", "counting"][i % 2], "prompt": f"p{i}", "seed": s,
+             "path": "images/x.png", "correct": i % 2 == 1 and s == 0, "mark": "", "reasons": []}
+            for i in range(40) for s in range(2)]
+    variants_rows = {"base": base, "fixed": [{**r, "correct": r["correct"] or r["tag"] == "position"} for r in base],
+                     "same": base}
+    rows, variants = [], []
+    for v, (label, variant_rows) in enumerate(variants_rows.items()):
+        rows += [{**r, "variant": v, "label": label} for r in variant_rows]
+        summary = summarize(variant_rows)
+        variants.append({"label": label, "loras": [], "per_tag": summary["per_tag"], "overall": summary["overall"]})
+    (folder / "compare.json").write_text(json.dumps({"config": {"model": "m"}, "variants": variants, "rows": rows}))
+
+    _, _, differences, _ = show_result("sure")
+    cells = differences.set_index("tag")
+    assert list(cells.index) == ["position", "counting", "overall"]
+    assert cells.loc["position", "fixed − base"].startswith("+100.0 [+100.0, +100.0]")
+    assert cells.loc["overall", "fixed − base"].startswith("+50.0")
+    assert cells.loc["overall", "same − base"] == "+0.0 [+0.0, +0.0] p=1"

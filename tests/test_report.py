@@ -53,8 +53,11 @@ def test_report_of_a_comparison_inlines_every_image_and_escapes_prompts(tiny_sd,
     assert html.escape(EVIL["prompt"]) in page and html.escape(LABEL) in page
     # Verdicts under the images and the per-tag table, one column per variant.
     assert page.count('"wb-ok">✓</figcaption>') == 2 and page.count('"wb-fail">✗ counts</figcaption>') == 2
-    table = page[page.index("Accuracy (%) per tag"):page.index("<h2>Images")]
+    table = page[page.index("Accuracy (%) per tag"):page.index("<h2>Difference")]
     assert "single_object" in table and "counting" in table and "100.0" in table and html.escape(LABEL) in table
+    # How sure the difference is: the adapter draws what the base draws here, so nothing, for sure.
+    differences = page[page.index("<h2>Difference"):page.index("<h2>Images")]
+    assert html.escape(LABEL) in differences and "+0.0 [+0.0, +0.0] p=1" in differences
 
 
 def test_report_of_an_evaluation_folder_given_by_path(tiny_sd, tmp_path):

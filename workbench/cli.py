@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import WorkbenchError
+from .errors import InvalidInput, WorkbenchError
 
 
 def _add_generate(subparsers) -> None:
@@ -151,6 +151,49 @@ def _run_report(args) -> int:
     return 0
 
 
+def _add_diff(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "diff", help="how sure a difference in accuracy is: paired 95%% CIs and p-values of two evaluations")
+    parser.add_argument("first", metavar="BASE", help="an evaluation folder; or a comparison or IPR run alone, "
+                        "whose variants or iterations are then each compared with its first")
+    parser.add_argument("second", metavar="OTHER", nargs="?", default=None,
+                        help="an evaluation of the same prompts and seeds")
+    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap and sign-flip draws")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(run=_run_diff)
+
+
+def _run_diff(args) -> int:
+    from .report import load_comparison, resolve_folder
+    from .significance import against_first, format_differences
+
+    first = load_comparison(resolve_folder(args.first))
+    if args.second is None:
+        variants, rows = first["variants"], first["rows"]
+        if len(variants) < 2:
+            raise InvalidInput(f"{args.first} holds one evaluation: give a second one to compare it with")
+    else:
+        second = load_comparison(resolve_folder(args.second))
+        variants = [first["variants"][0], second["variants"][0]]
+        rows = ([row for row in first["rows"] if row["variant"] == 0] +
+                [{**row, "variant": 1} for row in second["rows"] if row["variant"] == 0])
+        if variants[0]["label"] == variants[1]["label"]:
+            variants[1] = {**variants[1], "label": Path(args.second).name or "other"}
+    results = against_first(variants, rows, resamples=args.resamples, seed=args.seed)
+    if args.json:
+        print(json.dumps([{"base": variants[0]["label"], "other": label, "differences": [d.to_dict() for d in diffs]}
+                          for label, diffs in results], indent=2))
+        return 0
+    for label, diffs in results:
+        print(f"{label} minus {variants[0]['label']} (accuracy %, difference in points; CI: prompt-clustered "
+              f"bootstrap; p: paired sign-flip test; {args.resamples} draws):")
+        print(format_differences(diffs, variants[0]["label"], label))
+        print()
+    print("These intervals cover the evaluation's prompts and seeds, not the spread between training runs.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parse(subparsers)
     _add_relabel(subparsers)
     _add_report(subparsers)
+    _add_diff(subparsers)
     return parser
 
 

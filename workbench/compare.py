@@ -211,6 +211,24 @@ def accuracy_table(variants: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["tag"] + [variant["label"] for variant in variants])
 
 
+def difference_table(variants: list[dict], rows: list[dict]) -> pd.DataFrame:
+    """Each later variant minus the first, in points, with its 95% CI and paired p-value, one row per tag
+    then 'overall' (`workbench.significance`); empty with fewer than two variants or images that differ."""
+    from .significance import against_first
+
+    if len(variants) < 2:
+        return pd.DataFrame(columns=["tag"])
+    try:
+        results = against_first(variants, rows)
+    except InvalidInput:  # variants of different prompts or seeds (an unfinished run): nothing to pair
+        return pd.DataFrame(columns=["tag"])
+    tags = [d.tag for d in results[0][1]]
+    columns = {f"{label} − {variants[0]['label']}": [
+        f"{100 * d.diff:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] p={d.p_value:.3g}" for d in diffs]
+        for label, diffs in results}
+    return pd.DataFrame({"tag": tags, **columns})
+
+
 def _percent(stats) -> float | None:
     if stats is None:
         return None

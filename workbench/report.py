@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from .compare import RESULT_FILE, accuracy_table, load_result, mark
+from .compare import RESULT_FILE, accuracy_table, difference_table, load_result, mark
 from .config import get_settings
 from .errors import InvalidInput
 from .history import adapters_label
@@ -169,6 +169,17 @@ def accuracy_html(comparison: dict) -> str:
     return table.to_html(index=False, escape=True, na_rep="", classes="wb-accuracy", border=0)
 
 
+def difference_html(comparison: dict) -> str:
+    """Each variant minus the first, with 95% CIs and paired p-values; empty with one variant."""
+    table = difference_table(comparison["variants"], comparison["rows"])
+    if table.empty:
+        return ""
+    return ("<h2>Difference from the first column (points)</h2><p>95% confidence interval of a bootstrap that "
+            "redraws prompts with all their seeds, and the p-value of a paired sign-flip test. They cover these "
+            "prompts and seeds, not the spread between training runs.</p>"
+            + table.to_html(index=False, escape=True, na_rep="", classes="wb-accuracy", border=0))
+
+
 def metrics_html(metrics: list[dict]) -> str:
     """IPR's per-iteration record: data counts and accuracies (%)."""
     rows = []
@@ -186,7 +197,7 @@ def comparison_html(comparison: dict, folder: Path, max_side: int | None = 256, 
     """The report's body (tables, then the grid) in a styled block; the Compare tab shows this too."""
     esc = html.escape
     parts = [f"<style>{STYLE}</style>", '<div class="wb-report">',
-             f"<h2>Accuracy (%) per tag</h2>{accuracy_html(comparison)}"]
+             f"<h2>Accuracy (%) per tag</h2>{accuracy_html(comparison)}", difference_html(comparison)]
     if comparison.get("metrics"):
         parts.append(f"<h2>IPR iterations</h2>{metrics_html(comparison['metrics'])}")
     note = f" (first {per_tag} prompt(s) of each tag)" if per_tag is not None else ""

@@ -13,7 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from ..benchmark import DETECTORS, SHAPESBENCH, check_detector
-from ..compare import CompareConfig, Variant, accuracy_table, prompt_tags, prompts_from_tag, prompts_from_text
+from ..compare import CompareConfig, Variant, accuracy_table, difference_table, prompt_tags, prompts_from_tag, prompts_from_text
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
 from ..evaluation import load_prompt_file
@@ -89,9 +89,10 @@ def bar_frame(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def show_result(run: str | None):
-    """(grid HTML, accuracy table, bar chart) of a finished comparison folder under runs/."""
+    """(grid HTML, accuracy table, difference table, bar chart) of a finished comparison folder under runs/."""
     if not run:
-        return "", pd.DataFrame(columns=["tag"]), gr.update(value=pd.DataFrame(columns=BAR_COLUMNS))
+        return ("", pd.DataFrame(columns=["tag"]), pd.DataFrame(columns=["tag"]),
+                gr.update(value=pd.DataFrame(columns=BAR_COLUMNS)))
     folder = get_settings().runs_dir / Path(run).name
     comparison = load_comparison(folder)
     table = accuracy_table(comparison["variants"])
@@ -103,12 +104,13 @@ def show_result(run: str | None):
             f"and the HTML report can show every image.</p>" if per_tag else "")
     grid = (f'<style>{STYLE}</style><div class="wb-report" id="compare-grid-table">{note}'
             f'{grid_html(comparison, folder, GRID_IMAGE_SIDE, per_tag)}</div>')
-    return grid, table, gr.update(value=bars, sort=list(bars["tag / variant"]))
+    differences = difference_table(comparison["variants"], comparison["rows"])
+    return grid, table, differences, gr.update(value=bars, sort=list(bars["tag / variant"]))
 
 
 def run_comparison(runner: JobRunner, *inputs):
-    """Submit the comparison and follow it; yields (status, grid, table, chart, run picker)."""
-    keep = (gr.update(),) * 4
+    """Submit the comparison and follow it; yields (status, grid, table, differences, chart, run picker)."""
+    keep = (gr.update(),) * 5
     try:
         config = build_config(*inputs)
         check_detector(config.benchmark())
@@ -127,11 +129,11 @@ def run_comparison(runner: JobRunner, *inputs):
     if job.status != JobStatus.DONE:
         yield (f"Comparison {job.status.value}: {job.error or ''}",) + keep
         return
-    grid, table, bars = show_result(job_id)
+    grid, table, differences, bars = show_result(job_id)
     took = (job.finished_at or 0) - (job.started_at or 0)
     images = len(config.prompts) * config.seeds
     yield (f"Done: {len(config.variants)} variant(s) x {images} image(s) in {took:.1f} s (run `{job_id}`).",
-           grid, table, bars, gr.update(choices=compare_runs(), value=job_id))
+           grid, table, differences, bars, gr.update(choices=compare_runs(), value=job_id))
 
 
 def report_file(run: str | None):
@@ -193,6 +195,11 @@ def build_compare_tab(runner: JobRunner) -> tuple:
         with gr.Column(scale=2):
             table = gr.Dataframe(pd.DataFrame(columns=["tag"]), label="Accuracy (%) per tag", interactive=False,
                                  elem_id="compare-table")
+            differences = gr.Dataframe(
+                pd.DataFrame(columns=["tag"]), interactive=False, elem_id="compare-differences",
+                label="Each variant minus the first column, in points: [95% CI] of a bootstrap over prompts "
+                      "(all their seeds together), p of a paired sign-flip test. These prompts and seeds only; "
+                      "another training run can land elsewhere.")
             bars = gr.BarPlot(pd.DataFrame(columns=BAR_COLUMNS), x="tag / variant", y="accuracy", color="variant",
                               y_lim=[0, 100], x_label_angle=-45, title="Accuracy (%) per tag and variant",
                               elem_id="compare-bars")
@@ -211,7 +218,7 @@ def build_compare_tab(runner: JobRunner) -> tuple:
         try:
             return ("",) + show_result(run_name)
         except WorkbenchError as error:
-            return (str(error), "", pd.DataFrame(), gr.update())
+            return (str(error), "", pd.DataFrame(), pd.DataFrame(), gr.update())
 
     inputs = [model, variants, source, text, tag, count, upload, seeds, steps, detector]
     adapter_picker.change(add_variant, [adapter_picker, variants, weight], [adapter_picker, variants])
@@ -220,8 +227,8 @@ def build_compare_tab(runner: JobRunner) -> tuple:
     def on_compare(*values):
         yield from run_comparison(runner, *values)
 
-    run_button.click(on_compare, inputs, [status, grid, table, bars, run])
-    run.input(show, run, [status, grid, table, bars])
+    run_button.click(on_compare, inputs, [status, grid, table, differences, bars, run])
+    run.input(show, run, [status, grid, table, differences, bars])
     def refreshed():
         return gr.update(choices=compare_runs()), gr.update(choices=adapter_choices(joined=True))
 

@@ -147,11 +147,12 @@ def against_first(variants: list[dict], rows: list[dict], resamples: int = RESAM
 def format_differences(differences: list[Difference], base_label: str = "base", other_label: str = "other",
                        level: float = LEVEL) -> str:
     """A plain-text table in percentage points."""
-    head = (f"{'tag':<14} {base_label[:12]:>12} {other_label[:12]:>12} {'diff':>7} "
+    width = max(7, len(base_label), len(other_label))
+    head = (f"{'tag':<14} {base_label:>{width}} {other_label:>{width}} {'diff':>7} "
             f"{f'{round(100 * level)}% CI':>16} {'p':>7}  sample")
     lines = [head]
     for d in differences:
-        lines.append(f"{d.tag:<14} {100 * d.base:>12.1f} {100 * d.other:>12.1f} {100 * d.diff:>+7.1f} "
+        lines.append(f"{d.tag:<14} {100 * d.base:>{width}.1f} {100 * d.other:>{width}.1f} {100 * d.diff:>+7.1f} "
                      f"{f'[{100 * d.low:+.1f}, {100 * d.high:+.1f}]':>16} {d.p_value:>7.4f}  "
                      f"{d.prompts} prompts, {d.images} images")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Train tab handlers and the 'ipr' job kind: start, follow, cancel, continue, metrics."""
 
 import json
+import re
 import threading
 import time
 
@@ -202,6 +203,14 @@ def test_an_ipr_job_runs_lists_its_run_and_plots_its_metrics(runner, tiny_sd, tm
     assert set(frame["iteration"]) == {0, 1}  # the base model and iteration 1
     assert "overall" in set(frame["tag"])
     assert list(table["iteration"]) == [0, 1]
+    # Iteration 1's overall gain over the base, with its interval: the two accuracies' difference.
+    overall = dict(zip(frame[frame["tag"] == "overall"]["iteration"], frame[frame["tag"] == "overall"]["accuracy"]))
+    gain = table.set_index("iteration")[tab.GAIN_COLUMN]
+    assert gain[0] == ""
+    match = re.fullmatch(r"([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]", gain[1])
+    assert match, gain[1]
+    diff, low, high = (float(v) for v in match.groups())
+    assert diff == pytest.approx(overall[1] - overall[0], abs=0.11) and low <= diff <= high
 
 
 def test_a_cancelled_run_continues_in_its_own_folder(runner, tiny_sd, tmp_path):

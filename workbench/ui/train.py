@@ -9,10 +9,13 @@ reload or an app restart loses nothing: pick the run again and its state is ther
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import gradio as gr
 import pandas as pd
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, WorkbenchError
 from ..jobs import JobRunner
 from ..registry import resolve
 from .train_runs import (adapted_layers_picker, continue_run, latest_job_for, model_picker, number,
@@ -40,11 +43,47 @@ def metrics_frame(run: str | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
-def metrics_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per iteration, one column per tag: what a researcher compares."""
+GAIN_COLUMN = "overall − base [95% CI]"
+
+
+def metrics_table(frame: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
+    """One row per iteration, one column per tag: what a researcher compares; with the run, each
+    iteration's overall gain over the base model and how sure it is (`workbench.significance`)."""
     if frame.empty:
         return pd.DataFrame(columns=["iteration"])
-    return frame.pivot(index="iteration", columns="tag", values="accuracy").reset_index()
+    table = frame.pivot(index="iteration", columns="tag", values="accuracy").reset_index()
+    folder = run_folder(run) if run else None
+    if folder is not None:
+        gains = overall_gains(str(folder), _verdict_times(folder))
+        table[GAIN_COLUMN] = [gains.get(int(k), "") for k in table["iteration"]]
+    return table
+
+
+def _verdict_times(folder) -> tuple:
+    """When each evaluation's verdicts last changed: the cache key of overall_gains."""
+    return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in folder.glob("**/eval*/verdicts.jsonl")))
+
+
+@functools.lru_cache(maxsize=32)
+def overall_gains(folder: str, verdict_times: tuple) -> dict[int, str]:
+    """iteration -> "+6.6 [+3.6, +9.6]" against the run's base evaluation (cached: the timer polls)."""
+    from ..report import load_comparison
+    from ..significance import against_first
+
+    try:
+        comparison = load_comparison(Path(folder))
+        if not comparison["variants"] or comparison["variants"][0]["label"] != "base":
+            return {}
+        results = against_first(comparison["variants"], comparison["rows"])
+    except WorkbenchError:  # an evaluation being written, or of other prompts: no figure rather than a wrong one
+        return {}
+    gains = {}
+    for label, differences in results:
+        overall = differences[-1]
+        iteration = int(label.split()[-1]) if label.startswith("iteration ") else None
+        if iteration is not None:
+            gains[iteration] = f"{100 * overall.diff:+.1f} [{100 * overall.low:+.1f}, {100 * overall.high:+.1f}]"
+    return gains
 
 
 def start_run(runner: JobRunner, model, iterations, prompts, samples, method, rank, steps, batch, lr, weighting,
@@ -102,7 +141,7 @@ def run_status(runner: JobRunner, run, job_id):
                    f"Review tab, then press *Reviewed: continue*.")
     status, log = status_and_log(runner, run, job.id if job else None, "ipr", waiting)
     frame = metrics_frame(run)
-    return status, log, frame, metrics_table(frame)
+    return status, log, frame, metrics_table(frame, run)
 
 
 def build_train_tab(runner: JobRunner) -> gr.Dropdown:

@@ -200,11 +200,12 @@ def test_an_ipr_job_runs_lists_its_run_and_plots_its_metrics(runner, tiny_sd, tm
 
     status, log, frame, table = tab.run_status(runner, job_id, None)
     assert "done" in status and "IPR" in log
-    assert set(frame["iteration"]) == {0, 1}  # the base model and iteration 1
+    assert set(frame["iteration"]) == {"0", "1"}  # the base model and iteration 1, as the plot's categories
     assert "overall" in set(frame["tag"])
     assert list(table["iteration"]) == [0, 1]
     # Iteration 1's overall gain over the base, with its interval: the two accuracies' difference.
-    overall = dict(zip(frame[frame["tag"] == "overall"]["iteration"], frame[frame["tag"] == "overall"]["accuracy"]))
+    overall = dict(zip(frame[frame["tag"] == "overall"]["iteration"].astype(int),
+                       frame[frame["tag"] == "overall"]["accuracy"]))
     gain = table.set_index("iteration")[tab.GAIN_COLUMN]
     assert gain[0] == ""
     match = re.fullmatch(r"([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]", gain[1])

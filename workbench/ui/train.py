@@ -52,6 +52,8 @@ def metrics_table(frame: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame(columns=["iteration"])
     table = frame.pivot(index="iteration", columns="tag", values="accuracy").reset_index()
+    table = table[["iteration"] + list(dict.fromkeys(frame["tag"]))]  # the benchmark's tag order, not A to Z
+    table.columns.name = None
     folder = run_folder(run) if run else None
     if folder is not None:
         gains = overall_gains(str(folder), _verdict_times(folder))
@@ -141,7 +143,9 @@ def run_status(runner: JobRunner, run, job_id):
                    f"Review tab, then press *Reviewed: continue*.")
     status, log = status_and_log(runner, run, job.id if job else None, "ipr", waiting)
     frame = metrics_frame(run)
-    return status, log, frame, metrics_table(frame, run)
+    # Iterations as categories on the plot's x axis: whole numbers, not ticks at 0.1, 0.2, ...
+    plot = frame.assign(iteration=frame["iteration"].astype(str))
+    return status, log, plot, metrics_table(frame, run)
 
 
 def build_train_tab(runner: JobRunner) -> gr.Dropdown:

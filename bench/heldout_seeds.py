@@ -3,7 +3,8 @@
 Every pipeline scores ShapesBench on seeds 0..3, and every setting in the adapter cards was chosen on
 those images. This scores the base model and each adapter on the next seeds instead (default 4..7;
 `workbench eval --first-seed`), keeps each evaluation in OUT/<name>/ (an existing one is reused, so a
-stopped run continues), and prints the per-tag table with every adapter's gain over the base.
+stopped run continues), and prints the per-tag table with every adapter's gain over the base, its 95%
+CI and paired p-value (`workbench.significance`).
 
     python bench/heldout_seeds.py [--adapter NAME=PATH[:WEIGHT] ...] [--first-seed 4] [--seeds 4]
                                   [--prompts shapesbench|heldout|FILE] [--out data/runs/heldout]
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workbench.benchmark import BenchmarkConfig, run_benchmark  # noqa: E402
 from workbench.generation import LoraSpec  # noqa: E402
 from workbench.shapes.bench_prompts import HELDOUT_PATH, SHAPESBENCH_PATH, TAGS  # noqa: E402
+from workbench.significance import paired_differences  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {name: f"assets/adapters/{name}-shapes:1.0" for name in ("ipr", "selma", "recap", "refl")}
@@ -51,11 +53,21 @@ def evaluate(name: str, loras: list[LoraSpec], first_seed: int, seeds: int, out:
     return summary
 
 
-def row(name: str, summary: dict, base: dict | None) -> str:
+def row(name: str, summary: dict, base: dict | None, folder: Path | None = None, base_folder: Path | None = None) -> str:
     cells = [100 * summary["per_tag"][tag]["accuracy"] for tag in TAGS] + [100 * summary["overall"]]
     text = " | ".join(f"{value:.1f}" for value in cells)
-    gain = "" if base is None else f" | {100 * (summary['overall'] - base['overall']):+.1f}"
+    gain = ""
+    if base is not None:
+        # The overall gain with its 95% CI and paired p-value (workbench.significance: prompts redrawn
+        # with all their seeds), so a gain is read against the noise of these images.
+        overall = paired_differences(eval_rows(base_folder), eval_rows(folder))[-1]
+        gain = (f" | {100 * overall.diff:+.1f} [{100 * overall.low:+.1f}, {100 * overall.high:+.1f}], "
+                f"p {overall.p_value:.2g}")
     return f"| {name} | {text}{gain} |"
+
+
+def eval_rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "verdicts.jsonl").read_text().splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -78,11 +90,11 @@ def main() -> None:
     base = evaluate("base", [], args.first_seed, args.seeds, args.out, prompts)
     scores = {name: evaluate(name, [LoraSpec.parse(spec)], args.first_seed, args.seeds, args.out, prompts)
               for name, spec in adapters.items()}
-    print("\n| variant | " + " | ".join(TAGS) + " | overall | gain |")
+    print("\n| variant | " + " | ".join(TAGS) + " | overall | gain [95% CI], p |")
     print("|---" * (len(TAGS) + 3) + "|")
     print(row("base", base, None) + " |")
     for name, summary in scores.items():
-        print(row(name, summary, base))
+        print(row(name, summary, base, args.out / name, args.out / "base"))
 
 
 if __name__ == "__main__":

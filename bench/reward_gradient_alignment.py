@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[4.0, 16.0, 32.0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--blur", type=float, nargs="+", default=[0.0],
+                        help="Gaussian blur sigmas (pixels) applied before the captioner, one pass each (0: none)")
     args = parser.parse_args(argv)
 
     rows = [json.loads(line) for line in (args.eval / "verdicts.jsonl").read_text().splitlines() if line.strip()]
@@ -80,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     detector = ShapesDetector()
     print(f"{len(chosen)} wrong images from {args.eval}", flush=True)
 
-    for captioner in args.captioner or [None]:
+    for captioner, sigma in [(c, b) for c in args.captioner or [None] for b in args.blur]:
         options = {"model": captioner} if captioner else {}
-        reward = get_likelihood_reward("shapes", negatives=args.negatives, seed=args.seed, **options)
-        print(f"\ncaptioner {captioner or '(shipped)'}, reward {'contrastive, ' + str(args.negatives) + ' negatives' if args.negatives else 'plain'}")
+        reward = get_likelihood_reward("shapes", negatives=args.negatives, seed=args.seed, blur=sigma, **options)
+        print(f"\ncaptioner {captioner or '(shipped)'}, blur {sigma:g}, reward "
+              f"{'contrastive, ' + str(args.negatives) + ' negatives' if args.negatives else 'plain'}")
         print("| eps | tag | images | reward before | reward after | made right |")
         print("|---|---|---|---|---|---|")
         for eps in args.eps:

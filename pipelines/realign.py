@@ -108,6 +108,11 @@ class ReFLConfig:
     # the captioner on one exact image does not survive shifts; one that changes what is drawn does.
     # On the shapes model 4 shifts did not make the training reward rise either (refl-shapes card).
     reward_shifts: int = 0
+    # Read each image through a Gaussian blur of this many pixels before scoring (our addition; 0: none).
+    # The reward's pixel gradient then has no fine detail, so it can change what is drawn (colours,
+    # shapes, counts) but not paint a pattern that only fools the captioner
+    # (`workbench.likelihood_reward.BlurredReward`, bench/reward_gradient_alignment.py --blur).
+    reward_blur: float = 0.0
     # Score the finished image instead of the gradient step's one-step x0 prediction (our addition): the
     # rest of the schedule is sampled without gradients, and the reward's gradient on the finished image
     # is passed to the x0 prediction unchanged (straight-through; the x0 prediction and the finished
@@ -146,6 +151,7 @@ class ReFLConfig:
              UNTRAINED_UNET_NEEDS_TEXT_ENCODER),
             (0 <= self.negatives <= 32, f"negatives must be between 0 and 32 (got {self.negatives})."),
             (0 <= self.reward_shifts <= 16, f"reward_shifts must be between 0 and 16 (got {self.reward_shifts})."),
+            (0 <= self.reward_blur <= 8, f"reward_blur must be between 0 and 8 pixels (got {self.reward_blur})."),
             (self.model == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,
              "A real model needs --pretrain-data (an imagefolder of its pre-training kind of data) for eq. 5's "
              "denoising term, or --pretrain-batch 0 to train on the reward alone."),
@@ -269,7 +275,8 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         sampler = DDIMScheduler.from_config(noise_scheduler.config)
         sampler.set_timesteps(config.schedule_steps)
         reward = get_likelihood_reward(config.reward_name,
-                                       negatives=config.negatives, seed=config.seed, model=config.reward_model)
+                                       negatives=config.negatives, seed=config.seed, model=config.reward_model,
+                                       blur=config.reward_blur)
         pretrain = None
         if config.pretrain_batch:
             pretrain = (ShapesPretrainingData(vae) if config.pretrain_data is None else
@@ -480,7 +487,7 @@ def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     # More or fewer evaluation seeds re-scores the same adapter; the rest must match.
     bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
                     implied={"negatives": 0, "train_text_encoder": False, "train_unet": True, "last_grad_step": None,
-                             "detach_uncond": False, "reward_shifts": 0})  # what runs saved before these had
+                             "detach_uncond": False, "reward_shifts": 0, "reward_blur": 0.0})  # what runs saved before these had
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,3 +116,32 @@ def test_adversarial_images_raise_the_captioners_loss_within_the_radius():
     with torch.no_grad():
         assert loss_of(edited) > loss_of(images) + 0.1
     assert all(p.grad is None for p in model.parameters())  # the attack leaves the model's gradients alone
+
+
+def high_frequency_share(grad: torch.Tensor) -> float:
+    """The share of a gradient's energy in the upper half of spatial frequencies."""
+    spectrum = torch.fft.fft2(grad).abs() ** 2
+    freq = torch.fft.fftfreq(grad.shape[-1]).abs()
+    high = (freq[:, None] > 0.25) | (freq[None, :] > 0.25)
+    return float(spectrum[..., high].sum() / spectrum.sum())
+
+
+def test_a_reward_read_through_a_blur_still_prefers_the_true_binding_with_a_smooth_pixel_gradient():
+    from pipelines.train_shapes import render_batch
+    from workbench.errors import InvalidInput
+    from workbench.likelihood_reward import get_likelihood_reward
+    from workbench.shapes.scene import Scene, ShapeObject
+
+    scene = Scene((ShapeObject("circle", "red", 18.0, 20.0, 14.0), ShapeObject("square", "blue", 44.0, 44.0, 14.0)))
+    prompts = ["a red circle and a blue square", "a blue circle and a red square"]
+    grads, rewards = {}, {}
+    for blur in (0.0, 2.0):
+        images = render_batch([scene]).repeat(2, 1, 1, 1).requires_grad_(True)
+        r = get_likelihood_reward("shapes", negatives=4, seed=0, blur=blur)(images, prompts)
+        r.sum().backward()
+        grads[blur], rewards[blur] = images.grad, r.detach()
+    assert rewards[2.0][0] > rewards[2.0][1]  # the blurred image is still read right
+    # Fine detail in the gradient, what a pattern that only fools the captioner is made of, mostly goes.
+    assert high_frequency_share(grads[2.0]) < 0.25 * high_frequency_share(grads[0.0])
+    with pytest.raises(InvalidInput, match="blur"):
+        get_likelihood_reward("shapes", blur=-1)

@@ -19,6 +19,7 @@ its doc for why the plain likelihood can be gamed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -70,6 +71,26 @@ class BlipLikelihoodReward:
         target, mask = input_ids[:, 1:], tokens.attention_mask[:, 1:].float()
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         return (picked * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class BlurredReward:
+    """A reward that reads its images through a Gaussian blur of `sigma` pixels (our addition, not the
+    paper's). The reward's pixel gradient is then the blur's adjoint (the same blur) applied to the
+    captioner's gradient, so it carries no fine detail: climbing it can recolour, move or add shapes,
+    not paint the high-frequency pattern that fools a small captioner without changing what is drawn.
+    On the shapes model's wrong images, climbing the contrastive reward through a blur of 1 or 2 pixels
+    made 15% and 16% of them right at eps 8, against 6.5% without (bench/reward_gradient_alignment.py)."""
+
+    def __init__(self, base, sigma: float):
+        if not sigma > 0:
+            raise InvalidInput(f"The reward's blur must be more than 0 pixels (got {sigma}).")
+        self.base, self.sigma = base, float(sigma)
+        self.radius = max(1, math.ceil(3 * self.sigma))
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from torchvision.transforms.functional import gaussian_blur
+
+        return self.base(gaussian_blur(images, [2 * self.radius + 1] * 2, [self.sigma] * 2), prompts)
 
 
 class ContrastiveLikelihoodReward:
@@ -129,12 +150,17 @@ def check_likelihood_reward(name: str, model: str | None = None) -> None:
         check_caption_model(model)
 
 
-def get_likelihood_reward(name: str, negatives: int = 0, seed: int = 0, **options):
-    """The likelihood reward `name` ("shapes" or "blip"); with negatives > 0 its contrastive form."""
+def get_likelihood_reward(name: str, negatives: int = 0, seed: int = 0, blur: float = 0.0, **options):
+    """The likelihood reward `name` ("shapes" or "blip"); with negatives > 0 its contrastive form; with
+    blur > 0 read through a Gaussian blur of that many pixels (BlurredReward)."""
     check_likelihood_reward(name, options.get("model"))
     if negatives < 0:
         raise InvalidInput(f"The number of hard negatives must be 0 or more (got {negatives}).")
+    if blur < 0:
+        raise InvalidInput(f"The reward's blur must be 0 or more pixels (got {blur}).")
     base = REWARDS[name](**options)
+    if blur:
+        base = BlurredReward(base, blur)
     if not negatives:
         return base
     if name == "shapes":  # negatives in the words the shapes captioner knows, and counts it can draw

@@ -33,6 +33,7 @@ from .errors import InvalidInput
 
 RESAMPLES = 10_000
 LEVEL = 0.95
+CHUNK_VALUES = 2_000_000  # resampling weights held at once (16 MB)
 
 
 @dataclass
@@ -103,12 +104,17 @@ def paired_differences(base_rows: list[dict], other_rows: list[dict], resamples:
         base_correct, other_correct, images = c[:, 0], c[:, 1], c[:, 2]
         n_prompts = len(c)
         diff = (other_correct.sum() - base_correct.sum()) / images.sum()
-        # Cluster bootstrap: how often each prompt is drawn in each replicate.
-        weights = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=resamples).astype(np.float64)
-        boot = weights @ (other_correct - base_correct) / (weights @ images)
-        # Sign flips: each prompt's difference counted with a random sign.
-        signs = rng.choice([-1.0, 1.0], size=(resamples, n_prompts))
-        flips = signs @ (other_correct - base_correct) / images.sum()
+        gained = other_correct - base_correct
+        boot, flips = np.empty(resamples), np.empty(resamples)
+        chunk = max(1, CHUNK_VALUES // n_prompts)  # a file of many prompts must not fill the memory
+        for start in range(0, resamples, chunk):
+            rows = slice(start, min(resamples, start + chunk))
+            n = rows.stop - rows.start
+            # Cluster bootstrap: how often each prompt is drawn in each replicate.
+            weights = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=n).astype(np.float64)
+            boot[rows] = weights @ gained / (weights @ images)
+            # Sign flips: each prompt's difference counted with a random sign.
+            flips[rows] = rng.choice([-1.0, 1.0], size=(n, n_prompts)) @ gained / images.sum()
         results.append(Difference(tag, base_correct.sum() / images.sum(), other_correct.sum() / images.sum(),
                                   *np.quantile(boot, [tail, 1 - tail]), _p_value(flips, diff),
                                   n_prompts, int(images.sum())))

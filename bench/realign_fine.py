@@ -30,6 +30,7 @@ from workbench.attention_modulation import modulated_generation  # noqa: E402
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, pick_detector  # noqa: E402
 from workbench.evaluation import load_prompt_file, score_detections  # noqa: E402
 from workbench.registry import load_pipeline  # noqa: E402
+from workbench.significance import paired_differences  # noqa: E402
 
 
 def main() -> None:
@@ -89,6 +90,7 @@ def main() -> None:
           f"edges={args.edges} time_power={args.time_power} layers={args.layers or 'all cross-attention'} "
           f"threads={torch.get_num_threads()}")
     print(format_table(rows, args.strength))
+    print(intervals(rows, args.strength))
     modulated = sum(1 for row in rows if any(row["regions"].values()))
     print(f"images with regions to modulate: {modulated}/{len(rows)}")
     total = time.time() - started
@@ -115,6 +117,21 @@ def format_table(rows: list[dict], strengths: list[float]) -> str:
             cells.append(f"{fine:>7.1%} {100 * (fine - plain):>+6.1f} {fixed:>5} {broke:>5}")
         lines.append(f"{tag:<14} {len(tagged):>6} {plain:>7.1%} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def intervals(rows: list[dict], strengths: list[float]) -> str:
+    """Each strength's difference from plain generation, with the paired 95% CI and p-value of
+    `workbench.significance` (prompts redrawn with all their seeds)."""
+    index = {prompt: k for k, prompt in enumerate(dict.fromkeys(row["prompt"] for row in rows))}
+    plain = [{"index": index[row["prompt"]], "seed": row["seed"], "tag": row["tag"], "correct": row["plain"]}
+             for row in rows]
+    lines = []
+    for s in strengths:
+        fine = [{**p, "correct": row[f"fine@{s:g}"]} for p, row in zip(plain, rows)]
+        for d in paired_differences(plain, fine):
+            lines.append(f"S={s:g} {d.tag:<14} {100 * d.diff:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] "
+                         f"p {d.p_value:.2g}")
+    return "paired 95% CI, modulated minus plain:\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ def test_evaluations_of_different_prompts_or_seeds_are_refused():
     base = random_rows(10, 4, 0.5, seed=0)
     with pytest.raises(InvalidInput, match="not of the same prompts and seeds"):
         paired_differences(base, random_rows(10, 3, 0.5, seed=1))
-    with pytest.raises(InvalidInput, match="tag"):
+    with pytest.raises(InvalidInput, match="not made from the same prompt file"):
         paired_differences(base, [{**row, "tag": "colors"} for row in base])
+    with pytest.raises(InvalidInput, match="not made from the same prompt file"):  # other words, same tags
+        paired_differences(base, [{**row, "prompt": "other words"} for row in base])
     with pytest.raises(InvalidInput, match="twice"):
         paired_differences(base + base[:1], base)
 

@@ -65,7 +65,7 @@ def _per_prompt_counts(base_rows: list[dict], other_rows: list[dict]) -> dict[st
             key = (int(row["index"]), int(row["seed"]))
             if key in table:
                 raise InvalidInput(f"the {name} evaluation scores prompt {key[0]} with seed {key[1]} twice")
-            table[key] = (row["tag"], bool(row["correct"]))
+            table[key] = (row["tag"], bool(row["correct"]), row.get("prompt"))
         return table
 
     base, other = keyed(base_rows, "first"), keyed(other_rows, "second")
@@ -77,11 +77,11 @@ def _per_prompt_counts(base_rows: list[dict], other_rows: list[dict]) -> dict[st
                            f"compared image by image (e.g. prompt, seed {only[0]} is in only one); "
                            "evaluate both with the same prompt file and seeds")
     counts: dict[str, dict[int, list[int]]] = {}
-    for key, (tag, correct) in base.items():
-        other_tag, other_correct = other[key]
-        if other_tag != tag:
-            raise InvalidInput(f"prompt {key[0]} has tag {tag} in one evaluation and {other_tag} in the other: "
-                               "they were not made from the same prompt file")
+    for key, (tag, correct, prompt) in base.items():
+        other_tag, other_correct, other_prompt = other[key]
+        if other_tag != tag or (prompt is not None and other_prompt is not None and prompt != other_prompt):
+            raise InvalidInput(f"prompt {key[0]} is '{prompt}' ({tag}) in one evaluation and '{other_prompt}' "
+                               f"({other_tag}) in the other: they were not made from the same prompt file")
         cell = counts.setdefault(tag, {}).setdefault(key[0], [0, 0, 0])
         cell[0] += correct
         cell[1] += other_correct

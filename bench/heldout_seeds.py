@@ -61,8 +61,7 @@ def row(name: str, summary: dict, base: dict | None, folder: Path | None = None,
         # The overall gain with its 95% CI and paired p-value (workbench.significance: prompts redrawn
         # with all their seeds), so a gain is read against the noise of these images.
         overall = paired_differences(eval_rows(base_folder), eval_rows(folder))[-1]
-        gain = (f" | {100 * overall.diff:+.1f} [{100 * overall.low:+.1f}, {100 * overall.high:+.1f}], "
-                f"p {overall.p_value:.2g}")
+        gain = f" | {overall.summary_text()}, p {overall.p_value:.2g}"
     return f"| {name} | {text}{gain} |"
 
 

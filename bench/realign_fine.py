@@ -129,8 +129,7 @@ def intervals(rows: list[dict], strengths: list[float]) -> str:
     for s in strengths:
         fine = [{**p, "correct": row[f"fine@{s:g}"]} for p, row in zip(plain, rows)]
         for d in paired_differences(plain, fine):
-            lines.append(f"S={s:g} {d.tag:<14} {100 * d.diff:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] "
-                         f"p {d.p_value:.2g}")
+            lines.append(f"S={s:g} {d.tag:<14} {d.summary_text()} p {d.p_value:.2g}")
     return "paired 95% CI, modulated minus plain:\n" + "\n".join(lines)
 
 

@@ -224,7 +224,7 @@ def difference_table(variants: list[dict], rows: list[dict]) -> pd.DataFrame:
         return pd.DataFrame(columns=["tag"])
     tags = [d.tag for d in results[0][1]]
     columns = {f"{label} − {variants[0]['label']}": [
-        f"{100 * d.diff:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] p={d.p_value:.3g}" for d in diffs]
+        f"{d.summary_text()} p={d.p_value:.3g}" for d in diffs]
         for label, diffs in results}
     return pd.DataFrame({"tag": tags, **columns})
 

@@ -51,6 +51,14 @@ class Difference:
     def diff(self) -> float:
         return self.other - self.base
 
+    def interval_text(self) -> str:
+        """"[+3.6, +9.6]": the confidence interval, in points."""
+        return f"[{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+
+    def summary_text(self) -> str:
+        """"+6.6 [+3.6, +9.6]": the difference and its interval, in points."""
+        return f"{100 * self.diff:+.1f} {self.interval_text()}"
+
     def to_dict(self) -> dict:
         return {"tag": self.tag, "base": self.base, "other": self.other, "diff": self.diff, "low": self.low,
                 "high": self.high, "p_value": self.p_value, "prompts": self.prompts, "images": self.images}
@@ -159,6 +167,6 @@ def format_differences(differences: list[Difference], base_label: str = "base", 
     lines = [head]
     for d in differences:
         lines.append(f"{d.tag:<14} {100 * d.base:>{width}.1f} {100 * d.other:>{width}.1f} {100 * d.diff:>+7.1f} "
-                     f"{f'[{100 * d.low:+.1f}, {100 * d.high:+.1f}]':>16} {d.p_value:>7.4f}  "
+                     f"{d.interval_text():>16} {d.p_value:>7.4f}  "
                      f"{d.prompts} prompts, {d.images} images")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ import gradio as gr
 import pandas as pd
 
 from ..benchmark import DETECTORS, SHAPESBENCH, check_detector
-from ..compare import CompareConfig, Variant, accuracy_table, difference_table, prompt_tags, prompts_from_tag, prompts_from_text
+from ..compare import (CompareConfig, Variant, accuracy_table, difference_table, prompt_tags, prompts_from_tag,
+                       prompts_from_text)
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
 from ..evaluation import load_prompt_file

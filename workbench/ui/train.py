@@ -63,12 +63,14 @@ def metrics_table(frame: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
 
 def _verdict_times(folder) -> tuple:
     """When each evaluation's verdicts last changed: the cache key of overall_gains."""
-    return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in folder.glob("**/eval*/verdicts.jsonl")))
+    files = [*folder.glob("eval-base/verdicts.jsonl"), *folder.glob("iteration-*/eval/verdicts.jsonl")]
+    return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in files))
 
 
 @functools.lru_cache(maxsize=32)
 def overall_gains(folder: str, verdict_times: tuple) -> dict[int, str]:
-    """iteration -> "+6.6 [+3.6, +9.6]" against the run's base evaluation (cached: the timer polls)."""
+    """iteration -> "+6.6 [+3.6, +9.6]" against the run's base evaluation (cached: the timer polls).
+    `load_comparison` labels an IPR run's evaluations "base", "iteration 1", "iteration 2", ..."""
     from ..report import load_comparison
     from ..significance import against_first
 
@@ -84,7 +86,7 @@ def overall_gains(folder: str, verdict_times: tuple) -> dict[int, str]:
         overall = differences[-1]
         iteration = int(label.split()[-1]) if label.startswith("iteration ") else None
         if iteration is not None:
-            gains[iteration] = f"{100 * overall.diff:+.1f} [{100 * overall.low:+.1f}, {100 * overall.high:+.1f}]"
+            gains[iteration] = overall.summary_text()
     return gains
 
 

@@ -195,6 +195,10 @@ class IPRConfig:
             raise InvalidInput(f"The EMA decay must be in (0, 1), e.g. 0.99 (got {self.ema_decay}).")
         if self.prior_images < 0:
             raise InvalidInput(f"Prior images must be 0 or more (got {self.prior_images}).")
+        if self.guidance is not None and not 0 < self.guidance <= 50:
+            raise InvalidInput(f"The sampling guidance must be in (0, 50], e.g. 7.5 (got {self.guidance}).")
+        if self.sample_steps is not None and not 1 <= self.sample_steps <= 200:
+            raise InvalidInput(f"Sampling steps must be between 1 and 200 (got {self.sample_steps}).")
         if self.prior_images and self.prior_data is None and self.model != "shapes":
             raise InvalidInput("Prior preservation on a model other than the shapes model needs --prior-data, an "
                                "imagefolder of the model's pre-training kind of data.")
@@ -672,6 +676,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--review", action=argparse.BooleanOptionalAction, default=None,
                         help="pause after each relabeling for a manual review (default: off; with --resume, as the "
                              "run was started)")
+    parser.add_argument("--sample-guidance", type=float, default=defaults.guidance,
+                        help="guidance scale for drawing the training images (default: the model's own); "
+                             "evaluation always uses the model's own")
+    parser.add_argument("--sample-steps", type=int, default=defaults.sample_steps,
+                        help="sampling steps for the training images (default: the model's own)")
     parser.add_argument("--eval-prompts", default=defaults.eval_prompts)
     parser.add_argument("--eval-seeds", type=int, default=defaults.eval_seeds)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -711,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                                continue_adapter=args.continue_adapter,
                                box_threshold=args.box_threshold, min_confidence=args.min_confidence,
                                detector=args.detector, review=bool(args.review),
+                               guidance=args.sample_guidance, sample_steps=args.sample_steps,
                                eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds, seed=args.seed)
         result = run_ipr(config, args.out, log=lambda m: print(m, flush=True))
     except WorkbenchError as error:

@@ -428,3 +428,17 @@ def test_settings_the_engine_or_the_evaluation_would_refuse_are_refused_before_s
     assert ipr_main([*args, "--out", str(tmp_path / "run")]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_training_images_are_drawn_at_the_sampling_guidance_and_a_bad_one_is_refused(tiny_sd, eval_prompts, tmp_path,
+                                                                                     capsys):
+    from pipelines.ipr import main
+    from workbench.generation import read_png_metadata
+
+    out = tmp_path / "run"
+    run_ipr(config(tiny_sd, eval_prompts, eval_seeds=0, iterations=1, guidance=2.5), out, log=lambda m: None)
+    images = sorted((out / "iteration-0" / "images").glob("*.png"))
+    assert images and {read_png_metadata(path)["guidance"] for path in images} == {2.5}
+    assert main(["--sample-guidance", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "sampling guidance must be in (0, 50]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

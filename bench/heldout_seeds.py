@@ -8,11 +8,13 @@ CI and paired p-value (`workbench.significance`).
 
     python bench/heldout_seeds.py [--adapter NAME=PATH[:WEIGHT] ...] [--first-seed 4] [--seeds 4]
                                   [--prompts shapesbench|heldout|FILE] [--out data/runs/heldout]
+                                  [--against base|NAME]
 
-Without --adapter it scores the four shipped adapters in assets/adapters/. `--prompts heldout` scores
-ShapesBench's six tasks in other wordings (and color_attr's other colour pairs), none of them a
-ShapesBench prompt (assets/prompts/shapesbench-heldout.jsonl, from `bench_prompts.heldout_prompts`);
-with `--first-seed 0` that is new prompts on the usual seeds.
+Without --adapter it scores the four shipped adapters in assets/adapters/ and RECAP's alt-text twin;
+`--against recap-alt-text` measures every gain from that twin instead of the base (RECAP's target).
+`--prompts heldout` scores ShapesBench's six tasks in other wordings (and color_attr's other colour
+pairs), none of them a ShapesBench prompt (assets/prompts/shapesbench-heldout.jsonl, from
+`bench_prompts.heldout_prompts`); with `--first-seed 0` that is new prompts on the usual seeds.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from workbench.significance import paired_differences  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {name: f"assets/adapters/{name}-shapes:1.0" for name in ("ipr", "selma", "recap", "refl")}
+SHIPPED["recap-alt-text"] = "assets/adapters/recap-shapes/alt-text:1.0"  # RECAP's target is measured against it
 
 
 def evaluate(name: str, loras: list[LoraSpec], first_seed: int, seeds: int, out: Path,
@@ -53,16 +56,16 @@ def evaluate(name: str, loras: list[LoraSpec], first_seed: int, seeds: int, out:
     return summary
 
 
-def row(name: str, summary: dict, base: dict | None, folder: Path | None = None, base_folder: Path | None = None) -> str:
+def row(name: str, summary: dict, folder: Path | None = None, reference: Path | None = None) -> str:
     cells = [100 * summary["per_tag"][tag]["accuracy"] for tag in TAGS] + [100 * summary["overall"]]
     text = " | ".join(f"{value:.1f}" for value in cells)
-    gain = ""
-    if base is not None:
+    gain = " |"
+    if reference is not None and reference != folder:
         # The overall gain with its 95% CI and paired p-value (workbench.significance: prompts redrawn
         # with all their seeds), so a gain is read against the noise of these images.
-        overall = paired_differences(eval_rows(base_folder), eval_rows(folder))[-1]
-        gain = f" | {overall.summary_text()}, p {overall.p_value:.2g}"
-    return f"| {name} | {text}{gain} |"
+        overall = paired_differences(eval_rows(reference), eval_rows(folder))[-1]
+        gain = f" | {overall.summary_text()}, p {overall.p_value:.2g} |"
+    return f"| {name} | {text}{gain}"
 
 
 def eval_rows(folder: Path) -> list[dict]:
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--prompts", default="shapesbench", help="shapesbench, heldout or a GenEval metadata file")
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "runs" / "heldout")
+    parser.add_argument("--against", default="base",
+                        help="the variant every gain is measured from (e.g. recap-alt-text for RECAP's target)")
     args = parser.parse_args()
     adapters = dict(text.split("=", 1) for text in args.adapter) if args.adapter else SHIPPED
     if args.prompts == "shapesbench":
@@ -87,13 +92,15 @@ def main() -> None:
 
     print(f"{prompts.name} on seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, evaluations in {args.out}")
     base = evaluate("base", [], args.first_seed, args.seeds, args.out, prompts)
-    scores = {name: evaluate(name, [LoraSpec.parse(spec)], args.first_seed, args.seeds, args.out, prompts)
-              for name, spec in adapters.items()}
-    print("\n| variant | " + " | ".join(TAGS) + " | overall | gain [95% CI], p |")
+    scores = {"base": base}
+    scores.update({name: evaluate(name, [LoraSpec.parse(spec)], args.first_seed, args.seeds, args.out, prompts)
+                   for name, spec in adapters.items()})
+    if args.against not in scores:
+        raise SystemExit(f"--against {args.against}: no such variant; choose one of {', '.join(scores)}")
+    print(f"\n| variant | " + " | ".join(TAGS) + f" | overall | gain over {args.against} [95% CI], p |")
     print("|---" * (len(TAGS) + 3) + "|")
-    print(row("base", base, None) + " |")
     for name, summary in scores.items():
-        print(row(name, summary, base, args.out / name, args.out / "base"))
+        print(row(name, summary, args.out / name, args.out / args.against))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ class ReFLConfig:
     # Read each image through a Gaussian blur of this many pixels before scoring (our addition; 0: none).
     # The reward's pixel gradient then has no fine detail, so it can change what is drawn (colours,
     # shapes, counts) but not paint a pattern that only fools the captioner
-    # (`workbench.likelihood_reward.BlurredReward`, bench/reward_gradient_alignment.py --blur).
+    # (`workbench.likelihood_reward.BlurredReward`, bench/reward_gradient_alignment.py --blur). On the
+    # shapes model, blur 2 at guidance 1 gained nothing either (-0.6 with two seeds; refl-shapes card).
     reward_blur: float = 0.0
     # Score the finished image instead of the gradient step's one-step x0 prediction (our addition): the
     # rest of the schedule is sampled without gradients, and the reward's gradient on the finished image
@@ -485,9 +486,10 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     # More or fewer evaluation seeds re-scores the same adapter; the rest must match.
+    # `implied`: what runs saved before these settings existed had.
     bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
                     implied={"negatives": 0, "train_text_encoder": False, "train_unet": True, "last_grad_step": None,
-                             "detach_uncond": False, "reward_shifts": 0, "reward_blur": 0.0})  # what runs saved before these had
+                             "detach_uncond": False, "reward_shifts": 0, "reward_blur": 0.0})
 
 
 def main(argv: list[str] | None = None) -> int:

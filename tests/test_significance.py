@@ -37,7 +37,8 @@ def test_a_real_gain_is_called_one_and_noise_is_not():
     tags = {i: ("position" if i < 50 else "counting") for i in range(100)}
     base = random_rows(100, 4, 0.3, seed=1, tags=tags)
     # The other model gets every position image right, and counting by a fresh coin of the same bias.
-    better = [{**row, "correct": True} if row["tag"] == "position" else row for row in random_rows(100, 4, 0.3, 2, tags)]
+    better = [{**row, "correct": True} if row["tag"] == "position" else row
+              for row in random_rows(100, 4, 0.3, 2, tags)]
     result = by_tag(paired_differences(base, better))
     assert result["position"].low > 0.5 and result["position"].p_value < 0.001
     assert result["counting"].low < 0 < result["counting"].high  # same bias: the interval holds 0
@@ -54,7 +55,8 @@ def test_a_gain_on_one_prompt_is_less_sure_than_the_same_gain_spread_over_prompt
     base = rows({(i, s): False for i in range(20) for s in range(8)})
     one_prompt = rows({(i, s): i == 0 for i in range(20) for s in range(8)})
     spread = rows({(i, s): i < 8 and s == 0 for i in range(20) for s in range(8)})
-    concentrated, wide = by_tag(paired_differences(base, one_prompt))["counting"], by_tag(paired_differences(base, spread))["counting"]
+    concentrated = by_tag(paired_differences(base, one_prompt))["counting"]
+    wide = by_tag(paired_differences(base, spread))["counting"]
     assert concentrated.diff == wide.diff == pytest.approx(8 / 160)
     assert concentrated.p_value > 0.5 and wide.p_value < 0.01  # one prompt of 20: its sign is a coin flip
     assert concentrated.low == 0.0 and wide.low > 0.0
@@ -76,8 +78,8 @@ def write_eval(folder, verdicts: list[dict]) -> None:
     folder.mkdir(parents=True)
     summary = summarize(verdicts)
     (folder / "scores.json").write_text(json.dumps({**summary, "config": {"model": "shapes", "loras": []}}))
-    (folder / "verdicts.jsonl").write_text("".join(json.dumps({**row, "path": f"images/{row['index']}-{row['seed']}.png"})
-                                                   + "\n" for row in verdicts))
+    lines = [json.dumps({**row, "path": f"images/{row['index']}-{row['seed']}.png"}) for row in verdicts]
+    (folder / "verdicts.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
 def test_cli_diff_prints_the_table_of_two_evaluation_folders(tmp_path, capsys):

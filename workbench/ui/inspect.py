@@ -283,8 +283,8 @@ def build_inspect_tab() -> None:
             image = gr.Image(type="pil", label="Image (generated, or upload your own)", sources=["upload", "clipboard"],
                              height=320, elem_id="inspect-image")
             with gr.Accordion("Or pick an image generated earlier", open=False, elem_id="inspect-saved") as saved_box:
-                saved = gr.Gallery(label="Newest first (Generate tab, comparisons)", columns=6, height=260, object_fit="contain",
-                                   allow_preview=False, elem_id="inspect-saved-gallery")
+                saved = gr.Gallery(label="Newest first (Generate tab, comparisons)", columns=6, height=260,
+                                   object_fit="contain", allow_preview=False, elem_id="inspect-saved-gallery")
                 refresh_saved = gr.Button("Refresh", size="sm", elem_id="inspect-saved-refresh")
             saved_paths = gr.State([])
             with gr.Row():

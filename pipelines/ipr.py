@@ -726,6 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stopped: finished stages and checkpoints are kept in {args.out}; continue with "
+              f"`python -m pipelines.ipr --out {args.out} --resume`", file=sys.stderr)
+        return 130
     if result["status"] == "awaiting_review":
         print(f"Paused for review of iteration {result['iteration'] + 1}: review it in the app's Review tab, "
               f"then run `python -m pipelines.ipr --out {args.out} --resume --reviewed`.")

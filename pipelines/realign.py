@@ -519,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stopped: checkpoints are kept in {out}; run the same command again to continue", file=sys.stderr)
+        return 130
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("eval")}))
     return 0
 

@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
     print(f"done in {result['seconds']} s: {args.out / 'original.png'} -> {args.out / 'realigned.png'}")
     return 0
 

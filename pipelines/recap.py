@@ -743,6 +743,11 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stopped: what was finished is kept in {args.out}; run the same command again to continue"
+              + (f" (or `python -m pipelines.recap run --resume --out {args.out}`)" if args.command == "run" else ""),
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -748,6 +748,10 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stopped: finished stages and checkpoints are kept in {args.out}; continue with "
+              f"`python -m pipelines.selma --out {args.out} --resume`", file=sys.stderr)
+        return 130
     print(f"done in {summary['seconds']} s: experts in {args.out / 'experts'}, "
           f"merged adapter {summary['merged_adapter']}")
     return 0

@@ -869,6 +869,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped: checkpoints are kept in {config.out}; the same command continues from the last one",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result), flush=True)
 

@@ -110,6 +110,11 @@ COCO_CASES = [
      {"include": [one("square", color="blue"), one("circle", color="red", position=["left of", 0])]}),
     ("a cat without a dog", {"include": [one("cat")], "exclude": [one("dog")]}),
     ("a photo of a unicorn", {"include": []}),
+    # compound number words
+    ("one hundred dogs", {"include": [one("dog", 100)], "exclude": [one("dog", 101)]}),
+    ("twenty three cats", {"include": [one("cat", 23)], "exclude": [one("cat", 24)]}),
+    ("two dozen donuts", {"include": [one("donut", 24)], "exclude": [one("donut", 25)]}),
+    ("a dozen donuts", {"include": [one("donut", 12)], "exclude": [one("donut", 13)]}),
     ("an image of nothing in particular", {"include": []}),
 ]
 
@@ -265,7 +270,16 @@ def test_cli_parse_prints_the_spec(capsys):
 
 def test_cli_parse_knows_added_classes(capsys):
     assert main(["parse", "a unicorn", "--add-class", "unicorn"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"include": [one("unicorn")]}
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"include": [one("unicorn")]}
+    assert out.err == ""
+
+
+def test_cli_parse_says_when_it_knows_no_object_of_the_prompt(capsys):
+    assert main(["parse", "a red cube on the left side of a blue sphere"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"include": []}
+    assert "names no object the vocabulary knows" in out.err and "--add-class" in out.err
 
 
 @pytest.mark.parametrize("prompt, message", [("", "empty"), ("x" * 1001, "at most 1000")])

@@ -255,7 +255,10 @@ def test_accept_all_shown_accepts_only_the_pending_rows_shown(store):
 
 def test_export_writes_the_imagefolder_under_the_run(store, data_dir):
     store.set("ipr-test", IDS[2], "rejected")
+    store.set("ipr-test", IDS[0], "accepted")
     message = review.export_run(store, "ipr-test")
     out = data_dir / "runs" / "ipr-test" / "export"
     assert f"Exported 2 image(s) with their prompts to `{out}`" in message
+    # the message says which rows nobody has looked at yet (they go out with the relabeler's prompt)
+    assert "1 accepted or edited by hand, 1 not reviewed yet" in message
     assert (out / "metadata.jsonl").read_text().count("\n") == 2

@@ -103,7 +103,12 @@ def _add_parse(subparsers) -> None:
 def _run_parse(args) -> int:
     from .prompt_parser import parse_prompt
 
-    print(json.dumps(parse_prompt(args.prompt, _vocabulary(args)), indent=2))
+    spec = parse_prompt(args.prompt, _vocabulary(args))
+    print(json.dumps(spec, indent=2))
+    if not spec["include"] and not spec.get("exclude"):
+        # Not an error (an empty scene is what the prompt asks for), but easy to miss in the JSON.
+        print("note: the prompt names no object the vocabulary knows (the shapes world and COCO's 80 classes); "
+              "add one with --add-class NAME", file=sys.stderr)
     return 0
 
 

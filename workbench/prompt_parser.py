@@ -81,9 +81,15 @@ _RELATION_PHRASES = {
 }
 _NUMBER_WORDS = {
     "one": 1, "single": 1, "lone": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
-    "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "dozen": 12,
+    "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14,
+    "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30,
+    "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
+    "dozen": 12, "hundred": 100, "thousand": 1000,
     "pair of": 2, "a pair of": 2, "couple of": 2, "a couple of": 2,
 }
+# "two dozen", "one hundred", "a thousand": the number before them multiplies them.
+_MULTIPLIERS = {"dozen", "hundred", "thousand"}
+_TENS = {20, 30, 40, 50, 60, 70, 80, 90}
 _SAID_NUMBERS = {n: w for w, n in _NUMBER_WORDS.items() if w in ("one two three four five six seven eight nine ten").split()}
 _AT_LEAST = ("at least", "or more")
 _NEGATIONS = ("no", "without", "zero")
@@ -332,6 +338,7 @@ def _read(tokens: tuple[str, ...], lexicon: _Lexicon) -> tuple[list[_Mention], l
     phrase = _NounPhrase()
     pending: tuple[str, _Mention] | None = None  # (relation, subject) waiting for its target
     last: _Mention | None = None  # the object said last (None after a negated one)
+    previous_was_number = False
     for i, length, kind, value in _words(tokens, lexicon):
         if kind is not None:
             if kind == "object":
@@ -351,7 +358,7 @@ def _read(tokens: tuple[str, ...], lexicon: _Lexicon) -> tuple[list[_Mention], l
             elif kind == "color":
                 phrase.color = value
             elif kind == "number":
-                phrase.number = value
+                phrase.number = _compose(phrase.number, value, tokens[i], previous_was_number)
                 phrase.pair = tokens[i + length - 1] == "of"
             elif kind == "at_least":
                 phrase.at_least = True
@@ -366,7 +373,19 @@ def _read(tokens: tuple[str, ...], lexicon: _Lexicon) -> tuple[list[_Mention], l
             phrase.number = int(tokens[i])
         elif tokens[i] == "the":
             phrase.definite = True
+        previous_was_number = kind == "number" or tokens[i].isdigit()
     return mentions, negated
+
+
+def _compose(before: int | None, value: int, word: str, adjacent: bool) -> int:
+    """A number word read after another one right before it: "twenty three" is 23, "two dozen" 24,
+    "one hundred" 100; otherwise the later number stands."""
+    if adjacent and before is not None:
+        if word in _MULTIPLIERS:
+            return before * value
+        if before in _TENS and value < 10 or before >= 100 and before % 100 == 0 and value < 100:
+            return before + value
+    return value
 
 
 def _referent(mentions: list[_Mention], cls: str, color: str | None) -> _Mention | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from workbench.errors import InvalidInput
 from workbench.jobs import run_names
+from workbench.prompt_parser import MAX_PROMPT_CHARS
 from workbench.store import connect_database
 
 STATUSES = ("accepted", "edited", "rejected")
@@ -76,6 +77,9 @@ class ReviewStore:
             prompt = " ".join((prompt or "").split())
             if not prompt:
                 raise InvalidInput("The edited prompt is empty: write what the image shows, or reject it.")
+            if len(prompt) > MAX_PROMPT_CHARS:  # the parser, and so the next iteration, refuses longer ones
+                raise InvalidInput(f"The edited prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} "
+                                   "are allowed.")
         else:
             prompt = None
         review = Review(run_id, sample_id, status, prompt, time.time())

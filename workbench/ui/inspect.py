@@ -93,7 +93,7 @@ def detection_label(det: Detection) -> str:
 def annotated(image: Image.Image, detections: list[Detection], masks: list[np.ndarray] | None = None,
               threshold: float | None = None) -> tuple[Image.Image, list[tuple[np.ndarray, str]]]:
     """The value of a gr.AnnotatedImage: the image enlarged, one layer per detection with its box
-    outline and (when given) its mask. Detections under `threshold` are labelled "(ignored)"."""
+    outline and (when given) its mask. Detections at or under `threshold` are labelled "(ignored)"."""
     scale = max(1, math.ceil(DISPLAY_SIDE / max(image.size)))
     big = image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
     height, width = big.height, big.width
@@ -110,7 +110,7 @@ def annotated(image: Image.Image, detections: list[Detection], masks: list[np.nd
         layer[y0:y1, x0:x0 + border] = layer[y0:y1, x1 - border:x1] = 1.0
         layer[y0:y0 + border, x0:x1] = layer[y1 - border:y1, x0:x1] = 1.0
         label = detection_label(det)
-        if threshold is not None and det.score < threshold:
+        if threshold is not None and det.score <= threshold:  # the relabel keeps scores above it
             label += " (ignored)"
         layers.append((layer, label))
     return big, layers
@@ -248,13 +248,13 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
     except WorkbenchError as error:
         notes.append(f"No masks: {error}")
     shown = annotated(picture, detections, masks, threshold=float(box_threshold))
-    kept = sum(d.score >= box_threshold for d in detections)
+    kept = sum(d.score > box_threshold for d in detections)
     verdict = "\n".join([
         f"**{'Changed' if result.changed else 'Unchanged'}**, "
         f"{'kept for training' if result.keep else 'not kept for training'}.",
         *(f"- {reason}" for reason in result.reasons),
     ])
-    message = f"{len(detections)} detection(s) with `{name}`, {kept} at or above {box_threshold:.2f}."
+    message = f"{len(detections)} detection(s) with `{name}`, {kept} above {box_threshold:.2f} (kept by the relabel)."
     if notes:
         message += " " + " ".join(notes)
     return (shown, result.spec, result.detected_spec, word_diff(prompt, result.prompt), result.prompt, verdict,
@@ -290,7 +290,8 @@ def build_inspect_tab() -> None:
             with gr.Row():
                 detector = gr.Dropdown(DETECTOR_CHOICES, value="auto", label="Detector",
                                        info="auto: shapes for the shapes model, GroundingDINO otherwise")
-                threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Box threshold")
+                threshold = gr.Slider(0.0, 0.95, value=0.3, step=0.05, label="Box threshold",
+                                      info="detections scoring at or below it are ignored")
             inspect_button = gr.Button("Detect & relabel", variant="primary", elem_id="inspect-button")
             message = gr.Markdown(elem_id="inspect-status")
         with gr.Column(scale=3):

@@ -202,9 +202,13 @@ def export_run(store: ReviewStore, run_id) -> str:
         out = export_imagefolder(run_dir, run_id, store, run_dir / EXPORT_FOLDER)
     except WorkbenchError as error:
         return f"Not exported: {error}"
-    count = sum(1 for line in (out / "metadata.jsonl").read_text().splitlines() if line.strip())
-    return (f"Exported {count} image(s) with their prompts to `{out}` (Hugging Face imagefolder: "
-            f"`load_dataset(\"imagefolder\", data_dir=...)`, caption column `text`, loss weight `weight`).")
+    ids = [json.loads(line)["id"] for line in (out / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    reviews = store.get_all(str(run_id))
+    checked = sum(1 for sample_id in ids if sample_id in reviews)
+    return (f"Exported {len(ids)} image(s) with their prompts to `{out}` (Hugging Face imagefolder: "
+            f"`load_dataset(\"imagefolder\", data_dir=...)`, caption column `text`, loss weight `weight`): "
+            f"{checked} accepted or edited by hand, {len(ids) - checked} not reviewed yet with the relabeler's "
+            "prompt, as the next iteration would train on them; rejected samples are left out.")
 
 
 # --- layout --------------------------------------------------------------------------------------

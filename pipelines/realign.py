@@ -164,8 +164,13 @@ class ReFLConfig:
         from workbench.perception.backends import check_all
 
         # Everything missing in one message, before anything is loaded or written.
-        check_all([lambda: check_run_settings(self.model, self.eval_prompts, self.eval_seeds),
-                   lambda: check_likelihood_reward(self.reward_name, self.reward_model)])
+        checks = [lambda: check_run_settings(self.model, self.eval_prompts, self.eval_seeds),
+                  lambda: check_likelihood_reward(self.reward_name, self.reward_model)]
+        if self.pretrain_data is not None and self.pretrain_batch > 0:
+            from pipelines.trainer import read_rows
+
+            checks.append(lambda: read_rows([self.pretrain_data]))  # reads metadata.jsonl only, no image
+        check_all(checks)
 
     @property
     def reward_name(self) -> str:
@@ -492,22 +497,61 @@ def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
                              "detach_uncond": False, "reward_shifts": 0, "reward_blur": 0.0})
 
 
+# One line per setting for --help; ReFLConfig's comments say why each exists and what it did on the shapes model.
+HELP = {
+    "model": "registry name (shapes, sd15, sd21, sdxl), diffusers folder or hub id",
+    "reward": "likelihood reward model: shapes or blip (default: the model's world)",
+    "reward_model": "the reward's weights (default: the shipped shapes captioner, or $WORKBENCH_BLIP_MODEL)",
+    "negatives": "0: the plain likelihood of the prompt; k: its contrast with k hard negatives",
+    "prompts": "training prompts drawn from the shapes grammar (disjoint from ShapesBench)",
+    "prompt_seed": "seed of the training prompts",
+    "steps": "ReFL steps",
+    "batch_size": "training prompts per step",
+    "lr": "learning rate",
+    "rank": "LoRA rank",
+    "alpha": "LoRA alpha",
+    "train_text_encoder": "also train a LoRA on the text encoder",
+    "train_unet": "train the UNet's LoRA (--no-train-unet with --train-text-encoder: the text encoder alone)",
+    "reward_weight": "lambda of eq. 5 (default: balanced at step 1 against the denoising loss's gradient; "
+                     "the value used is in history.jsonl)",
+    "reward_target": "ReLU(target - reward); the reward is a mean log-probability, at most 0",
+    "schedule_steps": "sampling steps of the ReFL trajectory",
+    "first_grad_step": "first step of the schedule the gradient step is drawn from",
+    "last_grad_step": "exclusive end of that window (default: the end of the schedule)",
+    "guidance": "guidance of the sampled trajectory (default: the model's own)",
+    "detach_uncond": "the gradient step's unconditional prediction without gradients",
+    "reward_shifts": "score each image as this many randomly shifted copies (0: as decoded)",
+    "reward_blur": "read each image through a Gaussian blur of this many pixels before scoring (0: none)",
+    "score_final_image": "score the finished image (straight-through) instead of the one-step x0 prediction",
+    "pretrain_batch": "pre-training images per step for eq. 5's denoising term",
+    "pretrain_data": "imagefolder of pre-training data for real models (the shapes model renders its own)",
+    "prompt_dropout": "share of empty captions in the pre-training term",
+    "seed": "training seed",
+    "checkpoint_every": "steps between checkpoints (a stopped run continues from the last one)",
+    "eval_prompts": "GenEval-format prompt file to evaluate on (default: ShapesBench)",
+    "eval_seeds": "seeds per evaluation prompt (0: no evaluation)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = ReFLConfig()
     parser = argparse.ArgumentParser(description="RealignDiff coarse stage: ReFL with a caption reward.")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="run folder (the same command continues it)")
     for f in fields(ReFLConfig):
+        said = HELP.get(f.name)
         if f.name in ("eval_prompts",):
-            parser.add_argument("--eval-prompts", default=defaults.eval_prompts)
+            parser.add_argument("--eval-prompts", default=defaults.eval_prompts, help=said)
             continue
         if isinstance(getattr(defaults, f.name), bool):
             parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                                default=getattr(defaults, f.name))
+                                default=getattr(defaults, f.name), help=said)
             continue
         # Settings whose default is None say their type here; the rest take their default's.
         kind = ({"guidance": float, "reward_weight": float, "last_grad_step": int}.get(f.name)
                 or {int: int, float: float}.get(type(getattr(defaults, f.name)), str))
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
+        default = getattr(defaults, f.name)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                            help=f"{said} (default: {default})" if said and default is not None else said)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     try:

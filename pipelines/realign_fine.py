@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from workbench.attention_modulation import (AttentionCapture, TokenRegions, attention_map_image,
+from workbench.attention_modulation import (AttentionCapture, TokenRegions, attention_map_image, check_layers,
                                             modulated_generation, token_regions)
 from workbench.errors import InvalidInput, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
@@ -54,8 +54,8 @@ from workbench.evaluation import THRESHOLD
 @dataclass
 class FineStageConfig:
     model: str = "shapes"
-    # Backends by name; None: the model's own world (the shapes model -> "shapes" for each), otherwise a
-    # CLIP tagger, GroundingDINO + SAM and a local LLM from disk.
+    # Backends by name; None: the model's own world (the shapes model -> "shapes" for each), otherwise
+    # RAM when installed (else a CLIP tagger), GroundingDINO + SAM and a local LLM from disk.
     llm: str | None = None
     tagger: str | None = None
     detector: str | None = None
@@ -86,11 +86,15 @@ class FineStageConfig:
 
 
 def backend_names(config: FineStageConfig) -> dict[str, str]:
+    from workbench.perception.backends import default_real_tagger
     from workbench.registry import resolve
 
     shapes = resolve(config.model).name == "shapes"
-    defaults = ({"llm": "shapes", "tagger": "shapes", "detector": "shapes", "segmenter": "shapes"} if shapes else
-                {"llm": "transformers", "tagger": "clip", "detector": "groundingdino", "segmenter": "sam"})
+    if shapes:
+        defaults = {"llm": "shapes", "tagger": "shapes", "detector": "shapes", "segmenter": "shapes"}
+    else:
+        defaults = {"llm": "transformers", "tagger": config.tagger or default_real_tagger(),
+                    "detector": "groundingdino", "segmenter": "sam"}
     return {kind: getattr(config, kind) or name for kind, name in defaults.items()}
 
 
@@ -200,14 +204,18 @@ def realign_fine(prompt: str, seed: int, out_dir: Path | None = None, config: Fi
     """
     from workbench.registry import load_pipeline
 
+    from workbench.prompt_parser import check_prompt
+
     config = config or FineStageConfig()
     config.validate()
     if not 0 <= seed < 2**32:
         raise InvalidInput(f"The seed must be between 0 and {2**32 - 1} (got {seed}).")
+    check_prompt(prompt)  # the LLM step's limits, before any image is drawn
     started = time.time()
     progress = on_progress or (lambda fraction, stage: None)
     progress(0.0, "loading the model and the perception models")
     pipe = load_pipeline(config.model)
+    check_layers(pipe.unet, config.layers)
     perception = perception or Perception.load(config)
     sampling = dict(steps=config.steps, guidance=config.guidance)
 

@@ -196,14 +196,19 @@ def test_realign_fine_on_the_shapes_model_writes_its_files(tmp_path):
     ({"steps": 0}, 0, "Steps must be at least 1"),
     ({}, -1, "seed must be between"),
     ({"layers": ["bogus"]}, 0, "No cross-attention layer of the UNet starts with bogus"),
+    ({"prompt": "   "}, 0, "the prompt is empty"),
+    ({"prompt": "a red circle " * 100}, 0, "at most 1000 are allowed"),
 ])
 def test_realign_fine_refuses_settings_that_would_write_a_wrong_image(tmp_path, changes, seed, words):
     from pipelines.realign_fine import FineStageConfig, realign_fine
 
+    changes = dict(changes)
+    prompt = changes.pop("prompt", "a red circle")
+    said = []
     with pytest.raises(InvalidInput, match=words):
-        realign_fine("a red circle", seed, tmp_path / "run", FineStageConfig(**{"steps": 2, **changes}),
-                     log=lambda _: None)
+        realign_fine(prompt, seed, tmp_path / "run", FineStageConfig(**{"steps": 2, **changes}), log=said.append)
     assert not (tmp_path / "run").exists()
+    assert not said  # refused before the original image is drawn
 
 
 def test_every_missing_fine_stage_backend_is_named_in_one_message():

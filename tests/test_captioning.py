@@ -351,6 +351,27 @@ def test_ram_tags_above_its_thresholds_best_first_when_installed(tmp_path, monke
     sys.modules.pop("ram.models", None)
 
 
+def test_real_models_tag_with_ram_when_it_is_installed_and_with_clip_otherwise(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipelines.realign_fine import FineStageConfig, backend_names
+
+    monkeypatch.setenv("WORKBENCH_RAM_CHECKPOINT", str(tmp_path / "ram.pth"))
+    monkeypatch.delitem(sys.modules, "ram", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    if importlib.util.find_spec("ram") is None:  # not installed here: CLIP stands in
+        assert backend_names(FineStageConfig(model="sd15"))["tagger"] == "clip"
+    (tmp_path / "site" / "ram").mkdir(parents=True)
+    (tmp_path / "site" / "ram" / "__init__.py").write_text("")
+    importlib.invalidate_caches()
+    assert backend_names(FineStageConfig(model="sd15"))["tagger"] == "clip"  # installed, but no checkpoint yet
+    (tmp_path / "ram.pth").write_bytes(b"weights")
+    assert backend_names(FineStageConfig(model="sd15"))["tagger"] == "ram"
+    assert backend_names(FineStageConfig(model="sd15", tagger="clip"))["tagger"] == "clip"  # a named one stands
+    assert backend_names(FineStageConfig(model="shapes"))["tagger"] == "shapes"
+    sys.modules.pop("ram", None)
+
+
 def test_unknown_tagger_lists_the_backends():
     with pytest.raises(InvalidInput, match="shapes, clip, ram"):
         get_tagger("owl")

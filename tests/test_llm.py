@@ -226,6 +226,22 @@ def test_http_error_names_status_and_never_echoes_the_key(server):
     assert no_key_anywhere(caught.value)
 
 
+def test_an_answer_that_echoes_the_key_never_shows_it(server):
+    server.replies = [completion(f"no json here, you sent Bearer {KEY}")]
+    llm = get_llm("openai")
+    assert KEY not in llm.chat(MESSAGES)
+    with pytest.raises(LLMOutputError) as caught:
+        ask_json(llm, MESSAGES, lambda obj: obj, retries=1)
+    assert "you sent Bearer <api key>" in str(caught.value)
+    assert no_key_anywhere(caught.value) and KEY not in caught.value.answer
+
+
+def test_a_malformed_address_is_one_clear_message(server, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_LLM_BASE_URL", "http://[::1/v1")
+    with pytest.raises(InvalidInput, match="WORKBENCH_LLM_BASE_URL .* is not a usable address"):
+        get_llm("openai").chat(MESSAGES)
+
+
 def test_non_json_body_and_timeout_are_clear_errors(server):
     server.replies = [(200, "<html>gateway says hi</html>")]
     with pytest.raises(LLMRequestError, match="not a chat-completions response.*gateway says hi"):
@@ -366,6 +382,9 @@ def test_shapes_scores_tags_by_the_prompt(shapes):
     assert score_tags(shapes, "two red circles and a blue triangle", ["green", "blue", "triangle", "red triangle"]) == {
         "green": 0.0, "blue": 2.0, "triangle": 2.0, "red triangle": 0.0}
     assert score_tags(shapes, "a photo of a dog", ["dog", "brown dog", "cat"]) == {"dog": 2.0, "brown dog": 0.5, "cat": 0.0}
+    # "orange" alone is the colour here, not COCO's fruit
+    assert score_tags(shapes, "an orange square and a red circle", ["orange", "red", "purple"]) == {
+        "orange": 2.0, "red": 2.0, "purple": 0.0}
 
 
 def test_shapes_local_captions(shapes):

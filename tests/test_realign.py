@@ -220,8 +220,23 @@ def test_a_reward_model_that_is_not_there_is_named_before_anything_loads_or_is_w
     ({"eval_prompts": "/no/such/prompts.jsonl"}, "does not exist"),
     ({"eval_seeds": -1}, "Evaluation seeds must be between 0 and 16"),
     ({"model": "/no/such/model"}, "Unknown model"),
+    ({"pretrain_data": "/no/such/folder"}, "Training data folder not found: /no/such/folder"),
 ])
 def test_bad_refl_settings_are_refused_before_any_work(tmp_path, changes, words):
     with pytest.raises(InvalidInput, match=words):
         run_refl(ReFLConfig(**changes), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_every_refl_setting_is_explained_in_help(capsys):
+    from dataclasses import fields
+
+    from pipelines.realign import HELP, ReFLConfig, main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    for f in fields(ReFLConfig):
+        assert "--" + f.name.replace("_", "-") in said
+        assert " ".join(HELP[f.name].split()[:4]) in said, f.name
+    assert "lambda of eq. 5 (default: balanced at step 1" in said

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import gradio as gr
 import pytest
+from PIL import Image
 
 from pipelines.realign import ReFLConfig
 from workbench.config import get_settings
@@ -80,6 +81,7 @@ def test_pretraining_data_named_relative_to_the_data_folder_is_found_there(runne
     folder = get_settings().data_dir / "datasets" / "alt-text"
     folder.mkdir(parents=True)
     (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red circle"}\n')
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
     _, job_id, message = tab.start_refl_run(runner, *settings_with(pretrain_data="datasets/alt-text"))
     assert job_id, message
     assert ReFLConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"]).pretrain_data == str(folder.resolve())

@@ -431,6 +431,18 @@ def _is_cross_attention(name: str) -> bool:
     return name.endswith("attn2.processor")
 
 
+def check_layers(unet, layers) -> None:
+    """InvalidInput when no cross-attention layer of `unet` starts with one of the `layers` prefixes
+    (None: all layers)."""
+    cross = [name for name in unet.attn_processors if _is_cross_attention(name)]
+    if layers is not None and not any(name.startswith(tuple(layers)) for name in cross):
+        from .errors import InvalidInput
+
+        raise InvalidInput(f"No cross-attention layer of the UNet starts with {', '.join(layers)}: nothing would be "
+                           f"modulated. Its layers start with " + ", ".join(sorted({n.split('.attn')[0] for n in cross}))
+                           + ".")
+
+
 @contextmanager
 def modulate(pipe, regions: TokenRegions | Sequence[TokenRegions | None] | None, strength: float = 1.0, *,
              capture: AttentionCapture | None = None, time_power: float = 1.0,
@@ -451,13 +463,7 @@ def modulate(pipe, regions: TokenRegions | Sequence[TokenRegions | None] | None,
     state = ModulationState(regions, strength, pipe.scheduler.config.num_train_timesteps, time_power, capture, pipe,
                             edges)
     original = dict(unet.attn_processors)
-    cross = [name for name in original if _is_cross_attention(name)]
-    if layers is not None and not any(name.startswith(tuple(layers)) for name in cross):
-        from .errors import InvalidInput
-
-        raise InvalidInput(f"No cross-attention layer of the UNet starts with {', '.join(layers)}: nothing would be "
-                           f"modulated. Its layers start with " + ", ".join(sorted({n.split('.attn')[0] for n in cross}))
-                           + ".")
+    check_layers(unet, layers)
     installed = {name: (ModulatedAttnProcessor(state, processor,
                                                layers is None or name.startswith(tuple(layers)))
                         if _is_cross_attention(name) else processor)

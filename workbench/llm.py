@@ -407,10 +407,11 @@ class OpenAIChat:
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "align-workbench"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
-                                         method="POST")
         # `from None` everywhere: the chained urllib error would add nothing the message lacks.
         try:
+            # Inside the try: Request itself refuses some malformed addresses ("http://[::1/v1").
+            request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
+                                             method="POST")
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as error:
@@ -426,7 +427,8 @@ class OpenAIChat:
         except ValueError as error:  # urllib's word for a malformed address (the key was checked above)
             raise InvalidInput(self._redact(f"WORKBENCH_LLM_BASE_URL '{self.base_url}' is not a usable address: "
                                             f"{error}")) from None
-        return self._content(raw)
+        # A server may echo the request (headers included) in its answer; the answer reaches messages and logs.
+        return self._redact(self._content(raw))
 
     def _timeout(self) -> LLMRequestError:
         return self._fail(f"did not answer within {self.timeout:g} s. Raise WORKBENCH_LLM_TIMEOUT or check the server.")
@@ -675,11 +677,11 @@ def _tag_score(tag: str, include: list[dict], colors: set[str]) -> float:
     from workbench.prompt_parser import parse_prompt, tokenize
 
     words = " ".join(tokenize(tag))
+    if words in colors:  # before parsing: alone, "orange" would read as the fruit
+        stated = {c.get("color") for c in include}
+        return 2.0 if words in stated else 0.5 if None in stated else 0.0
     named = parse_prompt(tag)["include"] if words else []
     if not named:
-        if words in colors:
-            stated = {c.get("color") for c in include}
-            return 2.0 if words in stated else 0.5 if None in stated else 0.0
         return 0.0
     scores = []
     for object_tag in named:

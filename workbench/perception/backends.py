@@ -167,6 +167,19 @@ def get_tagger(name: str, **options):
     return _get("tagger", TAGGERS, name, options)
 
 
+def default_real_tagger() -> str:
+    """The tagger for real images when none is named: RAM when its package and checkpoint are on this
+    machine (the paper's tagger), else CLIP zero-shot, which needs only CLIP's weights."""
+    from workbench.errors import ModelNotAvailable
+    from workbench.perception.clip_tagger import check_ram
+
+    try:
+        check_ram()
+    except ModelNotAvailable:
+        return "clip"
+    return "ram"
+
+
 def get_captioner(name: str, **options):
     return _get("captioner", CAPTIONERS, name, options)
 

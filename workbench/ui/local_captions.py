@@ -34,6 +34,7 @@ from ..jobs import run_names
 from ..llm import LLMS
 from ..memory import out_of_memory_as_message
 from ..perception.backends import DETECTORS, SEGMENTERS, TAGGERS
+from ..prompt_parser import check_prompt
 from ..registry import load_pipeline, model_names
 from .compare import default_steps
 from .inspect import DISPLAY_SIDE, MASK_ALPHA
@@ -225,6 +226,7 @@ def build_config(model, prompt, seed, strength, edges, steps=None, llm=None, tag
         steps = int(steps)
     # The Generate tab's checks: prompt empty or too long, seed range, steps, unknown model.
     GenerationRequest(prompt=prompt or "", model=model or "", seeds=[int(seed)], steps=steps or None).validate()
+    check_prompt(prompt)  # the LLM step reads at most 1000 characters: say so before any image is drawn
     if strength is None or not 0 <= float(strength) <= MAX_STRENGTH:
         raise InvalidInput(f"The strength S must be between 0 (no change) and {MAX_STRENGTH:g} (got {strength}).")
     if edges not in EDGES:

@@ -197,6 +197,29 @@ def test_paths_outside_the_data_folder_are_refused(runner, data_dir, tmp_path):
     assert "not an imagefolder" in browse.browse_page("datasets")[2]
 
 
+def test_a_dataset_inside_whose_rows_name_files_outside_is_not_recaptioned(runner, data_dir, tmp_path):
+    outside = make_imagefolder(tmp_path / "outside")
+    folder = make_imagefolder(data_dir / "datasets" / "escape", rows=1)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": str(outside / "images" / "0.png"),
+                                                       "text": "a circle"}) + "\n")
+    status, *_ = last(recaption.recaption_dataset(runner, "datasets/escape", 0, 0, "shapes"))
+    assert status.startswith("Not started") and "names an image outside the data folder" in status
+    assert not runner.list_jobs()
+    gallery, _, summary, _ = browse.browse_page("datasets/escape")  # browsing shows the row, not the file
+    assert gallery == [] and "1 rows" in summary
+
+
+def test_browse_says_when_a_dataset_is_empty_and_shows_only_pictures(data_dir):
+    folder = make_imagefolder(data_dir / "datasets" / "mixed", rows=1)
+    (folder / "notes.txt").write_text("not a picture")
+    with open(folder / "metadata.jsonl", "a") as handle:
+        handle.write(json.dumps({"file_name": "notes.txt", "text": "a note"}) + "\n")
+    gallery, table, summary, _ = browse.browse_page("datasets/mixed")
+    assert len(table) == 2 and len(gallery) == 1 and gallery[0][0].endswith("images/0.png")
+    (folder / "metadata.jsonl").write_text("")
+    assert "lists no rows" in browse.browse_page("datasets/mixed")[2]
+
+
 def test_an_imagefolder_inside_the_data_folder_is_recaptioned_into_datasets(runner, data_dir):
     make_imagefolder(data_dir / "runs" / "selma-run" / "data" / "counting", rows=3)
     status, table, picker, job_id = last(recaption.recaption_dataset(runner, "runs/selma-run/data/counting", 0, 0,

@@ -50,11 +50,23 @@ def inside_data_folder(path: str | Path) -> Path:
     return resolved
 
 
-def imagefolder(path: str | Path) -> Path:
-    """An imagefolder (a folder with metadata.jsonl) inside the data folder, or InvalidInput saying why not."""
+def imagefolder(path: str | Path, images_inside: bool = True) -> Path:
+    """An imagefolder (a folder with metadata.jsonl) inside the data folder, or InvalidInput saying why not.
+
+    With `images_inside` (for folders a job will read or copy) every row's image must lie inside the data
+    folder too: a metadata.jsonl naming "../../outside.png" would otherwise bring that file into the data
+    folder, where the app serves it. Browsing passes False: it shows no image outside (`row_image`)."""
     folder = inside_data_folder(path)
     if not (folder / "metadata.jsonl").is_file():
         raise InvalidInput(f"'{path}' is not an imagefolder: {folder} has no metadata.jsonl.")
+    if images_inside:
+        root = data_dir()
+        for number, row in enumerate(read_rows(folder), 1):
+            name = row.get("file_name")
+            if isinstance(name, str) and name and root not in (folder / name).resolve().parents:
+                raise InvalidInput(f"Row {number} of {folder / 'metadata.jsonl'} names an image outside the data "
+                                   f"folder ({name}); the workbench reads no file outside {root}. Copy the images "
+                                   "into the dataset's folder and name them relative to it.")
     return folder
 
 

@@ -22,6 +22,7 @@ from .data_skills import build_skill_prompts_section
 
 PAGE_SIZES = [12, 24, 48, 96]
 CAPTION_KEYS = ("text", "long_caption", "short_caption", "alt_text", "prompt")  # the gallery's caption, first found
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
 def cell(value):
@@ -34,7 +35,7 @@ def browse_page(name: str | None, page=1, page_size=PAGE_SIZES[1]):
     if not name:
         return [], pd.DataFrame(), "Choose a dataset.", 1
     try:
-        folder = imagefolder(name)
+        folder = imagefolder(name, images_inside=False)  # only shown, and row_image shows nothing outside
         total = count_rows(folder)
         size = int(page_size or PAGE_SIZES[1])
         pages = max(1, math.ceil(total / size))
@@ -45,12 +46,14 @@ def browse_page(name: str | None, page=1, page_size=PAGE_SIZES[1]):
     gallery = []
     for row in rows:
         image = row_image(folder, row)
-        if image is not None:
+        if image is not None and image.suffix.lower() in IMAGE_SUFFIXES:  # the gallery shows pictures only
             caption = next((row[key] for key in CAPTION_KEYS if isinstance(row.get(key), str)), row.get("file_name"))
             gallery.append((str(image), caption))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     table = pd.DataFrame([[cell(row.get(key)) for key in columns] for row in rows], columns=columns)
-    first = (page - 1) * size + 1 if rows else 0
+    if not rows:
+        return gallery, table, f"`{name}`: its metadata.jsonl lists no rows.", page
+    first = (page - 1) * size + 1
     summary = (f"`{name}`: {total} rows; page {page} of {pages} (rows {first}-{first + len(rows) - 1}); "
                f"{len(gallery)} of this page's images shown")
     return gallery, table, summary, page

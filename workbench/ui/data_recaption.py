@@ -88,7 +88,7 @@ def open_recaptioned(name: str | None):
     if not name:
         return "Choose a recaptioned dataset, or recaption one.", ""
     try:
-        folder = imagefolder(name)
+        folder = imagefolder(name, images_inside=False)  # only shown, and row_image shows nothing outside
         return recaption_summary(folder), recaption_table_html(folder)
     except (WorkbenchError, OSError, ValueError) as error:
         return f"Cannot open: {error}", ""

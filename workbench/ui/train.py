@@ -95,7 +95,7 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
               train_text_encoder=None, prior_images=None, prior_data=None, adapted_layers=None, mirror=None,
               adapter_seeds=None, lowest_timestep=None, train_unet=None):
     from pipelines.ipr import IPRConfig
-    from workbench.datasets import inside_data_folder
+    from workbench.datasets import imagefolder
 
     defaults = IPRConfig()
 
@@ -125,7 +125,7 @@ def start_run(runner: JobRunner, model, iterations, prompts, samples, method, ra
                                           else number(adapter_seeds, "Adapters averaged per iteration")),
                            timestep_range=(defaults.timestep_range if lowest_timestep in (None, "")
                                            else [number(lowest_timestep, "Lowest training timestep", float), 1.0]),
-                           prior_data=str(inside_data_folder(prior_data.strip())) if (prior_data or "").strip() else None)
+                           prior_data=str(imagefolder(prior_data.strip())) if (prior_data or "").strip() else None)
         config.validate()
         return config.__dict__
 

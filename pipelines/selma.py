@@ -357,6 +357,7 @@ def write_skill_prompts(config: SelmaConfig, skill: Skill, llm, progress: Progre
     rng = random.Random(zlib.crc32(f"{config.seed}:{skill.name}".encode()))
     kept: list[str] = []
     in_evaluation = too_long = requests = failed = stale = 0
+    last_failure = ""
     max_requests = 5 * math.ceil(n / config.prompts_per_request) + PATIENCE
     while len(kept) < n and requests < max_requests and stale < PATIENCE:
         if should_stop is not None and should_stop():
@@ -365,10 +366,11 @@ def write_skill_prompts(config: SelmaConfig, skill: Skill, llm, progress: Progre
         requests += 1
         try:
             batch = write_prompts(llm, skill.name, skill.description, examples, config.prompts_per_request,
-                                  temperature=config.llm_temperature)
-        except LLMOutputError:
+                                  temperature=config.llm_temperature, at_least=1)
+        except LLMOutputError as error:
             failed += 1  # an unusable answer costs a request, not the run
             stale += 1
+            last_failure = error.reason
             continue
         before = len(kept)
         for prompt in batch:
@@ -384,8 +386,14 @@ def write_skill_prompts(config: SelmaConfig, skill: Skill, llm, progress: Progre
         stale = 0 if len(kept) > before else stale + 1
         progress(task, len(kept) / n, f"{len(kept)}/{n} prompts kept after {requests} request(s)")
     if not kept:
+        why = [f"{failed} unusable answer(s)" + (f", the last because {last_failure}" if last_failure else "")]
+        if rouge.stats.near_duplicates:
+            why.append(f"{rouge.stats.near_duplicates} prompt(s) too close to a kept one: raise --rouge-threshold "
+                       f"(now {config.rouge_threshold:g}) to keep closer prompts")
+        if in_evaluation or too_long:
+            why.append(f"{in_evaluation} evaluation prompt(s) and {too_long} too long for the text encoder left out")
         raise InvalidInput(f"The LLM wrote no usable prompt for the skill '{skill.name}' in {requests} request(s) "
-                           f"({failed} unusable answers); check the LLM, or lower the ROUGE-L bar.")
+                           f"({'; '.join(why)}); check the LLM and the skill's description and examples.")
     stats = rouge.stats.to_dict()
     stats = {"generated": stats["generated"] + in_evaluation + too_long, "kept": len(kept),
              "near_duplicates": stats["near_duplicates"], "invalid": stats["invalid"], "in_evaluation": in_evaluation,

@@ -87,6 +87,8 @@ def test_threshold_is_inclusive():
     assert filter_prompts(["A circle.", "a circle"], threshold=1.0)[0] == ["A circle.", "a circle"]
     kept, stats = filter_prompts(["a circle", "a square", "two squares"], threshold=0.0)
     assert kept == ["a circle", "two squares"] and stats.near_duplicates == 1
+    # As in rouge_score (and so the authors' filter), 4 shared words of 5 computes to just above 0.8.
+    assert rouge_l("a b c d e", "a b c d f") == 2 * 0.8 * 0.8 / 1.6 > 0.8
 
 
 def test_seeds_start_the_pool_without_counting_as_kept():

@@ -456,3 +456,41 @@ def test_a_checked_run_trains_each_expert_on_the_images_that_show_their_prompt(t
         assert summary["skills"][name]["check"]["kept"] == 1
     assert json.loads((out / "mixed" / "train_config.json").read_text())["rows"] == 2
     assert finished_stages(out)["check"]
+
+
+NEW_PROMPTS = ["red circle left dog", "blue square above cat", "green triangle below"]  # words the tiny model knows
+
+
+class CopyingLLM:
+    """Copies an in-context example into every answer beside one new prompt of its own, or (prose=True)
+    answers with no JSON at all."""
+
+    label = "copying LLM"
+
+    def __init__(self, prose=False):
+        self.prose, self.answers = prose, 0
+
+    def chat(self, messages, *, max_tokens=512, temperature=0.0):
+        if self.prose:
+            return "Sure! Here are some prompts you might like."
+        new = NEW_PROMPTS[self.answers % len(NEW_PROMPTS)]
+        self.answers += 1
+        return json.dumps({"prompts": [_find_task(messages)["examples"][0], new]})
+
+
+def test_an_answer_that_copies_an_example_still_gives_its_new_prompts(tiny_sd, eval_prompts):
+    settings = config(tiny_sd, eval_prompts, prompts_per_skill=3, prompts_per_request=4)
+    skill = Skill("pets", "pets", ["a cat on a sofa", "a dog on a rug", "a rabbit in a box"])
+    record = write_skill_prompts(settings, skill, CopyingLLM(), Progress(None, {}), None)
+    assert record["prompts"] == NEW_PROMPTS
+    assert record["stats"]["failed_requests"] == 0
+
+
+def test_a_skill_without_any_usable_answer_says_why(tiny_sd, eval_prompts):
+    settings = config(tiny_sd, eval_prompts)
+    skill = Skill("pets", "pets", ["a cat on a sofa", "a dog on a rug", "a rabbit in a box"])
+    with pytest.raises(InvalidInput) as caught:
+        write_skill_prompts(settings, skill, CopyingLLM(prose=True), Progress(None, {}), None)
+    message = str(caught.value)
+    assert "wrote no usable prompt for the skill 'pets'" in message
+    assert "the last because the answer holds no JSON" in message

@@ -295,11 +295,12 @@ def local_captions(llm: LLM, prompt: str, objects: list[str], retries: int = 2) 
 
 
 def write_prompts(llm: LLM, skill: str, description: str, examples: list[str], n: int, retries: int = 2, *,
-                  temperature: float = 0.0) -> list[str]:
+                  temperature: float = 0.0, at_least: int | None = None) -> list[str]:
     """n different prompts for a skill (SELMA's skill-specific prompt sets), none equal to an example.
 
     `temperature` > 0 samples (SELMA's prompt generation asks at 1.0 with fresh in-context examples
-    each request, so repeated requests give new prompts)."""
+    each request, so repeated requests give new prompts). `at_least` (default n) accepts an answer with
+    fewer new prompts, so a loop that asks again keeps the good ones of an answer that copied an example."""
     from workbench.prompt_parser import MAX_PROMPT_CHARS
 
     if not isinstance(skill, str) or not skill.strip():
@@ -326,7 +327,7 @@ def write_prompts(llm: LLM, skill: str, description: str, examples: list[str], n
             if key not in seen:
                 seen.add(key)
                 kept.append(" ".join(prompt.split()))
-        if len(kept) < n:
+        if len(kept) < (n if at_least is None else max(1, min(at_least, n))):
             raise ValueError(f"the answer holds {len(kept)} new different prompts (not counting repeats and "
                              f"copied examples), {n} were asked")
         return kept[:n]

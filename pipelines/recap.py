@@ -371,8 +371,14 @@ def recaption(data: Path, out: Path, captioner: str = "shapes", text_field: str 
     info_path, final, partial = out / "recaption.json", out / "metadata.jsonl", out / "metadata.partial.jsonl"
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        if info.get("settings") != settings:
-            differing = sorted(k for k in settings if info.get("settings", {}).get(k) != settings[k])
+        saved = info.get("settings", {})
+        # Turning skipping on to get past an unreadable image continues the same recaption: the rows written
+        # before it stopped are the same either way. Turning it off after skips would not be.
+        if not info.get("done") and skip_unreadable and saved.get("skip_unreadable") is False:
+            saved = {**saved, "skip_unreadable": True}
+            write_json(info_path, {**info, "settings": saved})
+        if saved != settings:
+            differing = sorted(k for k in settings if saved.get(k) != settings[k])
             raise InvalidInput(f"{out} holds captions of another recaption ({', '.join(differing)} differ); "
                                f"choose another output folder.")
         if info.get("done") and final.exists():
@@ -394,7 +400,7 @@ def recaption(data: Path, out: Path, captioner: str = "shapes", text_field: str 
                     if not skip_unreadable:
                         raise InvalidInput(f"Cannot read image {data / record['file_name']} (line {index + 1} of "
                                            f"{meta}): {problem}. Remove it, or skip unreadable images "
-                                           f"(--skip-unreadable).")
+                                           f"(--skip-unreadable; in the app, the 'Skip unreadable images' box).")
                     chunk.append({"file_name": record["file_name"], "skipped": problem})
                     continue
                 chunk.append(None)

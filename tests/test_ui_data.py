@@ -209,6 +209,16 @@ def test_a_dataset_inside_whose_rows_name_files_outside_is_not_recaptioned(runne
     assert gallery == [] and "1 rows" in summary
 
 
+def test_unreadable_images_stop_a_recaption_unless_the_box_says_skip_them(runner, data_dir):
+    folder = make_imagefolder(data_dir / "datasets" / "broken", rows=3)
+    (folder / "images" / "1.png").write_bytes(b"not a png")
+    status, *_ = last(recaption.recaption_dataset(runner, "datasets/broken", 0, 0, "shapes"))
+    assert "failed" in status and "Cannot read image" in status and "'Skip unreadable images' box" in status
+    status, table, *_ = last(recaption.recaption_dataset(runner, "datasets/broken", 0, 0, "shapes", True))
+    assert "2 images captioned" in status and "(1 unreadable skipped)" in status, status
+    assert table.count("<img ") == 2
+
+
 def test_browse_says_when_a_dataset_is_empty_and_shows_only_pictures(data_dir):
     folder = make_imagefolder(data_dir / "datasets" / "mixed", rows=1)
     (folder / "notes.txt").write_text("not a picture")

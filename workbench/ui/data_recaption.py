@@ -31,7 +31,7 @@ THUMBNAIL_SIDE = 128
 CAPTION_COLUMNS = {"alt_text": "original alt text", "short_caption": "short caption", "long_caption": "long caption"}
 
 
-def recaption_settings(source, images, seed, captioner) -> dict:
+def recaption_settings(source, images, seed, captioner, skip_unreadable=False) -> dict:
     """The job's settings: the source imagefolder (inside the data folder) or the shapes dataset to render,
     the captioner (its weights checked now) and the output folder; InvalidInput says what is wrong."""
     if captioner not in CAPTIONERS:
@@ -45,7 +45,7 @@ def recaption_settings(source, images, seed, captioner) -> dict:
         data = shapes_dataset_folder(images, seed)
     check_backend("captioner", captioner, **CAPTIONER_OPTIONS.get(captioner, {}))  # missing weights: say so now
     return {"data": str(data) if source else None, "images": images, "seed": seed, "captioner": captioner,
-            "out": str(recaption_folder(data, captioner))}
+            "out": str(recaption_folder(data, captioner)), "skip_unreadable": bool(skip_unreadable)}
 
 
 def recaptioned_sets() -> list[str]:
@@ -94,11 +94,11 @@ def open_recaptioned(name: str | None):
         return f"Cannot open: {error}", ""
 
 
-def recaption_dataset(runner: JobRunner, source, images, seed, captioner):
+def recaption_dataset(runner: JobRunner, source, images, seed, captioner, skip_unreadable=False):
     """Submit the recaption and follow it; yields (status, table HTML, recaptioned-set picker, job id)."""
     keep = (gr.update(), gr.update())
     try:
-        settings = recaption_settings(source, images, seed, captioner)
+        settings = recaption_settings(source, images, seed, captioner, skip_unreadable)
         job_id = runner.submit("recaption", settings)
     except WorkbenchError as error:
         yield (f"Not started: {error}",) + keep + (None,)
@@ -131,6 +131,8 @@ def build_recaption_section(runner: JobRunner):
         with gr.Column():
             captioner = gr.Dropdown(list(CAPTIONERS), value="shapes", label="Captioner",
                                     info="shapes: the shapes world's own; blip, blip2: from local weights")
+            skip_unreadable = gr.Checkbox(False, label="Skip unreadable images",
+                                          info="leave out images that cannot be read instead of stopping")
             with gr.Row():
                 start = gr.Button("Recaption", variant="primary")
                 cancel = gr.Button("Cancel", variant="stop")
@@ -142,7 +144,7 @@ def build_recaption_section(runner: JobRunner):
     def on_start(*values):
         yield from recaption_dataset(runner, *values)
 
-    start.click(on_start, [source, images, seed, captioner], [status, table, saved, job])
+    start.click(on_start, [source, images, seed, captioner, skip_unreadable], [status, table, saved, job])
     cancel.click(lambda j: cancel_job(runner, j), job, status)
     saved.input(open_recaptioned, saved, [status, table])
 

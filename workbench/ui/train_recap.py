@@ -105,7 +105,8 @@ def recap_status(runner: JobRunner, run, job_id):
 
 
 def recap_config(model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
-                 eval_seeds, inline_pairs=RecapConfig.inline_pairs, adapted_layers=None) -> RecapConfig:
+                 eval_seeds, inline_pairs=RecapConfig.inline_pairs, adapted_layers=None,
+                 skip_unreadable=False) -> RecapConfig:
     """The section's settings as a validated RecapConfig; InvalidInput says what is wrong."""
     resolve(model)  # an unknown model is refused now, not when the job starts
     rank, lr = number(rank, "LoRA rank"), number(lr, "Learning rate", float)
@@ -117,7 +118,8 @@ def recap_config(model, data, images, captioner, captions, steps, rank, lr, prom
                          steps=number(steps, "Steps"), rank=rank, alpha=float(rank), lr=lr,
                          prompt_dropout=number(prompt_dropout, "Prompt dropout", float), lora=method == "LoRA",
                          eval_seeds=number(eval_seeds, "ShapesBench seeds"), inline_pairs=bool(inline_pairs),
-                         target_modules=target_modules(adapted_layers, RecapConfig().target_modules))
+                         target_modules=target_modules(adapted_layers, RecapConfig().target_modules),
+                         skip_unreadable=bool(skip_unreadable))
     config.validate()
     return config
 
@@ -146,6 +148,8 @@ def build_recap_section(runner: JobRunner):
                                 info="mix: short or long with p = 0.5 each time an image is drawn (the paper's best)")
             inline_pairs = gr.Checkbox(defaults.inline_pairs, label="Shapes captioner: say a related pair in one "
                                                                     "phrase (\"a circle to the left of a square\")")
+            skip_unreadable = gr.Checkbox(False, label="Skip unreadable images",
+                                          info="leave out images that cannot be read instead of stopping the run")
         with gr.Column():
             steps = gr.Number(defaults.steps, label="Training steps (each fine-tune)", precision=0)
             rank = gr.Number(defaults.rank, label="LoRA rank", precision=0)
@@ -157,7 +161,7 @@ def build_recap_section(runner: JobRunner):
                                    precision=0)
     controls = run_controls(runner, KIND, "RECAP", start_recap_run,
                             [model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
-                             eval_seeds, inline_pairs, adapted_layers], "recap-status")
+                             eval_seeds, inline_pairs, adapted_layers, skip_unreadable], "recap-status")
     table = gr.Dataframe(pd.DataFrame(columns=["tag", *EVALUATIONS, DELTA]), interactive=False,
                          label="ShapesBench accuracy (%) per tag: base vs alt-text vs RECAP fine-tune")
     adapters = gr.Markdown(elem_id="recap-adapters")

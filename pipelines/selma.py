@@ -185,8 +185,13 @@ class SelmaConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
-        check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector,
-                           detects=self.image_check != "none")
+        from workbench.perception.backends import check_all
+        from workbench.registry import check_model
+
+        # The drawing model too, before any prompt is written: all that is missing in one message.
+        check_all([lambda: check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector,
+                                              detects=self.image_check != "none")]
+                  + ([lambda: check_model(self.image_model)] if self.image_model not in (None, self.model) else []))
 
     def world(self) -> str:
         return world_of(self.model)
@@ -426,10 +431,16 @@ def prompt_fits(config: SelmaConfig) -> Callable[[str], bool]:
     for name in dict.fromkeys([config.model, config.image_model or config.model]):
         entry = resolve(name)
         try:
-            tokenizers.append(CLIPTokenizer.from_pretrained(entry.source, subfolder="tokenizer", local_files_only=True))
+            tokenizer = CLIPTokenizer.from_pretrained(entry.source, subfolder="tokenizer", local_files_only=True)
         except (OSError, ValueError) as error:
             raise ModelNotAvailable(f"The tokenizer of '{entry.name}' ({entry.source}) could not be loaded: "
                                     f"{str(error).splitlines()[0][:200]} {entry.fetch_hint}") from None
+        # transformers 5 may hand back an empty tokenizer (a few special tokens, no length limit) for a folder
+        # it could not read instead of raising; such a one would let every prompt through.
+        if len(tokenizer) < 10 or not 0 < tokenizer.model_max_length < 100_000:
+            raise ModelNotAvailable(f"The tokenizer of '{entry.name}' ({entry.source}) could not be loaded: it "
+                                    f"holds {len(tokenizer)} tokens. {entry.fetch_hint}")
+        tokenizers.append(tokenizer)
 
     def fits(prompt: str) -> bool:
         return all(len(t(prompt, verbose=False).input_ids) <= t.model_max_length for t in tokenizers)

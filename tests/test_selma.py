@@ -494,3 +494,20 @@ def test_a_skill_without_any_usable_answer_says_why(tiny_sd, eval_prompts):
     message = str(caught.value)
     assert "wrote no usable prompt for the skill 'pets'" in message
     assert "the last because the answer holds no JSON" in message
+
+
+def test_a_drawing_model_that_is_not_here_is_named_before_any_prompt_is_written(tmp_path):
+    with pytest.raises(ModelNotAvailable, match="hf download stable-diffusion-v1-5"):
+        SelmaConfig(model="shapes", image_model="sd15", eval_seeds=0).validate()
+    with pytest.raises(ModelNotAvailable, match="not in the local Hugging Face cache"):
+        run_selma(SelmaConfig(model="shapes", image_model="org/weak-model", eval_seeds=0), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_folder_that_cannot_be_read_is_not_taken_for_one(tmp_path):
+    from pipelines.selma import prompt_fits
+
+    (tmp_path / "weak" / "tokenizer").mkdir(parents=True)  # a pipeline folder without the tokenizer's files
+    (tmp_path / "weak" / "model_index.json").write_text("{}")
+    with pytest.raises(ModelNotAvailable, match="tokenizer of"):
+        prompt_fits(SelmaConfig(model="shapes", image_model=str(tmp_path / "weak")))

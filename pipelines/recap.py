@@ -140,10 +140,22 @@ class RecapConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
-        check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector)
+        from workbench.perception.backends import CAPTIONERS, check_all, check_backend
+
+        if self.captioner_name() not in CAPTIONERS:
+            raise InvalidInput(f"Unknown captioner '{self.captioner}'. Available: {', '.join(CAPTIONERS)}.")
+        # All that is missing in one message, before any image is rendered.
+        check_all([lambda: check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector),
+                   lambda: check_backend("captioner", self.captioner_name(), **self.captioner_options())])
 
     def captioner_name(self) -> str:
-        return self.captioner or ("shapes" if self.data is None else "blip")
+        """The named captioner, else the data's world's: rendered data, or any data of the shapes model, is
+        the shapes world's; other data is read by BLIP."""
+        from workbench.skills import world_of
+
+        if self.captioner:
+            return self.captioner
+        return "shapes" if self.data is None or world_of(self.model) == "shapes" else "blip"
 
     def captioner_options(self) -> dict:
         """What the recaptioner backend is built with."""
@@ -221,7 +233,8 @@ def run_recap(config: RecapConfig, out_dir: Path, on_progress: Callable[[float, 
     rows = read_jsonl(recaptioned / "metadata.jsonl")
     exact = caption_stats(out_dir, config).get("exact_share")
     log(f"recaption: {result['images']} images captioned by '{result['captioner']}' "
-        f"({result['skipped']} unreadable skipped)" +
+        f"({result['skipped']} unreadable skipped, {result.get('empty_captions', 0)} with an empty caption: the "
+        f"captioner saw nothing)" +
         (f"; exact: long captions {exact['long_caption']:.0%}, alt text {exact['alt_text']:.0%}" if exact else ""))
 
     # 3-4. Two fine-tunes that differ only in their captions.
@@ -688,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec = commands.add_parser("recaption", help="add short and long captions to an imagefolder (new folder)")
     rec.add_argument("--data", type=Path, required=True, help="imagefolder with metadata.jsonl")
     rec.add_argument("--out", type=Path, required=True, help="new imagefolder (the same command continues it)")
-    rec.add_argument("--captioner", default="blip", help="shapes, blip or blip2")
+    rec.add_argument("--captioner", default="blip", help="shapes, blip or blip2 (default: blip; shapes for the "
+                                                          "shapes world's data)")
     rec.add_argument("--text-field", default="text", help="metadata field holding the alt text")
     rec.add_argument("--batch-size", type=int, default=16)
     rec.add_argument("--skip-unreadable", action="store_true")
@@ -724,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
                              batch_size=args.batch_size, skip_unreadable=args.skip_unreadable,
                              captioner_options=options)
             say(f"{info['images']} images captioned into {args.out} ({info['skipped']} unreadable skipped, "
+                f"{info.get('empty_captions', 0)} with an empty caption: the captioner saw nothing; "
                 f"{info['seconds']} s)")
         else:
             if args.resume:

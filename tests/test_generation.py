@@ -204,3 +204,27 @@ def test_a_broken_or_foreign_adapter_file_is_named_and_the_model_still_works(tin
                                    **FAST))
     base = generate(GenerationRequest("a red circle", model=str(tiny_sd), seeds=[5], **FAST))
     assert len(base) == 1
+
+
+def test_shipped_adapter_records_name_no_path_of_the_machine_they_were_made_on():
+    # A clone (or the Space) lives elsewhere: settings and scores that name files do so relative to the repo.
+    import json
+
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    absolute = []
+
+    def walk(value, where):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, f"{where}[{index}]")
+        elif isinstance(value, str) and (value.startswith("/") or value.startswith("~")):
+            absolute.append(f"{where} = {value}")
+
+    files = sorted((assets / "adapters").rglob("*.json"))
+    assert files
+    for path in files:
+        walk(json.loads(path.read_text()), path.relative_to(assets).as_posix())
+    assert not absolute, absolute

@@ -159,7 +159,17 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(ModelNotAvailable, match="No 'nosuch' detector"):
         run_recap(RecapConfig(detector="nosuch"), tmp_path / "run", log=lambda m: None)
     RecapConfig(detector="nosuch", eval_seeds=0).validate()  # nothing is scored, so no detector is needed
+    # The captioner is checked before any scene is rendered.
+    with pytest.raises(InvalidInput, match="Unknown captioner 'nosuch'"):
+        run_recap(RecapConfig(captioner="nosuch"), tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_captioner_follows_the_datas_world():
+    assert RecapConfig().captioner_name() == "shapes"  # rendered scenes
+    assert RecapConfig(data="/some/shapes/data").captioner_name() == "shapes"  # data for the shapes model
+    assert RecapConfig(model="sd15", data="/web/data").captioner_name() == "blip"
+    assert RecapConfig(model="sd15", data="/web/data", captioner="blip2").captioner_name() == "blip2"
 
 
 def test_cli(tmp_path, capsys):

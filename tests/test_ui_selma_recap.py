@@ -203,6 +203,7 @@ def make_imagefolder(folder):
     ({"model": "no-such-model"}, "Unknown model"),
     ({"dropout": 1.0}, "prompt_dropout must be in [0, 1)"),
     ({"layers": "everything"}, "Unknown choice of adapted layers 'everything'"),
+    ({"captioner": "blip2"}, "hf download Salesforce/blip2"),  # its weights are not here: said before any work
 ])
 def test_bad_recap_settings_are_refused_with_a_message(runner, changes, words):
     run, job, message = train_recap.start_recap_run(runner, *with_changes(RECAP_GOOD, RECAP_NAMES, **changes))
@@ -214,11 +215,11 @@ def test_good_recap_settings_submit_a_recap_job_on_data_inside_the_data_folder(r
     folder = make_imagefolder(data_dir / "datasets" / "web")
     runner.register("recap", lambda params, ctx: {"params": params})
     run, job_id, message = train_recap.start_recap_run(
-        runner, *with_changes(RECAP_GOOD, RECAP_NAMES, data="datasets/web", captioner="blip2", method="Full",
+        runner, *with_changes(RECAP_GOOD, RECAP_NAMES, data="datasets/web", captioner="shapes", method="Full",
                               inline_pairs=True))
     assert job_id in message and run["value"] == job_id
     config = RecapConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
-    assert (config.data, config.captioner, config.lora, config.alpha) == (str(folder), "blip2", False, 64.0)
+    assert (config.data, config.captioner, config.lora, config.alpha) == (str(folder), "shapes", False, 64.0)
     assert config.inline_pairs is True
 
 

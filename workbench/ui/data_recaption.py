@@ -77,8 +77,10 @@ def recaption_summary(folder) -> str:
     rows = read_rows(folder)
     differs = {key: sum(r.get(key) != r.get("alt_text") for r in rows) for key in ("short_caption", "long_caption")}
     shown = min(SHOWN_ROWS, len(rows))
+    empty = info.get("empty_captions", 0)
+    blanks = f", {empty} with an empty caption: the captioner saw nothing" if empty else ""
     return (f"`{relative_name(folder)}`: {len(rows)} images captioned by the {info.get('captioner', '?')} captioner "
-            f"({info.get('skipped', 0)} unreadable skipped); the short caption differs from the alt text for "
+            f"({info.get('skipped', 0)} unreadable skipped{blanks}); the short caption differs from the alt text for "
             f"{differs['short_caption']}, the long one for {differs['long_caption']}. The first {shown} are shown; "
             f"*Browse datasets* pages through all of them.")
 

@@ -69,3 +69,30 @@ def test_settings_whose_blank_means_the_default_start_blank(tmp_path):
         page.get_by_role("tab", name="RealignDiff: ReFL (coarse stage)").click()
         expect(page.locator("#refl-reward-weight input")).to_have_value("", timeout=20_000)
         expect(page.locator("#refl-guidance input")).to_have_value("")
+
+
+def test_the_app_serves_its_data_folder_but_not_its_database_nor_files_outside(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    data = tmp_path / "d"
+    (data / "runs" / "r1").mkdir(parents=True)
+    (data / "runs" / "r1" / "a.png").write_bytes(b"\x89PNG not really")
+    (data / "weights" / "sam").mkdir(parents=True)
+    (data / "weights" / "sam" / "sam.pth").write_bytes(b"weights")
+    (tmp_path / "outside.txt").write_text("secret")
+
+    def status(url):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    with running_app({"WORKBENCH_DATA": str(data)}) as url:
+        assert (data / "workbench.db").is_file()
+        assert status(f"{url}gradio_api/file={data / 'runs' / 'r1' / 'a.png'}") == 200
+        # Reading the database through the server would drop the app's SQLite locks (jobs then get lost).
+        for path in (data / "workbench.db", data / "workbench.db-wal", data / "weights" / "sam" / "sam.pth",
+                     tmp_path / "outside.txt", "/etc/passwd"):
+            assert status(f"{url}gradio_api/file={path}") == 403, path

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import gradio as gr
 import pytest
 from PIL import Image
 
@@ -262,3 +263,18 @@ def test_export_writes_the_imagefolder_under_the_run(store, data_dir):
     # the message says which rows nobody has looked at yet (they go out with the relabeler's prompt)
     assert "1 accepted or edited by hand, 1 not reviewed yet" in message
     assert (out / "metadata.jsonl").read_text().count("\n") == 2
+
+
+def test_an_upload_that_is_no_image_gives_a_message_not_a_bare_error(tmp_path):
+    from gradio.data_classes import ImageData
+
+    from workbench.ui.inspect import UploadedImage
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])  # a download that broke off
+    (tmp_path / "noise.png").write_bytes(bytes(range(256)) * 2)
+    component = UploadedImage(type="pil")
+    assert component.preprocess(ImageData(path=str(tmp_path / "ok.png"), orig_name="ok.png")).size == (32, 32)
+    for name in ("cut.png", "noise.png"):
+        with pytest.raises(gr.Error, match=f"{name} is not an image the workbench can read"):
+            component.preprocess(ImageData(path=str(tmp_path / name), orig_name=name))

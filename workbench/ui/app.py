@@ -57,9 +57,20 @@ def build_app() -> gr.Blocks:
     return demo
 
 
+def served_paths() -> tuple[list[str], list[str]]:
+    """(allowed, blocked) paths for Gradio's file route: the data folder, less the SQLite database and its
+    journals (a process that reads the database file drops the app's locks on it, and the next process to
+    close it then deletes the live journal: jobs written afterwards are lost) and the weights users put there."""
+    settings = get_settings()
+    db = settings.db_path
+    blocked = [str(db.with_name(db.name + suffix)) for suffix in ("", "-wal", "-shm", "-journal")]
+    return [str(settings.data_dir)], blocked + [str(settings.data_dir / "weights")]
+
+
 def launch(demo: gr.Blocks) -> None:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    allowed, blocked = served_paths()
     # Only the data folder (plus Gradio's own cache) is served; server name and port come from
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, as on Hugging Face Spaces.
-    demo.queue(default_concurrency_limit=4).launch(allowed_paths=[str(settings.data_dir)])
+    demo.queue(default_concurrency_limit=4).launch(allowed_paths=allowed, blocked_paths=blocked)

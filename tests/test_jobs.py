@@ -257,6 +257,49 @@ def test_row_left_running_in_database_becomes_interrupted(tmp_path):
         runner.shutdown()
 
 
+def test_a_job_the_app_died_under_says_so_and_ends_at_its_last_report(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    started = time.time() - 100
+    store.insert(Job(id="old", kind="eval", params={}, status=JobStatus.RUNNING, created_at=started,
+                     started_at=started))
+    store.update_progress("old", 0.5, "evaluating", "halfway\n")
+    last_report = time.time()
+    store.close()
+    time.sleep(0.2)  # the app is down for a while
+
+    runner = JobRunner(tmp_path / "jobs.db", tmp_path / "runs")
+    try:
+        job = runner.get("old")
+        assert job.status is JobStatus.INTERRUPTED
+        assert "The app stopped" in job.error and "Continue" in job.error
+        assert job.finished_at == pytest.approx(last_report, abs=0.1)  # not the restart
+        assert job.duration == pytest.approx(100, abs=1)
+    finally:
+        runner.shutdown()
+
+
+def test_a_database_written_before_updated_at_existed_opens_and_keeps_its_jobs(tmp_path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "jobs.db") as old:
+        old.executescript("""
+            CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, params TEXT NOT NULL, status TEXT NOT NULL,
+                progress REAL NOT NULL DEFAULT 0, stage TEXT NOT NULL DEFAULT '', log TEXT NOT NULL DEFAULT '',
+                error TEXT, outputs TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, started_at REAL,
+                finished_at REAL);
+            INSERT INTO jobs (id, kind, params, status, created_at, started_at, finished_at)
+                VALUES ('done', 'generate', '{}', 'done', 1.0, 2.0, 3.0);
+        """)
+    old.close()
+    runner = JobRunner(tmp_path / "jobs.db", tmp_path / "runs")
+    try:
+        assert runner.get("done").status is JobStatus.DONE and runner.get("done").duration == 1.0
+        runner.register("ok", lambda params, ctx: {"answer": 1})
+        assert runner.wait(runner.submit("ok", {}), timeout=TIMEOUT).status is JobStatus.DONE
+    finally:
+        runner.shutdown()
+
+
 def test_shutdown_interrupts_running_and_queued_jobs(make_runner):
     runner = make_runner()
     runner.register("block", blocking_job(threading.Event()))

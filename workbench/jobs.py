@@ -107,13 +107,18 @@ class JobContext:
         return text
 
 
+START_AGAIN = ("Start it again from the tab that started it; a training run (IPR, SELMA, RECAP, ReFL) continues "
+               "from its last checkpoint with the Train tab's Continue.")
+INTERRUPTED_REASON = "The app stopped (was closed or crashed) while this job was queued or running. " + START_AGAIN
+
+
 class JobRunner:
     def __init__(self, db_path: Path, runs_dir: Path):
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._store = JobStore(db_path)
         # Jobs left queued or running by a previous process can never finish now.
-        stale = self._store.interrupt(time.time())
+        stale = self._store.interrupt(time.time(), reason=INTERRUPTED_REASON)
         if stale:
             logger.info("marked %d job(s) from a previous run as interrupted", stale)
         self._functions: dict[str, JobFn] = {}
@@ -197,7 +202,7 @@ class JobRunner:
             except queue.Empty:
                 break
             if job_id is not None:
-                self._store.interrupt(now, job_id)
+                self._store.interrupt(now, job_id, reason="The app stopped before this job started. " + START_AGAIN)
         with self._lock:
             for event in self._running.values():
                 event.set()

@@ -96,6 +96,10 @@ class JobStore:
     def __init__(self, db_path: Path):
         self._lock = threading.Lock()
         self._conn = connect_database(db_path, _SCHEMA)
+        # Added after the first release: when a running job last reported, so a job the app died under
+        # is dated by its last sign of life, not by the restart.
+        if "updated_at" not in {row["name"] for row in self._conn.execute("PRAGMA table_info(jobs)")}:
+            self._conn.execute("ALTER TABLE jobs ADD COLUMN updated_at REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -152,8 +156,8 @@ class JobStore:
     def update_progress(self, job_id: str, progress: float, stage: str, log_append: str) -> None:
         # Only a running job moves: another runner may have marked it interrupted meanwhile.
         self._execute(
-            "UPDATE jobs SET progress = ?, stage = ?, log = log || ? WHERE id = ? AND status = ?",
-            (progress, stage, log_append, job_id, JobStatus.RUNNING.value),
+            "UPDATE jobs SET progress = ?, stage = ?, log = log || ?, updated_at = ? WHERE id = ? AND status = ?",
+            (progress, stage, log_append, time.time(), job_id, JobStatus.RUNNING.value),
         )
 
     def finish(
@@ -191,10 +195,14 @@ class JobStore:
         )
         return cursor.rowcount == 1
 
-    def interrupt(self, finished_at: float, job_id: str | None = None) -> int:
-        """Mark queued/running jobs interrupted (all of them, or just `job_id`); returns how many."""
-        sql = "UPDATE jobs SET status = ?, finished_at = ? WHERE status IN (?, ?)"
-        args: tuple = (JobStatus.INTERRUPTED.value, finished_at, *_ACTIVE)
+    def interrupt(self, finished_at: float, job_id: str | None = None, reason: str | None = None) -> int:
+        """Mark queued/running jobs interrupted (all of them, or just `job_id`), with `reason` as their error
+        unless they have one; returns how many. A running job ends at its last progress report when
+        that is known (the process may have died long before `finished_at`)."""
+        sql = ("UPDATE jobs SET status = ?, error = COALESCE(error, ?),"
+               " finished_at = CASE WHEN status = ? THEN COALESCE(updated_at, ?) ELSE ? END WHERE status IN (?, ?)")
+        args: tuple = (JobStatus.INTERRUPTED.value, reason, JobStatus.RUNNING.value, finished_at, finished_at,
+                       *_ACTIVE)
         if job_id is not None:
             sql += " AND id = ?"
             args += (job_id,)

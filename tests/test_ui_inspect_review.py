@@ -144,6 +144,14 @@ def test_images_generated_earlier_can_be_picked_with_their_prompt_and_model(data
     scene_image(("circle", "red", 20, 32)).save(outside)
     assert inspect.pick_saved([str(outside)], 0)[-1].startswith("Cannot open `elsewhere.png`")
 
+    # An evaluation made afterwards (an image per prompt and seed, in folders) comes after them.
+    for index in range(3):
+        save_png(scene_image(("circle", "red", 20, 32)), metadata,
+                 data_dir / "runs" / "eval-job" / "images" / f"{index:05d}")
+    items, _ = inspect.saved_gallery()
+    assert [prompt for _, prompt in items[:3]] == ["a blue square", "a red circle", "plain.png"]
+    assert len(items) == 6
+
 
 def test_generate_reports_a_missing_model_or_bad_input_as_text():
     image, message = inspect.generate_image("sdxl", "a cat", 0)

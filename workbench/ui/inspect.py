@@ -191,7 +191,9 @@ def saved_images(limit: int = SAVED_IMAGES_SHOWN) -> list[Path]:
     if not runs.is_dir():
         return []
     paths = [path for path in runs.glob("*/images/**/*.png") if path.is_file()]
-    paths.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    # Images a person asked for (runs/<id>/images/<name>.png) before an evaluation's hundreds
+    # (runs/<id>/images/<prompt>/<seed>.png), which would otherwise fill the gallery at once.
+    paths.sort(key=lambda path: (path.parent.name != "images", -path.stat().st_mtime))
     return paths[:limit]
 
 

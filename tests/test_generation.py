@@ -228,3 +228,15 @@ def test_shipped_adapter_records_name_no_path_of_the_machine_they_were_made_on()
     for path in files:
         walk(json.loads(path.read_text()), path.relative_to(assets).as_posix())
     assert not absolute, absolute
+
+
+def test_a_lora_weight_that_is_no_number_is_named(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert LoraSpec.parse(f"{adapter}:0.5") == LoraSpec(str(adapter), 0.5)
+    assert LoraSpec.parse(str(adapter)) == LoraSpec(str(adapter), 1.0)
+    with pytest.raises(InvalidInput, match=r"weight after the colon .* is not a number; write PATH or PATH:WEIGHT"):
+        LoraSpec.parse(f"{adapter}:abc")
+    odd = tmp_path / "odd:name"  # a folder whose own name holds a colon stays a path
+    odd.mkdir()
+    assert LoraSpec.parse(str(odd)).path == str(odd)

@@ -62,6 +62,10 @@ class LoraSpec:
         try:
             return cls(path, float(weight)) if path else cls(text.strip())
         except ValueError:
+            # "adapter:abc": a weight that is no number, unless the whole text names something (C:\dir)
+            if path and Path(path).expanduser().exists() and not Path(text.strip()).expanduser().exists():
+                raise InvalidInput(f"The LoRA weight after the colon in '{text.strip()}' is not a number; write "
+                                   f"PATH or PATH:WEIGHT, e.g. {path}:0.8.") from None
             return cls(text.strip())
 
     def adapter_name(self) -> str:

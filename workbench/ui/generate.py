@@ -153,9 +153,10 @@ def build_generate_tab(runner):
             return None
 
     def on_evaluate(model_name, seeds, first_seed, steps_value, guidance_value, loras_text):
-        config = BenchmarkConfig(model=model_name, seeds=int(seeds), first_seed=int(first_seed or 0),
-                                 steps=int(steps_value), guidance=float(guidance_value), loras=parse_loras(loras_text))
         try:
+            config = BenchmarkConfig(model=model_name, seeds=int(seeds), first_seed=int(first_seed or 0),
+                                     steps=int(steps_value), guidance=float(guidance_value),
+                                     loras=parse_loras(loras_text))
             check_detector(config)
         except WorkbenchError as error:
             yield gr.update(), f"Cannot evaluate: {error}"

@@ -300,6 +300,17 @@ def test_cli_relabel_prints_the_result(tmp_path, capsys):
     assert result["changed"] is True and result["keep"] is True and result["reasons"]
 
 
+def test_cli_relabel_can_keep_the_prompts_framing(tmp_path, capsys):
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps([det("circle", 40, 10, "red"), det("square", 5, 10, "blue")]))
+    args = ["relabel", "--prompt", "a photo of a red circle to the left of a blue square", "--detections", str(path),
+            "--width", "64", "--height", "64"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "a red circle to the right of a blue square"
+    assert main(args + ["--keep-framing"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "a photo of a red circle to the right of a blue square"
+
+
 def test_cli_relabel_box_threshold(tmp_path, capsys):
     path = tmp_path / "detections.json"
     path.write_text(json.dumps({"detections": [det("circle", 10, 10, score=0.5)]}))

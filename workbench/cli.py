@@ -124,6 +124,9 @@ def _add_relabel(subparsers) -> None:
                         help="write a class of mixed colours as one clause per colour (GenEval's scorer cannot check that)")
     parser.add_argument("--say-relations", action="store_true",
                         help="when the relabel names two single objects, say where one is relative to the other")
+    parser.add_argument("--keep-framing", action="store_true",
+                        help="write the rewrite inside the prompt's own framing ('a photo of ...'), as IPR's "
+                             "--keep-framing does")
     parser.add_argument("--add-class", action="append", default=[], metavar="NAME",
                         help="a class the default vocabulary lacks; repeat for more")
     parser.set_defaults(run=_run_relabel)
@@ -134,7 +137,7 @@ def _run_relabel(args) -> int:
 
     result = relabel(args.prompt, load_detections(args.detections), args.width, args.height,
                      box_threshold=args.box_threshold, vocabulary=_vocabulary(args), split_colors=args.split_colors,
-                     say_relations=args.say_relations)
+                     say_relations=args.say_relations, keep_framing=args.keep_framing)
     print(json.dumps(result.to_dict(), indent=2))
     return 0
 

@@ -113,6 +113,7 @@ COCO_CASES = [
     # compound number words
     ("one hundred dogs", {"include": [one("dog", 100)], "exclude": [one("dog", 101)]}),
     ("twenty three cats", {"include": [one("cat", 23)], "exclude": [one("cat", 24)]}),
+    ("one hundred twenty three cats", {"include": [one("cat", 123)], "exclude": [one("cat", 124)]}),
     ("two dozen donuts", {"include": [one("donut", 24)], "exclude": [one("donut", 25)]}),
     ("a dozen donuts", {"include": [one("donut", 12)], "exclude": [one("donut", 13)]}),
     ("an image of nothing in particular", {"include": []}),

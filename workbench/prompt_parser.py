@@ -89,7 +89,6 @@ _NUMBER_WORDS = {
 }
 # "two dozen", "one hundred", "a thousand": the number before them multiplies them.
 _MULTIPLIERS = {"dozen", "hundred", "thousand"}
-_TENS = {20, 30, 40, 50, 60, 70, 80, 90}
 _SAID_NUMBERS = {n: w for w, n in _NUMBER_WORDS.items() if w in ("one two three four five six seven eight nine ten").split()}
 _AT_LEAST = ("at least", "or more")
 _NEGATIONS = ("no", "without", "zero")
@@ -383,7 +382,9 @@ def _compose(before: int | None, value: int, word: str, adjacent: bool) -> int:
     if adjacent and before is not None:
         if word in _MULTIPLIERS:
             return before * value
-        if before in _TENS and value < 10 or before >= 100 and before % 100 == 0 and value < 100:
+        tens_then_unit = before >= 20 and before % 10 == 0 and value < 10  # twenty three, a hundred twenty three
+        hundreds_then_less = before >= 100 and before % 100 == 0 and value < 100  # one hundred twenty
+        if tens_then_unit or hundreds_then_less:
             return before + value
     return value
 

@@ -271,7 +271,7 @@ def test_a_job_the_app_died_under_says_so_and_ends_at_its_last_report(tmp_path):
     try:
         job = runner.get("old")
         assert job.status is JobStatus.INTERRUPTED
-        assert "The app stopped" in job.error and "Continue" in job.error
+        assert "The app stopped" in job.error and "Run again" in job.error
         assert job.finished_at == pytest.approx(last_report, abs=0.1)  # not the restart
         assert job.duration == pytest.approx(100, abs=1)
     finally:
@@ -367,3 +367,36 @@ def test_runs_tab_builds_and_shows_jobs(runner):
     params, log, outputs, error = job_details(runner, job_id)
     assert params == {"prompt": "a red cube"} and outputs == {"images": 2} and error == ""
     assert "done" in log
+
+
+def test_run_again_starts_a_finished_job_anew_and_a_training_run_continues_in_its_folder(runner, tmp_path, monkeypatch):
+    from workbench.ui import runs
+
+    runner.register("ok", lambda params, ctx: {"seen": params})
+    job_id = runner.submit("ok", {"prompt": "a red cube"})
+    runner.wait(job_id, timeout=TIMEOUT)
+    message = runs.run_again(runner, job_id)
+    new_id = message.split("`")[1]
+    assert new_id != job_id and runner.wait(new_id, timeout=TIMEOUT).outputs == {"seen": {"prompt": "a red cube"}}
+    assert runs.run_again(runner, None) == "Select a job first."
+
+    release = threading.Event()
+    runner.register("block", blocking_job(release))
+    busy = runner.submit("block", {})
+    wait_until(lambda: runner.get(busy).status is JobStatus.RUNNING)
+    assert runs.run_again(runner, busy) == f"`{busy}` is still running."
+    release.set()
+    runner.wait(busy, timeout=TIMEOUT)
+
+    # A training run is continued where it is, not started afresh.
+    continued = []
+    monkeypatch.setattr(runs, "continue_run", lambda runner, run, reviewed, kind: continued.append((run, kind))
+                        or ("job", f"Run `{run}`: continuing"))
+    runner.register("ipr", lambda params, ctx: None)
+    first = runner.submit("ipr", {"iterations": 1})
+    runner.wait(first, timeout=TIMEOUT)
+    assert runs.run_again(runner, first) == f"Run `{first}`: continuing" and continued == [(first, "ipr")]
+    again = runner.submit("ipr", {"resume_dir": str(tmp_path / "runs" / first)})
+    runner.wait(again, timeout=TIMEOUT)
+    runs.run_again(runner, again)
+    assert continued[-1] == (first, "ipr")

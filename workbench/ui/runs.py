@@ -1,16 +1,21 @@
-"""Runs tab: the job history, refreshed live, with the details of one job and a Cancel button."""
+"""Runs tab: the job history, refreshed live, with the details of one job, Cancel, and Run again."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
+from workbench.errors import WorkbenchError
 from workbench.jobs import Job, JobRunner
+
+from .train_runs import continue_run
 
 TABLE_COLUMNS = ["id", "kind", "status", "progress %", "stage", "created", "duration"]
 REFRESH_EVERY_S = 1.0
+TRAINING_KINDS = {"ipr", "refl", "selma", "recap"}  # continue in their own folder, from their last checkpoint
 
 
 def format_duration(seconds: float | None) -> str:
@@ -47,6 +52,24 @@ def job_details(runner: JobRunner, job_id: str | None) -> tuple[dict, str, dict,
     return job.params, job.log, job.outputs, job.error or ""
 
 
+def run_again(runner: JobRunner, job_id: str | None) -> str:
+    """Start a finished, failed, cancelled or interrupted job again: a training run continues in its own
+    folder from its last checkpoint; any other job runs anew with the same settings."""
+    job = runner.get(job_id) if job_id else None
+    if job is None:
+        return "Select a job first."
+    if not job.status.is_finished:
+        return f"`{job.id}` is still {job.status.value}."
+    if job.kind in TRAINING_KINDS:
+        run = Path(job.params["resume_dir"]).name if job.params.get("resume_dir") else job.id
+        return continue_run(runner, run, False, job.kind)[1]
+    try:
+        new_id = runner.submit(job.kind, job.params)
+    except WorkbenchError as error:
+        return f"Not started: {error}"
+    return f"Started `{new_id}`: the {job.kind} job `{job.id}` again, with the same settings."
+
+
 def build_runs_tab(runner: JobRunner) -> None:
     """Create the tab's components inside the current Gradio context."""
     timer = gr.Timer(REFRESH_EVERY_S)
@@ -55,6 +78,7 @@ def build_runs_tab(runner: JobRunner) -> None:
     with gr.Row():
         selected = gr.Dropdown(choices=[], value=None, label="Job", allow_custom_value=True, scale=3)
         cancel_button = gr.Button("Cancel job", variant="stop", scale=1)
+        again_button = gr.Button("Run again", scale=1, elem_id="runs-again")
     message = gr.Markdown()
     with gr.Row():
         params = gr.JSON(label="Parameters")
@@ -86,3 +110,5 @@ def build_runs_tab(runner: JobRunner) -> None:
         lambda job_id: job_details(runner, job_id), inputs=selected, outputs=details, api_name="runs_details"
     )
     cancel_button.click(cancel, inputs=selected, outputs=message, api_name="runs_cancel")
+    again_button.click(lambda job_id: run_again(runner, job_id), inputs=selected, outputs=message,
+                       api_name="runs_again")

@@ -276,12 +276,12 @@ def test_export_writes_the_imagefolder_under_the_run(store, data_dir):
 def test_an_upload_that_is_no_image_gives_a_message_not_a_bare_error(tmp_path):
     from gradio.data_classes import ImageData
 
-    from workbench.ui.inspect import UploadedImage
+    from workbench.ui.inspect import readable_uploads
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "ok.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])  # a download that broke off
     (tmp_path / "noise.png").write_bytes(bytes(range(256)) * 2)
-    component = UploadedImage(type="pil")
+    component = readable_uploads(gr.Image(type="pil"))
     assert component.preprocess(ImageData(path=str(tmp_path / "ok.png"), orig_name="ok.png")).size == (32, 32)
     for name in ("cut.png", "noise.png"):
         with pytest.raises(gr.Error, match=f"{name} is not an image the workbench can read"):

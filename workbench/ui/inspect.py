@@ -85,17 +85,22 @@ def as_image(value) -> Image.Image:
     raise InvalidInput(f"Expected an image, got {type(value).__name__}.")
 
 
-class UploadedImage(gr.Image):
-    """gr.Image whose uploads that are no readable image give the user a message, not a bare "Error":
-    Gradio decodes an upload before any handler runs, so the handlers' own checks never see it."""
+def readable_uploads(component: gr.Image) -> gr.Image:
+    """The image input, made to answer an upload that is no readable image with a message instead of a bare
+    "Error": Gradio decodes an upload before any handler runs, so the handlers' own checks never see it.
+    (The instance's method is wrapped: a subclass of a Gradio component writes a .pyi beside its module.)"""
+    decode = component.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # PIL's ways to say "broken"
+            return decode(payload)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # PIL's ways to say "broken"
             name = getattr(payload, "orig_name", None) or "The upload"
-            raise gr.Error(f"{name} is not an image the workbench can read (PNG, JPEG or WebP): {error}",
+            raise gr.Error(f"{name} is not an image the workbench can read (PNG, JPEG or WebP), or it is damaged.",
                            print_exception=False) from None
+
+    component.preprocess = preprocess
+    return component
 
 
 def detection_label(det: Detection) -> str:
@@ -295,8 +300,8 @@ def build_inspect_tab() -> None:
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                 generate_button = gr.Button("Generate one image", elem_id="inspect-generate")
-            image = UploadedImage(type="pil", label="Image (generated, or upload your own)",
-                                  sources=["upload", "clipboard"], height=320, elem_id="inspect-image")
+            image = readable_uploads(gr.Image(type="pil", label="Image (generated, or upload your own)",
+                                              sources=["upload", "clipboard"], height=320, elem_id="inspect-image"))
             with gr.Accordion("Or pick an image generated earlier", open=False, elem_id="inspect-saved") as saved_box:
                 saved = gr.Gallery(label="Newest first (Generate tab, comparisons)", columns=6, height=260,
                                    object_fit="contain", allow_preview=False, elem_id="inspect-saved-gallery")

@@ -12,7 +12,10 @@ share of wrong images the edit made right. A reward with perceptually aligned gr
 wrong images right as eps grows; an adversarially fragile one gains reward with nothing flipped.
 
     python bench/reward_gradient_alignment.py --eval data/runs/RUN/eval-base [--captioner FOLDER ...]
-        [--negatives 4] [--per-tag 30] [--eps 4 16 32]
+        [--ensemble] [--negatives 4] [--per-tag 30] [--eps 4 16 32]
+
+With --ensemble the captioners given are also climbed together, as one reward: the mean of theirs
+(`workbench.likelihood_reward.EnsembleReward`, ReFL's --reward-ensemble).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[4.0, 16.0, 32.0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also climb the mean reward of all --captioner folders (at least two)")
     parser.add_argument("--blur", type=float, nargs="+", default=[0.0],
                         help="Gaussian blur sigmas (pixels) applied before the captioner, one pass each (0: none)")
     args = parser.parse_args(argv)
@@ -82,9 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     detector = ShapesDetector()
     print(f"{len(chosen)} wrong images from {args.eval}", flush=True)
 
-    for captioner, sigma in [(c, b) for c in args.captioner or [None] for b in args.blur]:
-        options = {"model": captioner} if captioner else {}
+    captioners = [[c] for c in args.captioner or [None]]
+    if args.ensemble:
+        if len(args.captioner or []) < 2:
+            parser.error("--ensemble needs at least two --captioner folders")
+        captioners.append(args.captioner)
+    for members, sigma in [(c, b) for c in captioners for b in args.blur]:
+        options = {"model": members[0], "ensemble": members[1:]} if members[0] else {}
         reward = get_likelihood_reward("shapes", negatives=args.negatives, seed=args.seed, blur=sigma, **options)
+        captioner = " + ".join(members) if members[0] else None
         print(f"\ncaptioner {captioner or '(shipped)'}, blur {sigma:g}, reward "
               f"{'contrastive, ' + str(args.negatives) + ' negatives' if args.negatives else 'plain'}")
         print("| eps | tag | images | reward before | reward after | made right |")

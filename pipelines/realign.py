@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,10 @@ class ReFLConfig:
     model: str = "shapes"
     reward: str | None = None  # likelihood reward: None picks the model's world ("shapes" or "blip")
     reward_model: str | None = None  # its weights: None is the shipped shapes captioner / $WORKBENCH_BLIP_MODEL
+    # More captioner folders of the same kind (our addition): the reward is the mean of reward_model's and
+    # theirs (`workbench.likelihood_reward.EnsembleReward`), so a pixel pattern that fools one captioner
+    # earns a share of the reward only, while a change of what is drawn earns it from all of them.
+    reward_ensemble: list[str] = field(default_factory=list)
     # 0: the plain likelihood of the prompt. k > 0: its contrast with k hard negatives (the prompt with
     # one fact changed; `workbench.likelihood_reward.ContrastiveLikelihoodReward`), our addition to the
     # paper against reward hacking: pushed hard, the plain likelihood taught the shapes model to paint
@@ -165,7 +169,7 @@ class ReFLConfig:
 
         # Everything missing in one message, before anything is loaded or written.
         checks = [lambda: check_run_settings(self.model, self.eval_prompts, self.eval_seeds),
-                  lambda: check_likelihood_reward(self.reward_name, self.reward_model)]
+                  lambda: check_likelihood_reward(self.reward_name, self.reward_model, self.reward_ensemble)]
         if self.pretrain_data is not None and self.pretrain_batch > 0:
             from pipelines.trainer import read_rows
 
@@ -282,7 +286,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
         sampler.set_timesteps(config.schedule_steps)
         reward = get_likelihood_reward(config.reward_name,
                                        negatives=config.negatives, seed=config.seed, model=config.reward_model,
-                                       blur=config.reward_blur)
+                                       ensemble=config.reward_ensemble, blur=config.reward_blur)
         pretrain = None
         if config.pretrain_batch:
             pretrain = (ShapesPretrainingData(vae) if config.pretrain_data is None else
@@ -494,7 +498,8 @@ def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     # `implied`: what runs saved before these settings existed had.
     bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
                     implied={"negatives": 0, "train_text_encoder": False, "train_unet": True, "last_grad_step": None,
-                             "detach_uncond": False, "reward_shifts": 0, "reward_blur": 0.0})
+                             "detach_uncond": False, "reward_shifts": 0, "reward_blur": 0.0,
+                             "reward_ensemble": []})
 
 
 # One line per setting for --help; ReFLConfig's comments say why each exists and what it did on the shapes model.
@@ -502,6 +507,7 @@ HELP = {
     "model": "registry name (shapes, sd15, sd21, sdxl), diffusers folder or hub id",
     "reward": "likelihood reward model: shapes or blip (default: the model's world)",
     "reward_model": "the reward's weights (default: the shipped shapes captioner, or $WORKBENCH_BLIP_MODEL)",
+    "reward_ensemble": "more captioner folders: the reward is the mean of reward_model's and theirs",
     "negatives": "0: the plain likelihood of the prompt; k: its contrast with k hard negatives",
     "prompts": "training prompts drawn from the shapes grammar (disjoint from ShapesBench)",
     "prompt_seed": "seed of the training prompts",
@@ -541,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         said = HELP.get(f.name)
         if f.name in ("eval_prompts",):
             parser.add_argument("--eval-prompts", default=defaults.eval_prompts, help=said)
+            continue
+        if f.name == "reward_ensemble":
+            parser.add_argument("--reward-ensemble", nargs="+", default=[], metavar="FOLDER", help=said)
             continue
         if isinstance(getattr(defaults, f.name), bool):
             parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,

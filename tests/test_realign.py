@@ -57,6 +57,24 @@ def test_the_likelihood_reward_is_differentiable_and_prefers_the_true_prompt(cap
     assert images.grad is not None and images.grad.abs().sum() > 0  # the gradient reaches the pixels
 
 
+def test_an_ensemble_reward_is_the_mean_of_its_captioners_and_reaches_the_pixels(caption_model, tmp_path):
+    from workbench.likelihood_reward import get_likelihood_reward
+
+    other = tmp_path / "other-captioner"
+    torch.manual_seed(1)  # another seed: other weights, as a captioner trained with --seed 1 has
+    CaptionModel(CaptionerConfig(vocab=vocabulary(), width=32, heads=2, decoder_layers=1, image_size=32)).save(other)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    prompts = ["a red circle", "two blue squares left of a triangle"]
+    alone = [get_likelihood_reward("shapes", model=m)(images, prompts) for m in (caption_model, other)]
+    assert not torch.allclose(alone[0], alone[1])
+    ensemble = get_likelihood_reward("shapes", model=caption_model, ensemble=[str(other)])
+    pixels = images.clone().requires_grad_(True)
+    r = ensemble(pixels, prompts)
+    assert torch.allclose(r, (alone[0] + alone[1]) / 2, atol=1e-5)
+    r.sum().backward()
+    assert pixels.grad.abs().sum() > 0
+
+
 def test_the_blip_likelihood_reward_reaches_the_pixels(tmp_path):
     from test_captioning import build_tiny_blip
     from workbench.likelihood_reward import get_likelihood_reward
@@ -203,6 +221,7 @@ def test_the_shapes_pretraining_term_trains_on_real_scenes_the_vae_can_decode():
 @pytest.mark.parametrize("changes, words", [
     ({"reward": "blip"}, "The BLIP captioner .*no folder"),
     ({"reward_model": "/no/such/captioner"}, "pipelines.train_shapes_captioner"),
+    ({"reward_ensemble": ["/no/such/second-captioner"]}, "/no/such/second-captioner"),
     ({"reward": "clip"}, "Unknown reward 'clip'"),
 ])
 def test_a_reward_model_that_is_not_there_is_named_before_anything_loads_or_is_written(tmp_path, monkeypatch,

@@ -93,6 +93,26 @@ class BlurredReward:
         return self.base(gaussian_blur(images, [2 * self.radius + 1] * 2, [self.sigma] * 2), prompts)
 
 
+class EnsembleReward:
+    """The mean of several captioners' rewards on the same images (our addition, not the paper's).
+
+    A pixel pattern that fools one small captioner is a property of its weights; a change of what is
+    drawn fools none of them. Captioners trained alike from different seeds share what the data teach
+    and differ in the rest, so the gradient of their mean keeps what they agree on and averages out
+    much of what only one of them reads (reward-model ensembles against reward hacking: Coste et al.,
+    arXiv 2310.02743). As the mean of log-likelihoods it is the log of a geometric mean of the
+    captioners' probabilities, so the contrastive form (ContrastiveLikelihoodReward) wraps it as it
+    wraps one captioner."""
+
+    def __init__(self, members: list):
+        if len(members) < 2:
+            raise InvalidInput(f"An ensemble reward needs at least two captioners (got {len(members)}).")
+        self.members = members
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.stack([member(images, prompts) for member in self.members]).mean(0)
+
+
 class ContrastiveLikelihoodReward:
     """log softmax of the prompt's likelihood against k hard negatives (`workbench.hard_negatives`: the
     prompt with colours or objects swapped, the relation flipped, a colour, object or count changed):
@@ -136,29 +156,34 @@ class ContrastiveLikelihoodReward:
 REWARDS: dict[str, Callable[..., object]] = {"shapes": ShapesLikelihoodReward, "blip": BlipLikelihoodReward}
 
 
-def check_likelihood_reward(name: str, model: str | None = None) -> None:
+def check_likelihood_reward(name: str, model: str | None = None, ensemble: list[str] = ()) -> None:
     """Raise what get_likelihood_reward would for an unknown name or missing weights, loading nothing."""
     if name not in REWARDS:
         raise InvalidInput(f"Unknown reward '{name}'. Available: {', '.join(REWARDS)}.")
-    if name == "blip":
-        from workbench.perception.blip import BLIP, check_model
+    for folder in [model, *ensemble]:
+        if name == "blip":
+            from workbench.perception.blip import BLIP, check_model
 
-        check_model(BLIP, model)
-    else:
-        from workbench.shapes.caption_model import check_caption_model
+            check_model(BLIP, folder)
+        else:
+            from workbench.shapes.caption_model import check_caption_model
 
-        check_caption_model(model)
+            check_caption_model(folder)
 
 
-def get_likelihood_reward(name: str, negatives: int = 0, seed: int = 0, blur: float = 0.0, **options):
-    """The likelihood reward `name` ("shapes" or "blip"); with negatives > 0 its contrastive form; with
-    blur > 0 read through a Gaussian blur of that many pixels (BlurredReward)."""
-    check_likelihood_reward(name, options.get("model"))
+def get_likelihood_reward(name: str, negatives: int = 0, seed: int = 0, blur: float = 0.0,
+                          ensemble: list[str] = (), **options):
+    """The likelihood reward `name` ("shapes" or "blip"); with `ensemble` folders, the mean of the
+    reward of `model` and of each of theirs (EnsembleReward); with negatives > 0 its contrastive form;
+    with blur > 0 read through a Gaussian blur of that many pixels (BlurredReward)."""
+    check_likelihood_reward(name, options.get("model"), ensemble)
     if negatives < 0:
         raise InvalidInput(f"The number of hard negatives must be 0 or more (got {negatives}).")
     if blur < 0:
         raise InvalidInput(f"The reward's blur must be 0 or more pixels (got {blur}).")
     base = REWARDS[name](**options)
+    if ensemble:
+        base = EnsembleReward([base] + [REWARDS[name](**{**options, "model": folder}) for folder in ensemble])
     if blur:
         base = BlurredReward(base, blur)
     if not negatives:

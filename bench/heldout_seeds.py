@@ -28,11 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.benchmark import BenchmarkConfig, run_benchmark  # noqa: E402
+from workbench.config import get_settings  # noqa: E402
 from workbench.generation import LoraSpec  # noqa: E402
 from workbench.shapes.bench_prompts import HELDOUT_PATH, SHAPESBENCH_PATH, TAGS  # noqa: E402
 from workbench.significance import paired_differences  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {name: f"assets/adapters/{name}-shapes:1.0" for name in ("ipr", "selma", "recap", "refl")}
 SHIPPED["recap-alt-text"] = "assets/adapters/recap-shapes/alt-text:1.0"  # RECAP's target is measured against it
 
@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--prompts", default="shapesbench", help="shapesbench, heldout or a GenEval metadata file")
-    parser.add_argument("--out", type=Path, default=ROOT / "data" / "runs" / "heldout")
+    parser.add_argument("--out", type=Path, default=get_settings().runs_dir / "heldout",
+                        help="evaluations folder (default: runs/heldout in $WORKBENCH_DATA)")
     parser.add_argument("--against", default="base",
                         help="the variant every gain is measured from (e.g. recap-alt-text for RECAP's target)")
     args = parser.parse_args()

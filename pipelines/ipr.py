@@ -42,6 +42,7 @@ from pipelines.trainer import (UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER, 
 from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_settings, format_scores, pick_detector,
                                  run_benchmark)
 from workbench.config import get_settings
+from workbench.console import ConsoleProgress
 from workbench.errors import InvalidInput, WorkbenchError
 from workbench.store import bind_run_config, write_jsonl
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
@@ -722,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                                detector=args.detector, review=bool(args.review),
                                guidance=args.sample_guidance, sample_steps=args.sample_steps,
                                eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds, seed=args.seed)
-        result = run_ipr(config, args.out, log=lambda m: print(m, flush=True))
+        result = run_ipr(config, args.out, on_progress=ConsoleProgress(), log=lambda m: print(m, flush=True))
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, check_run_settings, format_scores, run_benchmark
+from workbench.console import ConsoleProgress
 from workbench.errors import InvalidInput, WorkbenchError
 from workbench.memory import out_of_memory_as_message
 from workbench.store import bind_run_config, write_json
@@ -133,6 +134,7 @@ class ReFLConfig:
     checkpoint_every: int = 50
     eval_prompts: str = str(SHAPESBENCH)
     eval_seeds: int = 4  # 0: skip evaluation
+    detector: str | None = None  # scores the evaluation; None: the model's own world (shapes model -> shapes)
 
     def validate(self) -> None:
         from pipelines.trainer import UNTRAINED_UNET_NEEDS_TEXT_ENCODER
@@ -168,7 +170,7 @@ class ReFLConfig:
         from workbench.perception.backends import check_all
 
         # Everything missing in one message, before anything is loaded or written.
-        checks = [lambda: check_run_settings(self.model, self.eval_prompts, self.eval_seeds),
+        checks = [lambda: check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector),
                   lambda: check_likelihood_reward(self.reward_name, self.reward_model, self.reward_ensemble)]
         if self.pretrain_data is not None and self.pretrain_batch > 0:
             from pipelines.trainer import read_rows
@@ -400,7 +402,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
             scores_file = out_dir / name / "scores.json"
             if not scores_file.exists():
                 bench = BenchmarkConfig(model=config.model, prompts=config.eval_prompts, seeds=config.eval_seeds,
-                                        loras=loras)
+                                        loras=loras, detector=config.detector)
                 result = run_benchmark(bench, out_dir / name, on_progress=lambda f, m: progress(0.8 + 0.1 * f, m),
                                        should_stop=should_stop)
                 log(f"refl: {'base model' if not loras else 'ReFL adapter'}:\n" + format_scores(result))
@@ -499,7 +501,7 @@ def _check_same_config(config: ReFLConfig, out_dir: Path) -> None:
     bind_run_config(out_dir, {"kind": "refl", **asdict(config)}, "a ReFL run", ignore=("eval_seeds",),
                     implied={"negatives": 0, "train_text_encoder": False, "train_unet": True, "last_grad_step": None,
                              "detach_uncond": False, "reward_shifts": 0, "reward_blur": 0.0,
-                             "reward_ensemble": []})
+                             "reward_ensemble": [], "detector": None})
 
 
 # One line per setting for --help; ReFLConfig's comments say why each exists and what it did on the shapes model.
@@ -536,6 +538,7 @@ HELP = {
     "checkpoint_every": "steps between checkpoints (a stopped run continues from the last one)",
     "eval_prompts": "GenEval-format prompt file to evaluate on (default: ShapesBench)",
     "eval_seeds": "seeds per evaluation prompt (0: no evaluation)",
+    "detector": "detector backend that scores the evaluation (default: the model's world)",
 }
 
 
@@ -568,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         with out_of_memory_as_message(f"running ReFL on {config.model}",
                                       f"Start afresh in a new --out with a smaller --batch-size (now "
                                       f"{config.batch_size}); ReFL keeps a whole denoising step's graph per image."):
-            result = run_refl(config, out, log=lambda m: print(m, flush=True))
+            result = run_refl(config, out, on_progress=ConsoleProgress(), log=lambda m: print(m, flush=True))
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -55,6 +55,7 @@ from pipelines.trainer import (TRANSFORMER_TARGETS, UNET_TARGETS, add_target_mod
                                refuse_settings_with_resume)
 from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_settings, detector_name, format_scores,
                                  run_benchmark)
+from workbench.console import ConsoleProgress
 from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
 from workbench.generation import LoraSpec, lora_weights_file
 from workbench.imagefolder import read_imagefolder
@@ -257,6 +258,12 @@ def run_recap(config: RecapConfig, out_dir: Path, on_progress: Callable[[float, 
 
 
 # --- 1. the shapes world's web data -----------------------------------------------------------------
+
+
+def is_rendered_shapes_data(folder: Path) -> bool:
+    """Whether `folder` is a shapes-world imagefolder that make_shapes_dataset rendered (its own files)."""
+    folder = Path(folder)
+    return all((folder / name).is_file() for name in ("dataset.json", "scenes.jsonl", "metadata.jsonl"))
 
 
 def make_shapes_dataset(out: Path, n: int, seed: int = 0, size: int = IMAGE_SIZE, noise=None,
@@ -701,8 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec = commands.add_parser("recaption", help="add short and long captions to an imagefolder (new folder)")
     rec.add_argument("--data", type=Path, required=True, help="imagefolder with metadata.jsonl")
     rec.add_argument("--out", type=Path, required=True, help="new imagefolder (the same command continues it)")
-    rec.add_argument("--captioner", default="blip", help="shapes, blip or blip2 (default: blip; shapes for the "
-                                                          "shapes world's data)")
+    rec.add_argument("--captioner", default=None, help="shapes, blip or blip2 (default: shapes for a folder "
+                                                         "make-shapes-data rendered, else blip)")
     rec.add_argument("--text-field", default="text", help="metadata field holding the alt text")
     rec.add_argument("--batch-size", type=int, default=16)
     rec.add_argument("--skip-unreadable", action="store_true")
@@ -733,8 +740,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"equal to a ShapesBench prompt: alt text {overlap['alt_text']:.1%}, exact caption "
                 f"{overlap['exact_caption']:.1%}")
         elif args.command == "recaption":
-            options = RecapConfig(captioner=args.captioner, inline_pairs=args.inline_pairs).captioner_options()
-            info = recaption(args.data, args.out, captioner=args.captioner, text_field=args.text_field,
+            captioner = args.captioner or ("shapes" if is_rendered_shapes_data(args.data) else "blip")
+            if not args.captioner:
+                say(f"captioner: {captioner} (pass --captioner to choose another)")
+            options = RecapConfig(captioner=captioner, inline_pairs=args.inline_pairs).captioner_options()
+            info = recaption(args.data, args.out, captioner=captioner, text_field=args.text_field,
                              batch_size=args.batch_size, skip_unreadable=args.skip_unreadable,
                              captioner_options=options)
             say(f"{info['images']} images captioned into {args.out} ({info['skipped']} unreadable skipped, "
@@ -756,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                      prompt_dropout=args.prompt_dropout, seed=args.seed, detector=args.detector,
                                      eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds)
-            result = run_recap(config, args.out, log=say)
+            result = run_recap(config, args.out, on_progress=ConsoleProgress(), log=say)
             say(f"done in {result['seconds']} s: adapters {result['adapters']['alt_text']} (alt text), "
                 f"{result['adapters']['recap']} (RECAP)")
             if result["summary"]["variants"]:

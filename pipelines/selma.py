@@ -55,6 +55,7 @@ from pipelines.lora_merge import COMBINATIONS, merge_experts
 from pipelines.trainer import (UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER, TrainConfig, add_target_modules_argument,
                                parse_target_modules, refuse_settings_with_resume, train)
 from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, check_run_settings, run_benchmark
+from workbench.console import ConsoleProgress
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
@@ -763,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr=args.lr, prompt_dropout=args.prompt_dropout, merge=args.merge, merge_weights=args.merge_weights,
                 merge_density=args.merge_density, eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds,
                 eval_experts=args.eval_experts, detector=args.detector, seed=args.seed)
-        summary = run_selma(config, args.out, log=lambda m: print(m, flush=True))
+        summary = run_selma(config, args.out, on_progress=ConsoleProgress(), log=lambda m: print(m, flush=True))
     except WorkbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

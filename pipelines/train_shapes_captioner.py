@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from pipelines.train_shapes import render_batch as render_scenes
 from workbench.shapes.bench_prompts import training_prompts, vocabulary
-from workbench.shapes.caption_model import CAPTION_MODEL_DIR, CaptionerConfig, CaptionModel, PAD
+from workbench.shapes.caption_model import CaptionerConfig, CaptionModel, PAD
 from workbench.shapes.scene import scene_from_spec
 from workbench.shapes.world import COLORS, COUNT_WORDS, SHAPES
 
@@ -251,7 +251,11 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=CAPTION_MODEL_DIR)
+    # No default: the natural default would be the shipped reward model's folder, and a run left to it
+    # would replace that captioner without a word. Rebuilding it means naming it.
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the captioner (assets/models/shapes-captioner rebuilds the shipped one; "
+                             "another folder is read by ReFL's --reward-model)")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)

@@ -223,6 +223,7 @@ def test_the_shapes_pretraining_term_trains_on_real_scenes_the_vae_can_decode():
     ({"reward_model": "/no/such/captioner"}, "pipelines.train_shapes_captioner"),
     ({"reward_ensemble": ["/no/such/second-captioner"]}, "/no/such/second-captioner"),
     ({"reward": "clip"}, "Unknown reward 'clip'"),
+    ({"detector": "no-such-detector"}, "No 'no-such-detector' detector backend"),
 ])
 def test_a_reward_model_that_is_not_there_is_named_before_anything_loads_or_is_written(tmp_path, monkeypatch,
                                                                                        changes, words):

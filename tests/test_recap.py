@@ -178,6 +178,10 @@ def test_cli(tmp_path, capsys):
     assert recap_main(["recaption", "--data", str(tmp_path / "data"), "--captioner", "shapes",
                        "--out", str(tmp_path / "recap")]) == 0
     assert "3 images captioned" in capsys.readouterr().out
+    # Without --captioner, data that make-shapes-data rendered is read by the shapes captioner (no BLIP needed).
+    assert recap_main(["recaption", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "recap-default")]) == 0
+    assert "captioner: shapes" in capsys.readouterr().out
+    assert json.loads((tmp_path / "recap-default" / "recaption.json").read_text())["settings"]["captioner"] == "shapes"
     # Pairs in one phrase by default; --no-inline-pairs writes the clause form.
     settings = json.loads((tmp_path / "recap" / "recaption.json").read_text())["settings"]
     assert settings["captioner_options"] == {"brief_short": True, "inline_pairs": True}

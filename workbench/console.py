@@ -18,8 +18,9 @@ class ConsoleProgress:
     def __call__(self, fraction: float, message: str) -> None:
         stage = (message or "").split(":")[0].split(" ")[0]  # "eval: image 3/1200" -> "eval"
         now = self.clock()
+        # The first call always differs in stage (last_stage starts as None), so last_time is set before it is read.
         due = (stage != self.last_stage or fraction >= self.last_fraction + self.step or fraction >= 1.0
-               or self.last_time is None or now - self.last_time >= self.every)
+               or now - self.last_time >= self.every)
         if not due or (fraction == self.last_fraction and stage == self.last_stage):
             return
         self.last_fraction, self.last_time, self.last_stage = fraction, now, stage

@@ -80,6 +80,17 @@ def test_a_wrong_prompt_is_relabeled_to_what_the_image_shows():
     assert "1 detection(s) with `shapes`" in message
 
 
+def test_the_relabel_shown_is_the_one_an_ipr_run_trains_on_unless_options_are_unticked():
+    # A blue circle above a red one, asked as two red circles: IPR's relabel names both colours and
+    # where the two circles are; with every option unticked the bare relabel drops the mixed colours.
+    image = scene_image(("circle", "blue", 32, 16), ("circle", "red", 32, 48))
+    *_, relabeled, _verdict, _message = inspect.inspect_image(image, "two red circles", "shapes")
+    assert "blue circle" in relabeled and "red circle" in relabeled and "above" in relabeled
+    *_, bare, _verdict, _message = inspect.inspect_image(image, "two red circles", "shapes", options=[])
+    assert bare == "two circles"
+    assert inspect.ipr_relabel_options() == ["one clause per colour of a class", "say where two single objects are"]
+
+
 def test_inspecting_names_each_stage_while_it_works():
     shown = []
     inspect.inspect_image(scene_image(("circle", "red", 32, 32)), "a red circle", "shapes",

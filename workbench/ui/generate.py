@@ -112,8 +112,9 @@ def build_generate_tab(runner):
                                           elem_id="eval-table")
         with gr.Column(scale=3):
             status = gr.Markdown(elem_id="generate-status")
+            # An output only: without interactive=False the select event below makes Gradio offer uploads.
             gallery = gr.Gallery(label="Images", columns=4, height="auto", elem_id="generate-gallery",
-                                 object_fit="contain")
+                                 object_fit="contain", interactive=False)
             metadata = gr.JSON(label="Parameters of the selected image (embedded in the PNG)")
 
     # Adapters trained since the app was built appear whenever the list is opened.

@@ -34,6 +34,18 @@ DISPLAY_SIDE = 384
 MASK_ALPHA = 0.45  # masks shade the object; the box outline stays opaque
 PERCEPTION_ADVICE = "Try a smaller image, or free the memory other models or programs hold."
 SAVED_IMAGES_SHOWN = 120  # newest first; older ones stay on disk, and can be uploaded
+# The relabel's options (`relabel.relabel` keywords), as the tab names them.
+RELABEL_OPTIONS = {"one clause per colour of a class": "split_colors",
+                   "say where two single objects are": "say_relations",
+                   "keep the prompt's framing": "keep_framing"}
+
+
+def ipr_relabel_options() -> list[str]:
+    """The options an IPR run relabels with by default, so the tab shows the prompt IPR would train on."""
+    from pipelines.ipr import IPRConfig
+
+    defaults = IPRConfig()
+    return [label for label, keyword in RELABEL_OPTIONS.items() if getattr(defaults, keyword)]
 
 
 # --- perception backends -------------------------------------------------------------------------
@@ -235,11 +247,13 @@ def pick_saved(paths: list[str], index: int | None):
 
 
 def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto", box_threshold: float = 0.3,
-                  progress=gr.Progress()):
+                  options: list[str] | None = None, progress=gr.Progress()):
     """Detect, segment and relabel; returns the values of the tab's outputs, in order:
     annotated image, parsed scene, detected scene, word diff, relabeled prompt, verdict, message.
-    `progress` names each stage: real detectors and SAM take a while to load the first time."""
+    `options` are RELABEL_OPTIONS labels (None: IPR's defaults). `progress` names each stage: real
+    detectors and SAM take a while to load the first time."""
     empty = (None, None, None, None, "", "")
+    chosen = ipr_relabel_options() if options is None else options
     try:
         picture = as_image(image)
         if not prompt or not prompt.strip():
@@ -254,7 +268,8 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
         with out_of_memory_as_message(f"detecting objects with {name}", PERCEPTION_ADVICE):
             detections = list(detector.detect(picture, labels))
         result = relabel(prompt, [d.to_dict() for d in detections], picture.width, picture.height,
-                         box_threshold=float(box_threshold))
+                         box_threshold=float(box_threshold),
+                         **{keyword: label in chosen for label, keyword in RELABEL_OPTIONS.items()})
     except WorkbenchError as error:
         return (*empty, f"Cannot inspect: {error}")
 
@@ -312,6 +327,8 @@ def build_inspect_tab() -> None:
                                        info="auto: shapes for the shapes model, GroundingDINO otherwise")
                 threshold = gr.Slider(0.0, 0.95, value=0.3, step=0.05, label="Box threshold",
                                       info="detections scoring at or below it are ignored")
+            options = gr.CheckboxGroup(list(RELABEL_OPTIONS), value=ipr_relabel_options(), label="Relabel",
+                                       info="ticked as an IPR run relabels by default", elem_id="inspect-options")
             inspect_button = gr.Button("Detect & relabel", variant="primary", elem_id="inspect-button")
             message = gr.Markdown(elem_id="inspect-status")
         with gr.Column(scale=3):
@@ -333,5 +350,5 @@ def build_inspect_tab() -> None:
     refresh_saved.click(saved_gallery, None, [saved, saved_paths])
     saved.select(on_pick, [saved_paths], [image, prompt, model, message])
     image.upload(fill_from_metadata, image, [prompt, model])
-    inspect_button.click(inspect_image, [image, prompt, model, detector, threshold],
+    inspect_button.click(inspect_image, [image, prompt, model, detector, threshold, options],
                          [boxes, parsed, detected, diff, relabeled, verdict, message], api_name="inspect_relabel")

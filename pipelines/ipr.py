@@ -342,8 +342,9 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         samples.append({**item, "spec": result.spec, "detections": detections, "relabeled": result.prompt,
                         "changed": result.changed, "keep": keep, "unsure": bool(unsure), "reasons": reasons,
                         "weight": sample_weight(config.weighting, result.changed, detections, config.box_threshold)})
-        if i % 64 == 0:
-            stages(k, "relabel", i / len(images), f"{i}/{len(images)} images")
+        done = i + 1
+        if done % 64 == 0 or done == len(images):  # the last report says the stage finished
+            stages(k, "relabel", done / len(images), f"{done}/{len(images)} images")
     return samples
 
 

@@ -258,6 +258,19 @@ def test_samples_with_an_object_the_detector_is_unsure_of_are_not_trained_on():
     assert [s["keep"] for s in annotate(IPRConfig(min_confidence=0.0), items(), 0, SureFromPoint8(), stages)] == [True, True]
 
 
+def test_the_relabel_stage_reports_its_last_image_so_a_paused_run_does_not_show_zero_done():
+    from PIL import Image
+
+    from pipelines.ipr import Stages, annotate
+
+    reports = []
+    stages = Stages(lambda fraction, message: reports.append((fraction, message)), iterations=1, evaluate=False)
+    items = [{"id": str(i), "prompt": "two red circles", "pil": Image.new("RGB", (32, 32))} for i in range(3)]
+    annotate(IPRConfig(), items, 0, ScriptedDetector(), stages)
+    assert reports[-1][1] == "iteration 1/1: relabel: 3/3 images"
+    assert reports[-1][0] == pytest.approx((0.2 + 0.05) / 0.8)  # sampling and relabelling of one iteration done
+
+
 def test_keep_framing_writes_each_relabel_inside_its_prompts_framing():
     from PIL import Image
 

@@ -232,7 +232,7 @@ def build_review_tab(store: ReviewStore | None = None) -> gr.Dropdown:
             table = gr.Dataframe(samples_table([]), headers=TABLE_COLUMNS, interactive=False, wrap=True,
                                  max_height=600, label="Samples (click a row)", elem_id="review-table",
                                  datatype=["html"] + ["str"] * (len(TABLE_COLUMNS) - 1),
-                                 column_widths=["8%", "14%", "5%", "10%", "16%", "16%", "11%", "14%", "6%"])
+                                 column_widths=["9%", "11%", "7%", "12%", "15%", "15%", "10%", "14%", "7%"])
             accept_all = gr.Button("Accept all shown (pending ones)", elem_id="review-accept-all")
             with gr.Row():
                 export = gr.Button("Export reviewed run (imagefolder)", elem_id="review-export")

@@ -109,8 +109,7 @@ class Perception:
     @classmethod
     def load(cls, config: FineStageConfig) -> "Perception":
         from workbench.llm import get_llm
-        from workbench.perception.backends import check_all, check_backend, get_detector, get_segmenter, get_tagger
-        from workbench.perception.grounded_sam import GroundedSam
+        from workbench.perception.backends import check_all, check_backend, get_grounded_sam, get_tagger
 
         names = backend_names(config)
         # Everything missing in one message (the real defaults need four downloads), not one per rerun:
@@ -126,8 +125,7 @@ class Perception:
             problems.append(str(error))
         if problems:
             raise ModelNotAvailable("\n".join(problems))
-        return cls(llm, get_tagger(names["tagger"]),
-                   GroundedSam(get_detector(names["detector"]), get_segmenter(names["segmenter"])))
+        return cls(llm, get_tagger(names["tagger"]), get_grounded_sam(names["detector"], names["segmenter"]))
 
 
 @dataclass

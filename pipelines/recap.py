@@ -654,11 +654,6 @@ def load_config(out_dir: Path) -> RecapConfig:
     return RecapConfig.from_dict(json.loads(path.read_text()))
 
 
-def read_summary(out_dir: Path) -> dict | None:
-    path = Path(out_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -643,11 +643,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def read_summary(out_dir: Path) -> dict | None:
-    path = Path(out_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def finished_stages(out_dir: Path, config: SelmaConfig | None = None) -> dict[str, bool]:
     """Which stages of a run folder are done (for a UI deciding what *Continue* would still do)."""
     out_dir = Path(out_dir)

@@ -156,21 +156,18 @@ class AttentionCapture:
 
     Averaged over heads and layers: with `resolution` (a grid height, e.g. 8) only the layers running at that
     grid count; with None every cross-attention layer counts, each resized (bilinear) to the latent grid.
-    `before`/`after` are (images, tokens, h, w) arrays averaged over the sampling steps (UNet calls); with
-    `per_step`, `before_steps`/`after_steps` keep each step, (steps, images, tokens, h, w). Without it only
+    `before`/`after` are (images, tokens, h, w) arrays averaged over the sampling steps (UNet calls); only
     running sums are kept, since a real model's maps for every step would take hundreds of MB.
     """
 
     resolution: int | None = None
-    per_step: bool = False
     _step: int | None = field(default=None, repr=False)
     _layers: list = field(default_factory=list, repr=False)  # this step's [before sum, after sum, layer count]
-    _steps: list = field(default_factory=list, repr=False)  # finished steps' means (per_step only)
     _total: list = field(default_factory=list, repr=False)  # [sum of step means before, after, steps]
 
     def reset(self) -> None:
         """Forget earlier runs: `modulate` calls it, so a capture always holds one run's maps."""
-        self._step, self._layers, self._steps, self._total = None, [], [], []
+        self._step, self._layers, self._total = None, [], []
 
     def add(self, step: int, before: torch.Tensor, after: torch.Tensor) -> None:
         if step != self._step:
@@ -185,8 +182,6 @@ class AttentionCapture:
         if not self._layers:
             return
         means = (self._layers[0] / self._layers[2], self._layers[1] / self._layers[2])
-        if self.per_step:
-            self._steps.append(means)
         self._total = [means[0], means[1], 1] if not self._total else \
             [self._total[0] + means[0], self._total[1] + means[1], self._total[2] + 1]
         self._layers = []
@@ -205,20 +200,6 @@ class AttentionCapture:
     def after(self) -> np.ndarray:
         self._finished()
         return (self._total[1] / self._total[2]).numpy()
-
-    @property
-    def before_steps(self) -> np.ndarray:
-        return self._per_step(0)
-
-    @property
-    def after_steps(self) -> np.ndarray:
-        return self._per_step(1)
-
-    def _per_step(self, which: int) -> np.ndarray:
-        if not self.per_step:
-            raise ValueError("per-step maps were not kept: capture with AttentionCapture(per_step=True)")
-        self._finished()
-        return np.stack([means[which].numpy() for means in self._steps])
 
 
 def attention_map_image(capture: AttentionCapture, tokens: dict[int, str], image: int = 0, cell: int = 48) -> Image.Image:

@@ -64,7 +64,6 @@ from workbench.store import bind_run_config, check_output_folder, write_json, wr
 
 CAPTION_MIXES = ("mix", "short", "long")  # the paper's short/long mix, or short or long captions only
 VARIANTS = {"base": "base", "alt_text": "alt-text", "recap": "RECAP"}  # summary key -> column title
-ROWS_PER_IMAGE = 2  # each image appears twice in both training sets; see recap_training_rows
 # The paper's short captions are brief, human-style ones that name what is there; its long ones add
 # attributes and layout. The shapes captioner's plain short mode states every colour, so with it every
 # training caption names a colour, and a model fine-tuned on them draws nothing detectable for a prompt
@@ -522,7 +521,7 @@ def _place_image(source: Path, out: Path, file_name: str, index: int) -> str:
 def recap_training_rows(rows: list[dict], folder: Path, kind: str) -> list[dict]:
     """Trainer rows for one fine-tune: kind "alt" (the alt text), "mix", "short" or "long".
 
-    Every image gives ROWS_PER_IMAGE = 2 rows, so both fine-tunes draw the same images in the same
+    Every image gives two rows, so both fine-tunes draw the same images in the same
     order (the trainer's order depends on the seed and the row count alone). In the mix the two rows
     are the image's short and long caption: each time an image is drawn, one of the two with p = 0.5
     (the paper's mix), in exact halves over every epoch.

@@ -46,6 +46,25 @@ def test_type_a_prompt_click_generate_and_an_image_appears(tiny_sd, tmp_path):
         expect(page.locator("#inspect-prompt textarea")).to_have_value("a red circle above a blue square",
                                                                         timeout=20_000)
         expect(page.locator("#inspect-status")).to_contain_text("Picked")
+        # A small image fills the input box instead of showing at its own size: its drawn pixels (what
+        # differs from the box's corner) span more than twice its own width on the screen.
+        shown = page.locator("#inspect-image img").first
+        shown.wait_for(state="visible", timeout=20_000)
+        assert drawn_width(shown.screenshot()) > 2 * shown.evaluate("img => img.naturalWidth")
+
+
+def drawn_width(png: bytes) -> int:
+    """Width in screen pixels of what is drawn across the middle row of an element's screenshot (pixels
+    unlike the row's first; the middle row, since labels can overlap the element's top)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    row = pixels[pixels.shape[0] // 2]
+    columns = np.flatnonzero(np.abs(row - row[0]).max(axis=1) > 30)
+    return int(columns[-1] - columns[0] + 1) if columns.size else 0
 
 
 def test_a_missing_model_shows_a_clear_message_in_the_page(tmp_path):

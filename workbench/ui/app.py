@@ -18,6 +18,9 @@ from .runs import build_runs_tab
 from .train import build_train_tab, ipr_runs
 
 TITLE = "align-workbench"
+# The shapes model's 64 px images would show at their own size in the Inspect tab's input: fill the box,
+# with sharp pixels, as the detections beside it are shown.
+CSS = "#inspect-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 INTRO = ("Make text-to-image models follow their prompts: generate, inspect, relabel, fine-tune and "
          "compare. The default model is the embedded **shapes world**, which runs on a CPU.")
 
@@ -73,4 +76,4 @@ def launch(demo: gr.Blocks) -> None:
     allowed, blocked = served_paths()
     # Only the data folder (plus Gradio's own cache) is served; server name and port come from
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, as on Hugging Face Spaces.
-    demo.queue(default_concurrency_limit=4).launch(allowed_paths=allowed, blocked_paths=blocked)
+    demo.queue(default_concurrency_limit=4).launch(allowed_paths=allowed, blocked_paths=blocked, css=CSS)

@@ -576,8 +576,26 @@ def _object_phrase(clause: dict, vocabulary: Vocabulary, exact: bool) -> str:
     return said if exact else f"at least {said}"
 
 
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+def join_list(phrases: list[str]) -> str:
+    """"a, b and c" ("" for none)."""
+    if len(phrases) <= 1:
+        return "".join(phrases)
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def said_with_relations(include: list[dict], said: list[str], relation_words: Mapping[str, str]) -> list[str]:
+    """The parts of a sentence for a spec's include clauses, each already said (`said`): a positioned
+    clause with its target ("a circle left of a square"), any other clause alone unless a positioned
+    clause says it as its target."""
+    targets = {clause["position"][1] for clause in include if "position" in clause}
+    parts = []
+    for k, clause in enumerate(include):
+        if "position" in clause:
+            relation, target = clause["position"]
+            parts.append(f"{said[k]} {relation_words[relation]} {said[target]}")
+        elif k not in targets:
+            parts.append(said[k])
+    return parts
 
 
 def describe(spec: dict, vocabulary: Vocabulary | None = None) -> str:
@@ -590,18 +608,11 @@ def describe(spec: dict, vocabulary: Vocabulary | None = None) -> str:
     include = spec.get("include", [])
     exact = _exact_classes(spec)
     said = [_object_phrase(clause, vocabulary, clause["class"] in exact) for clause in include]
-    targets = {clause["position"][1] for clause in include if "position" in clause}
-    parts = []
-    for k, clause in enumerate(include):
-        if "position" in clause:
-            relation, target = clause["position"]
-            parts.append(f"{said[k]} {RELATION_WORDS[relation]} {said[target]}")
-        elif k not in targets:  # a target is said inside the part that points to it
-            parts.append(said[k])
+    parts = said_with_relations(include, said, RELATION_WORDS)
     included = _classes_of(include)
     absent = [f"no {vocabulary.plural(c['class'])}" for c in spec.get("exclude", [])
               if int(c["count"]) == 1 and c["class"] not in included]
-    text = _join(parts) if parts else ""
+    text = join_list(parts)
     if absent:  # each with its own "no": "with no dogs and cats" would include the cats
-        text = f"{text} with {_join(absent)}".strip()
+        text = f"{text} with {join_list(absent)}".strip()
     return text

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workbench.evaluation import relative_position
+from workbench.prompt_parser import join_list, said_with_relations
 from workbench.shapes.scene import Scene, ShapeObject
 from workbench.shapes.world import COLORS, COUNT_WORDS, OPPOSITE_RELATION, PLURALS, RELATIONS, SHAPES, article
 
@@ -48,12 +49,6 @@ def object_phrase(shape: str, color: str | None = None, count: int | None = 1, n
 def definite_phrase(shape: str, color: str | None, count: int) -> str:
     noun = shape if count == 1 else PLURALS.get(shape, shape + "s")
     return f"the {color} {noun}" if color else f"the {noun}"
-
-
-def join_list(phrases: list[str]) -> str:
-    if len(phrases) <= 1:
-        return "".join(phrases)
-    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
 # --- scene description -------------------------------------------------------------------------
@@ -304,15 +299,7 @@ def prompt_for_spec(spec: dict, relation_phrases: dict[str, str] | None = None, 
     phrases = relation_phrases or {r: r for r in RELATIONS}
     include = spec.get("include", [])
     said = [object_phrase(c["class"], c.get("color"), int(c.get("count", 1)), numerals) for c in include]
-    targets = {clause["position"][1] for clause in include if "position" in clause}
-    parts = []
-    for k, clause in enumerate(include):
-        if "position" in clause:
-            relation, target = clause["position"]
-            parts.append(f"{said[k]} {phrases[relation]} {said[target]}")
-        elif k not in targets:  # a target is said inside the part that points to it
-            parts.append(said[k])
-    return join_list(parts)
+    return join_list(said_with_relations(include, said, phrases))
 
 
 def caption_words() -> set[str]:

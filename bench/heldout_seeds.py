@@ -98,7 +98,7 @@ def main() -> None:
                    for name, spec in adapters.items()})
     if args.against not in scores:
         raise SystemExit(f"--against {args.against}: no such variant; choose one of {', '.join(scores)}")
-    print(f"\n| variant | " + " | ".join(TAGS) + f" | overall | gain over {args.against} [95% CI], p |")
+    print("\n| variant | " + " | ".join(TAGS) + f" | overall | gain over {args.against} [95% CI], p |")
     print("|---" * (len(TAGS) + 3) + "|")
     for name, summary in scores.items():
         print(row(name, summary, args.out / name, args.out / args.against))

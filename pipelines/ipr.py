@@ -44,7 +44,7 @@ from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_setting
 from workbench.config import get_settings
 from workbench.console import ConsoleProgress
 from workbench.errors import InvalidInput, WorkbenchError
-from workbench.store import bind_run_config, write_jsonl
+from workbench.store import bind_run_config, read_jsonl, write_jsonl
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.relabel import relabel
 from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
@@ -571,7 +571,7 @@ def relabel_summary(samples: list[dict]) -> str:
 
 def read_metrics(out_dir: Path) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
-    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    metrics = read_jsonl(path) if path.exists() else []
     base = Path(out_dir) / "eval-base" / "scores.json"
     if base.exists():
         scores = json.loads(base.read_text())

@@ -49,7 +49,7 @@ from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, check_run_settings
 from workbench.console import ConsoleProgress
 from workbench.errors import InvalidInput, WorkbenchError
 from workbench.memory import out_of_memory_as_message
-from workbench.store import bind_run_config, write_json
+from workbench.store import bind_run_config, read_jsonl, write_json
 from workbench.generation import LoraSpec
 from workbench.shapes.bench_prompts import training_prompts
 
@@ -423,7 +423,7 @@ def caption_reward_of_run(eval_dir: Path, config: ReFLConfig) -> float:
     cached = eval_dir / "caption_reward.json"
     if cached.exists():
         return json.loads(cached.read_text())["mean"]
-    rows = [json.loads(line) for line in (eval_dir / "verdicts.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(eval_dir / "verdicts.jsonl")
     reward = get_caption_reward("shapes" if config.model == "shapes" else "blip")
     scores = reward.score([Image.open(eval_dir / row["path"]).convert("RGB") for row in rows],
                           [row["prompt"] for row in rows])

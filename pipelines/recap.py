@@ -60,7 +60,7 @@ from workbench.errors import InvalidInput, JobCancelled, WorkbenchError
 from workbench.generation import LoraSpec, lora_weights_file
 from workbench.imagefolder import read_imagefolder
 from workbench.shapes.world import IMAGE_SIZE
-from workbench.store import bind_run_config, check_output_folder, write_json, write_jsonl
+from workbench.store import bind_run_config, check_output_folder, read_jsonl, write_json, write_jsonl
 
 CAPTION_MIXES = ("mix", "short", "long")  # the paper's short/long mix, or short or long captions only
 VARIANTS = {"base": "base", "alt_text": "alt-text", "recap": "RECAP"}  # summary key -> column title
@@ -651,10 +651,6 @@ def load_config(out_dir: Path) -> RecapConfig:
     if not path.exists() or json.loads(path.read_text()).get("kind") != "recap":
         raise InvalidInput(f"{out_dir} is not a RECAP run (no config.json of kind recap).")
     return RecapConfig.from_dict(json.loads(path.read_text()))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 

@@ -385,7 +385,7 @@ def add_lora(config: TrainConfig, unet, text_encoder) -> bool:
             try:
                 unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                                             target_modules=list(config.target_modules)))
-            except ValueError as error:  # peft: no module of the UNet has one of these names
+            except ValueError:  # peft: no module of the UNet has one of these names
                 raise InvalidInput(f"No UNet layer matches the target modules {', '.join(config.target_modules)}: "
                                    f"use a preset ({', '.join(TARGET_PRESETS)}) or names of the UNet's modules "
                                    f"(e.g. {', '.join(UNET_TARGETS)}).") from None

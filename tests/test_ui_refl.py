@@ -14,6 +14,7 @@ from workbench.errors import InvalidInput
 from workbench.job_kinds import JOB_KINDS, saved_config
 from workbench.jobs import JobStatus
 from workbench.ui import train, train_refl as tab
+from workbench.ui.train_runs import cancel_run
 
 from test_realign import caption_model, pretrain_data, tiny_refl  # noqa: F401 (fixtures)
 
@@ -153,7 +154,7 @@ def test_a_cancelled_run_continues_in_its_own_folder(runner, tiny_sd, caption_mo
         if len(history_steps(folder)) >= 2:
             break
         time.sleep(0.2)
-    assert "Cancelling" in tab.cancel_run(runner, job_id, None, "refl")
+    assert "Cancelling" in cancel_run(runner, job_id, None, "refl")
     assert runner.wait(job_id, timeout=120).status is JobStatus.CANCELLED
     done = history_steps(folder)
     assert 2 <= len(done) < 60 and not (folder / "adapter" / "done").exists()
@@ -167,7 +168,7 @@ def test_a_cancelled_run_continues_in_its_own_folder(runner, tiny_sd, caption_mo
     assert history_steps(folder) == list(range(1, 61))  # each step once: the stop checkpointed its step
     assert (folder / "adapter" / "done").exists()
     assert train.latest_job_for(runner, job_id, None, "refl").id == resumed
-    assert tab.cancel_run(runner, job_id, None, "refl").startswith("Nothing to cancel")
+    assert cancel_run(runner, job_id, None, "refl").startswith("Nothing to cancel")
 
 
 def test_only_a_refl_run_can_be_continued_as_one(tmp_path):

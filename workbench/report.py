@@ -26,6 +26,7 @@ from .compare import RESULT_FILE, accuracy_table, difference_table, load_result,
 from .config import get_settings
 from .errors import InvalidInput
 from .history import adapters_label
+from .store import read_jsonl
 
 STYLE = """
 .wb-report { font-family: system-ui, sans-serif; color: #1f2328; }
@@ -59,17 +60,13 @@ def resolve_folder(run_id: str | Path) -> Path:
     raise InvalidInput(f"No run or evaluation '{run_id}': give a folder, or the name of one under {named.parent}.")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _eval_variant(eval_dir: Path, folder: Path, v: int, label: str | None = None) -> tuple[dict, list[dict]]:
     """A benchmark folder (scores.json, verdicts.jsonl) as one variant, paths relative to `folder`."""
     scores = json.loads((eval_dir / "scores.json").read_text())
     loras = scores.get("config", {}).get("loras", [])
     label = label or adapters_label(loras)
     rows = []
-    for row in _read_jsonl(eval_dir / "verdicts.jsonl"):
+    for row in read_jsonl(eval_dir / "verdicts.jsonl"):
         requirements = {key[3:]: value for key, value in row.items() if key.startswith("ok_")}
         rows.append({"variant": v, "label": label, "index": row["index"], "tag": row["tag"], "prompt": row["prompt"],
                      "seed": row["seed"], "path": str((eval_dir / row["path"]).relative_to(folder)),

@@ -270,6 +270,12 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file the workbench wrote (write_jsonl, an evaluation's verdicts); blank lines
+    are skipped. Files a user gives are read by validating readers (imagefolder, evaluation, reviews)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write one JSON object per line, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)

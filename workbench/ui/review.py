@@ -30,6 +30,7 @@ from ..reviews import (
     load_samples,
     with_reviews,
 )
+from ..store import read_jsonl
 from .inspect import DIFF_COLORS, annotated, word_diff
 
 TABLE_COLUMNS = ["image", "id", "iter", "status", "original", "relabeled", "edit", "reasons", "kept"]
@@ -202,7 +203,7 @@ def export_run(store: ReviewStore, run_id) -> str:
         out = export_imagefolder(run_dir, run_id, store, run_dir / EXPORT_FOLDER)
     except WorkbenchError as error:
         return f"Not exported: {error}"
-    ids = [json.loads(line)["id"] for line in (out / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    ids = [row["id"] for row in read_jsonl(out / "metadata.jsonl")]
     reviews = store.get_all(str(run_id))
     checked = sum(1 for sample_id in ids if sample_id in reviews)
     return (f"Exported {len(ids)} image(s) with their prompts to `{out}` (Hugging Face imagefolder: "

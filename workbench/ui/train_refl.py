@@ -17,7 +17,6 @@ from ..datasets import imagefolder
 from ..errors import InvalidInput
 from ..registry import resolve
 from ..jobs import JobRunner
-from .train_runs import cancel_run  # noqa: F401 (this section's cancel, as its tests call it)
 from .train_runs import (model_picker, number, optional_number, read_json, run_and_config, run_controls,
                          run_folder, runs_of_kind, starter, status_and_log)
 

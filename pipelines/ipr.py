@@ -333,19 +333,25 @@ def annotate(config: IPRConfig, images: list[dict], k: int, detector, stages: St
         result = relabel(item["prompt"], detections, image.width, image.height, box_threshold=config.box_threshold,
                          split_colors=config.split_colors, say_relations=config.say_relations,
                          keep_framing=config.keep_framing)
-        keep, reasons = result.keep, result.reasons
-        unsure = unsure_detections(detections, config.box_threshold, min_confidence) if keep else []
-        if unsure:
-            keep = False
-            reasons = reasons + [f"the detector is unsure of a {unsure[0]['label']} (score {unsure[0]['score']:.2f} < "
-                                 f"{min_confidence}): not trained on"]
+        keep, unsure, reasons = training_verdict(result, detections, config.box_threshold, min_confidence)
         samples.append({**item, "spec": result.spec, "detections": detections, "relabeled": result.prompt,
-                        "changed": result.changed, "keep": keep, "unsure": bool(unsure), "reasons": reasons,
+                        "changed": result.changed, "keep": keep, "unsure": unsure, "reasons": reasons,
                         "weight": sample_weight(config.weighting, result.changed, detections, config.box_threshold)})
         done = i + 1
         if done % 64 == 0 or done == len(images):  # the last report says the stage finished
             stages(k, "relabel", done / len(images), f"{done}/{len(images)} images")
     return samples
+
+
+def training_verdict(result, detections: list[dict], box_threshold: float,
+                     min_confidence: float) -> tuple[bool, bool, list[str]]:
+    """(keep, unsure, reasons) of one relabeled sample: the relabel's keep (something asked for was
+    found), unless the detector is unsure of an object it calls, which IPR does not train on."""
+    unsure = unsure_detections(detections, box_threshold, min_confidence) if result.keep else []
+    if not unsure:
+        return result.keep, False, list(result.reasons)
+    return False, True, [*result.reasons, f"the detector is unsure of a {unsure[0]['label']} "
+                                          f"(score {unsure[0]['score']:.2f} < {min_confidence}): not trained on"]
 
 
 def confidence_bar(detector, min_confidence: float | None = None) -> float:

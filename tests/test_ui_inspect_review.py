@@ -91,6 +91,20 @@ def test_the_relabel_shown_is_the_one_an_ipr_run_trains_on_unless_options_are_un
     assert inspect.ipr_relabel_options() == ["one clause per colour of a class", "say where two single objects are"]
 
 
+def test_a_sample_ipr_would_leave_out_as_unsure_is_shown_as_not_kept(monkeypatch):
+    class UnsureOfTheSquare:  # as the shapes detector: sure from 0.9
+        confident_score = 0.9
+
+        def detect(self, image, labels=None):
+            return [Detection("circle", (10, 10, 30, 30), 0.99, "red"), Detection("square", (34, 10, 54, 30), 0.6, "blue")]
+
+    monkeypatch.setattr(inspect, "_detector", lambda name: UnsureOfTheSquare())
+    image = scene_image(("circle", "red", 20, 20), ("square", "blue", 44, 20))
+    *_, verdict, _message = inspect.inspect_image(image, "a red circle and a blue square", "shapes")
+    assert "not kept for training" in verdict
+    assert "the detector is unsure of a square (score 0.60 < 0.9): not trained on" in verdict
+
+
 def test_inspecting_names_each_stage_while_it_works():
     shown = []
     inspect.inspect_image(scene_image(("circle", "red", 32, 32)), "a red circle", "shapes",

@@ -17,6 +17,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.ipr import IPRConfig, confidence_bar, training_verdict
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
 from ..generation import METADATA_KEY, GenerationRequest, generate
@@ -42,8 +43,6 @@ RELABEL_OPTIONS = {"one clause per colour of a class": "split_colors",
 
 def ipr_relabel_options() -> list[str]:
     """The options an IPR run relabels with by default, so the tab shows the prompt IPR would train on."""
-    from pipelines.ipr import IPRConfig
-
     defaults = IPRConfig()
     return [label for label, keyword in RELABEL_OPTIONS.items() if getattr(defaults, keyword)]
 
@@ -267,9 +266,11 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
         labels = None if name == "shapes" else _classes(spec)
         with out_of_memory_as_message(f"detecting objects with {name}", PERCEPTION_ADVICE):
             detections = list(detector.detect(picture, labels))
-        result = relabel(prompt, [d.to_dict() for d in detections], picture.width, picture.height,
-                         box_threshold=float(box_threshold),
+        found = [d.to_dict() for d in detections]
+        result = relabel(prompt, found, picture.width, picture.height, box_threshold=float(box_threshold),
                          **{keyword: label in chosen for label, keyword in RELABEL_OPTIONS.items()})
+        # As an IPR run decides: not trained on when the detector is unsure of an object it calls.
+        keep, _unsure, reasons = training_verdict(result, found, float(box_threshold), confidence_bar(detector))
     except WorkbenchError as error:
         return (*empty, f"Cannot inspect: {error}")
 
@@ -286,8 +287,8 @@ def inspect_image(image, prompt: str, model: str, detector_choice: str = "auto",
     kept = sum(d.score > box_threshold for d in detections)
     verdict = "\n".join([
         f"**{'Changed' if result.changed else 'Unchanged'}**, "
-        f"{'kept for training' if result.keep else 'not kept for training'}.",
-        *(f"- {reason}" for reason in result.reasons),
+        f"{'kept for training' if keep else 'not kept for training'}.",
+        *(f"- {reason}" for reason in reasons),
     ])
     message = f"{len(detections)} detection(s) with `{name}`, {kept} above {box_threshold:.2f} (kept by the relabel)."
     if notes:

@@ -51,8 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.trainer import (TRANSFORMER_TARGETS, UNET_TARGETS, add_target_modules_argument, parse_target_modules,
-                               refuse_settings_with_resume)
+from pipelines.trainer import (TRANSFORMER_TARGETS, UNET_TARGETS, UNTRAINED_UNET_NEEDS_TEXT_ENCODER,
+                               add_target_modules_argument, parse_target_modules, refuse_settings_with_resume)
 from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_settings, detector_name, format_scores,
                                  run_benchmark)
 from workbench.console import ConsoleProgress
@@ -72,7 +72,7 @@ VARIANTS = {"base": "base", "alt_text": "alt-text", "recap": "RECAP"}  # summary
 # circles and a square") leaves colours to the long caption.
 CAPTIONER_OPTIONS = {"shapes": {"brief_short": True}}
 # Settings added after older runs were saved, with the value those runs had, so they stay resumable.
-IMPLIED_SETTINGS = {"inline_pairs": False, "target_modules": list(UNET_TARGETS)}
+IMPLIED_SETTINGS = {"inline_pairs": False, "target_modules": list(UNET_TARGETS), "train_unet": True}
 
 
 @dataclass
@@ -114,6 +114,9 @@ class RecapConfig:
     target_modules: list[str] = field(default_factory=lambda: list(TRANSFORMER_TARGETS))
     # Kept frozen: the shapes text encoder fine-tuned along (lr 5e-4) forgot two-object prompts.
     train_text_encoder: bool = False
+    # False (with train_text_encoder and a LoRA; not in the paper): both fine-tunes adapt the text
+    # encoder only, and the UNet stays the base model's, as IPR's and SELMA's text-encoder adapters.
+    train_unet: bool = True
     steps: int = 2500
     batch_size: int = 32
     lr: float = 5e-4
@@ -134,6 +137,7 @@ class RecapConfig:
             (self.captions in CAPTION_MIXES, f"Unknown caption choice '{self.captions}'; use one of "
                                              f"{', '.join(CAPTION_MIXES)}."),
             (self.steps >= 1 and self.batch_size >= 1, "Training needs at least one step and a batch of at least one."),
+            (self.train_unet or (self.lora and self.train_text_encoder), UNTRAINED_UNET_NEEDS_TEXT_ENCODER),
             (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
             (bool(self.text_field.strip()), "Name the metadata field that holds the alt text (text_field)."),
         ]
@@ -544,7 +548,7 @@ def fine_tune(config: RecapConfig, rows: list[dict], folder: Path, stage: str, s
     write_jsonl(folder / "train" / "metadata.jsonl", rows)
     train_config = TrainConfig(model=config.model, data=[str(folder / "train")], out=str(adapter), lora=config.lora,
                                rank=config.rank, alpha=config.alpha, target_modules=tuple(config.target_modules),
-                               train_text_encoder=config.train_text_encoder,
+                               train_text_encoder=config.train_text_encoder, train_unet=config.train_unet,
                                steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                prompt_dropout=config.prompt_dropout, seed=config.seed)
     outcome = train(train_config, on_progress=lambda f, m: stages(stage, f, m), should_stop=should_stop)
@@ -685,7 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "square') instead of a clause after the list (default on)")
     run.add_argument("--rank", type=int, default=d.rank)
     add_target_modules_argument(run, d.target_modules)
-    run.add_argument("--train-text-encoder", action="store_true")
+    run.add_argument("--train-text-encoder", action="store_true", help="a LoRA on the text encoder too")
+    run.add_argument("--no-train-unet", dest="train_unet", action="store_false",
+                     help="with --train-text-encoder: LoRAs on the text encoder only; the UNet stays the base model's")
     run.add_argument("--steps", type=int, default=d.steps, help="training steps of each fine-tune")
     run.add_argument("--batch-size", type=int, default=d.batch_size)
     run.add_argument("--lr", type=float, default=d.lr)
@@ -752,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                                      inline_pairs=args.inline_pairs, lora=not args.full,
                                      rank=args.rank, alpha=float(args.rank),
                                      target_modules=list(parse_target_modules(args.target_modules)),
-                                     train_text_encoder=args.train_text_encoder,
+                                     train_text_encoder=args.train_text_encoder, train_unet=args.train_unet,
                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                      prompt_dropout=args.prompt_dropout, seed=args.seed, detector=args.detector,
                                      eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds)

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from pipelines.recap import RecapConfig, format_table, main as recap_main, read_jsonl, run_recap
+from pipelines.recap import RecapConfig, format_table, main as recap_main, run_recap
 from workbench.errors import InvalidInput, JobCancelled, ModelNotAvailable
 from workbench.generation import lora_weights_file
+from workbench.store import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -148,6 +149,20 @@ def test_both_fine_tunes_adapt_the_layers_asked_for(tiny_sd, eval_prompts, tmp_p
         with safe_open(str(adapter / "pytorch_lora_weights.safetensors"), "pt") as weights:
             layers = {key.split(".lora")[0].rsplit(".", 1)[-1] for key in weights.keys()}
         assert {"to_q", "proj_in", "2"} <= layers  # attention, the 1x1 projections and ff.net.2
+
+
+def test_text_encoder_only_fine_tunes_leave_the_unet_as_the_base_models(tiny_sd, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert recap_main(["run", "--model", str(tiny_sd), "--images", "4", "--steps", "2", "--batch-size", "2",
+                       "--eval-seeds", "0", "--train-text-encoder", "--no-train-unet", "--out", str(out)]) == 0
+    for folder in ("alt-text", "recap"):
+        keys = load_file(out / folder / "adapter" / "pytorch_lora_weights.safetensors").keys()
+        assert keys and all(key.startswith("text_encoder.") for key in keys)
+    assert recap_main(["run", "--model", str(tiny_sd), "--no-train-unet", "--out", str(tmp_path / "bad")]) == 2
+    assert "needs a LoRA on the text encoder" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):

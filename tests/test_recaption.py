@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.recap import make_shapes_dataset, read_jsonl, recap_training_rows, recaption
+from pipelines.recap import make_shapes_dataset, recap_training_rows, recaption
 from pipelines.trainer import read_rows
 from workbench.errors import InvalidInput, ModelNotAvailable
 from workbench.perception import backends
@@ -16,6 +16,7 @@ from workbench.shapes.captions import AltTextNoise, brief_caption, long_caption
 from workbench.shapes.render import render
 from workbench.shapes.scene import Scene, ShapeObject
 from workbench.shapes.world import COLORS, OPPOSITE_RELATION
+from workbench.store import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -35,10 +35,10 @@ SELMA_GOOD = ["shapes", "", "auto", ["counting", "spatial"], 150, 0.8, 3, 400, 8
 SELMA_NAMES = ["model", "image_model", "llm", "skills", "prompts", "rouge", "samples", "steps", "rank", "lr", "merge",
                "eval_seeds", "eval_experts", "image_check", "text_encoder", "layers", "unet"]
 # model, data, images, captioner, captions, steps, rank, lr, prompt dropout, LoRA/Full, eval seeds, inline pairs,
-# adapted layers
-RECAP_GOOD = ["shapes", None, 2000, "auto", "mix", 700, 64, 1e-3, 0.14, "LoRA", 4, False, None]
+# adapted layers, skip unreadable, text encoder, UNet: the order of the RECAP section's inputs
+RECAP_GOOD = ["shapes", None, 2000, "auto", "mix", 700, 64, 1e-3, 0.14, "LoRA", 4, False, None, False, False, True]
 RECAP_NAMES = ["model", "data", "images", "captioner", "captions", "steps", "rank", "lr", "dropout", "method",
-               "eval_seeds", "inline_pairs", "layers"]
+               "eval_seeds", "inline_pairs", "layers", "skip_unreadable", "text_encoder", "unet"]
 
 
 def with_changes(good, names, **changes) -> list:
@@ -112,6 +112,17 @@ def test_selma_text_encoder_experts_leave_the_unet_untrained(runner):
                                                                      unet=False))
     config = SelmaConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
     assert (config.train_text_encoder, config.train_unet) == (True, False)
+
+
+def test_recap_text_encoder_fine_tunes_leave_the_unet_untrained(runner):
+    runner.register("recap", lambda params, ctx: {"params": params})
+    _, job_id, _ = train_recap.start_recap_run(runner, *with_changes(RECAP_GOOD, RECAP_NAMES, text_encoder=True,
+                                                                     unet=False))
+    config = RecapConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
+    assert (config.train_text_encoder, config.train_unet) == (True, False)
+    _, default_job, _ = train_recap.start_recap_run(runner, *RECAP_GOOD)
+    config = RecapConfig.from_dict(runner.wait(default_job, timeout=30).outputs["params"])
+    assert (config.train_text_encoder, config.train_unet) == (False, True)  # RECAP's defaults
 
 
 def test_the_adapted_layers_chosen_reach_the_selma_and_recap_runs(runner):
@@ -204,6 +215,7 @@ def make_imagefolder(folder):
     ({"dropout": 1.0}, "prompt_dropout must be in [0, 1)"),
     ({"layers": "everything"}, "Unknown choice of adapted layers 'everything'"),
     ({"captioner": "blip2"}, "hf download Salesforce/blip2"),  # its weights are not here: said before any work
+    ({"unet": False}, "needs a LoRA on the text encoder"),
 ])
 def test_bad_recap_settings_are_refused_with_a_message(runner, changes, words):
     run, job, message = train_recap.start_recap_run(runner, *with_changes(RECAP_GOOD, RECAP_NAMES, **changes))

@@ -106,7 +106,8 @@ def recap_status(runner: JobRunner, run, job_id):
 
 def recap_config(model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
                  eval_seeds, inline_pairs=RecapConfig.inline_pairs, adapted_layers=None,
-                 skip_unreadable=False) -> RecapConfig:
+                 skip_unreadable=False, train_text_encoder=RecapConfig.train_text_encoder,
+                 train_unet=RecapConfig.train_unet) -> RecapConfig:
     """The section's settings as a validated RecapConfig; InvalidInput says what is wrong."""
     resolve(model)  # an unknown model is refused now, not when the job starts
     rank, lr = number(rank, "LoRA rank"), number(lr, "Learning rate", float)
@@ -119,7 +120,8 @@ def recap_config(model, data, images, captioner, captions, steps, rank, lr, prom
                          prompt_dropout=number(prompt_dropout, "Prompt dropout", float), lora=method == "LoRA",
                          eval_seeds=number(eval_seeds, "ShapesBench seeds"), inline_pairs=bool(inline_pairs),
                          target_modules=target_modules(adapted_layers, RecapConfig().target_modules),
-                         skip_unreadable=bool(skip_unreadable))
+                         skip_unreadable=bool(skip_unreadable), train_text_encoder=bool(train_text_encoder),
+                         train_unet=bool(train_unet))
     config.validate()
     return config
 
@@ -154,6 +156,10 @@ def build_recap_section(runner: JobRunner):
             steps = gr.Number(defaults.steps, label="Training steps (each fine-tune)", precision=0)
             rank = gr.Number(defaults.rank, label="LoRA rank", precision=0)
             adapted_layers = adapted_layers_picker(defaults.target_modules)
+            train_text_encoder = gr.Checkbox(defaults.train_text_encoder, label="LoRA on the text encoder too")
+            train_unet = gr.Checkbox(defaults.train_unet, label="LoRA on the UNet",
+                                     info="off (with the text encoder on): both fine-tunes adapt the text encoder "
+                                          "only; the UNet stays the base model's")
             lr = gr.Number(defaults.lr, label="Learning rate")
             prompt_dropout = gr.Number(defaults.prompt_dropout, label="Prompt dropout (the paper: 0.14)")
             method = gr.Radio(["LoRA", "Full"], value="LoRA", label="Fine-tuning")
@@ -161,7 +167,8 @@ def build_recap_section(runner: JobRunner):
                                    precision=0)
     controls = run_controls(runner, KIND, "RECAP", start_recap_run,
                             [model, data, images, captioner, captions, steps, rank, lr, prompt_dropout, method,
-                             eval_seeds, inline_pairs, adapted_layers, skip_unreadable], "recap-status")
+                             eval_seeds, inline_pairs, adapted_layers, skip_unreadable, train_text_encoder,
+                             train_unet], "recap-status")
     table = gr.Dataframe(pd.DataFrame(columns=["tag", *EVALUATIONS, DELTA]), interactive=False,
                          label="ShapesBench accuracy (%) per tag: base vs alt-text vs RECAP fine-tune")
     adapters = gr.Markdown(elem_id="recap-adapters")

@@ -106,23 +106,18 @@ def test_good_selma_settings_submit_a_selma_job(runner):
     assert config.train_unet is True  # the section's default
 
 
-def test_selma_text_encoder_experts_leave_the_unet_untrained(runner):
-    runner.register("selma", lambda params, ctx: {"params": params})
-    _, job_id, _ = train_selma.start_selma_run(runner, *with_changes(SELMA_GOOD, SELMA_NAMES, text_encoder=True,
-                                                                     unet=False))
-    config = SelmaConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
+@pytest.mark.parametrize("kind, start, good, names, config_class", [
+    ("selma", train_selma.start_selma_run, SELMA_GOOD, SELMA_NAMES, SelmaConfig),
+    ("recap", train_recap.start_recap_run, RECAP_GOOD, RECAP_NAMES, RecapConfig),
+])
+def test_text_encoder_adapters_alone_leave_the_unet_untrained(runner, kind, start, good, names, config_class):
+    runner.register(kind, lambda params, ctx: {"params": params})
+    _, job_id, _ = start(runner, *with_changes(good, names, text_encoder=True, unet=False))
+    config = config_class.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
     assert (config.train_text_encoder, config.train_unet) == (True, False)
-
-
-def test_recap_text_encoder_fine_tunes_leave_the_unet_untrained(runner):
-    runner.register("recap", lambda params, ctx: {"params": params})
-    _, job_id, _ = train_recap.start_recap_run(runner, *with_changes(RECAP_GOOD, RECAP_NAMES, text_encoder=True,
-                                                                     unet=False))
-    config = RecapConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
-    assert (config.train_text_encoder, config.train_unet) == (True, False)
-    _, default_job, _ = train_recap.start_recap_run(runner, *RECAP_GOOD)
-    config = RecapConfig.from_dict(runner.wait(default_job, timeout=30).outputs["params"])
-    assert (config.train_text_encoder, config.train_unet) == (False, True)  # RECAP's defaults
+    _, default_job, _ = start(runner, *good)
+    config = config_class.from_dict(runner.wait(default_job, timeout=30).outputs["params"])
+    assert (config.train_text_encoder, config.train_unet) == (False, True)  # the methods' defaults
 
 
 def test_the_adapted_layers_chosen_reach_the_selma_and_recap_runs(runner):

@@ -89,8 +89,7 @@ def backend_names(config: FineStageConfig) -> dict[str, str]:
     from workbench.perception.backends import default_real_tagger
     from workbench.registry import resolve
 
-    shapes = resolve(config.model).name == "shapes"
-    if shapes:
+    if resolve(config.model).world == "shapes":
         defaults = {"llm": "shapes", "tagger": "shapes", "detector": "shapes", "segmenter": "shapes"}
     else:
         defaults = {"llm": "transformers", "tagger": config.tagger or default_real_tagger(),

@@ -754,26 +754,31 @@ def _train(config: TrainConfig, rows: Rows, entry, out: Path, accelerator, on_pr
     else:
         result["unet"], result["pipeline"] = str(out / "unet"), str(out / "pipeline")
         if main:
-            _save_full(entry.source, out, unwrap(model), unwrap(te_model) if config.train_text_encoder else None)
+            _save_full(entry, out, unwrap(model), unwrap(te_model) if config.train_text_encoder else None)
     accelerator.wait_for_everyone()
     if main:
         _log(f"trainer: done, {done} steps, loss {loss_value:.4f}, {seconds():.1f}s, output in {out}")
     return result
 
 
-def _save_full(source: str, out: Path, unet, text_encoder) -> None:
-    """out/unet (and out/text_encoder), plus out/pipeline: the source pipeline with the trained parts."""
+def _save_full(entry, out: Path, unet, text_encoder) -> None:
+    """out/unet (and out/text_encoder), plus out/pipeline: the source pipeline with the trained parts,
+    which names the model it came from (it samples with that model's defaults, in its world)."""
     from diffusers import StableDiffusionPipeline
 
-    unet = unet.to(torch.float32)
+    from workbench.registry import write_fine_tune_origin
+
+    # Saved in float32 whatever the training precision (cast only when needed: diffusers warns on every cast).
+    unet = unet if unet.dtype == torch.float32 else unet.to(torch.float32)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     parts = {"unet": unet}
     if text_encoder is not None:
-        text_encoder = text_encoder.to(torch.float32)
+        text_encoder = text_encoder if text_encoder.dtype == torch.float32 else text_encoder.to(torch.float32)
         text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
         parts["text_encoder"] = text_encoder
-    pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **parts)
+    pipe = StableDiffusionPipeline.from_pretrained(entry.source, local_files_only=True, **parts)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    write_fine_tune_origin(out / "pipeline", entry)
 
 
 def _version(package: str) -> str:

@@ -240,3 +240,56 @@ def test_the_tab_says_how_sure_each_variants_difference_from_the_base_is(data_di
     assert cells.loc["position", "fixed − base"].startswith("+100.0 [+100.0, +100.0]")
     assert cells.loc["overall", "fixed − base"].startswith("+50.0")
     assert cells.loc["overall", "same − base"] == "+0.0 [+0.0, +0.0] p=1"
+
+
+def fine_tune_of(tiny_sd, folder, scale: float):
+    """A full fine-tune's exported pipeline: the tiny model's folder with its UNet's output layer scaled."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from workbench.registry import resolve, write_fine_tune_origin
+
+    shutil.copytree(tiny_sd, folder)
+    weights_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    weights["conv_out.weight"] = weights["conv_out.weight"] * scale
+    save_file(weights, weights_file)
+    write_fine_tune_origin(folder, resolve(str(tiny_sd)))
+    return folder
+
+
+def test_a_full_fine_tune_is_a_variant_drawn_in_place_of_the_base_model(tiny_sd, tiny_lora, data_dir):
+    from workbench.ui.adapters import adapter_choices, model_choices
+    from workbench.ui.compare import build_config, variants_with
+
+    # A RECAP run whose fine-tune was full: its exported pipeline is offered beside the LoRAs, and as a model.
+    run = data_dir / "runs" / "recap-full"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"kind": "recap"}))
+    tuned = fine_tune_of(tiny_sd, run / "recap" / "adapter" / "pipeline", scale=3.0)
+    same = fine_tune_of(tiny_sd, data_dir / "runs" / "copy" / "pipeline", scale=1.0)
+    label = "RECAP recap-full · RECAP fine-tune (full fine-tune)"
+    assert dict(adapter_choices(joined=True))[label] == str(tuned)
+    assert label not in dict(adapter_choices()), "the Generate tab's adapter list holds LoRAs only"
+    assert (label, str(tuned)) in model_choices() and "shapes" in model_choices()
+    assert variants_with("", str(tuned), 0.7) == str(tuned), "a full fine-tune has no weight"
+
+    text = f"{variants_with('', str(same), 1)}\n{tuned}\n{tuned} + {tiny_lora}:1"
+    config = build_config(str(tiny_sd), text, "Text", "two squares", "all", 1, None, 1, 2, "scripted")
+    assert [v.model for v in config.variants] == [None, str(same), str(tuned), str(tuned)]
+    assert [len(v.loras) for v in config.variants] == [0, 0, 0, 1]
+    labels = [v.label for v in config.variants]
+    assert labels[2] == "recap-full/recap (full)" and labels[3].startswith("recap-full/recap (full) + ")
+    with pytest.raises(InvalidInput, match="line 1 names 2 full fine-tunes"):
+        build_config(str(tiny_sd), f"{tuned} + {same}", "Text", "two squares", "all", 1, None, 1, 2, "scripted")
+
+    result = run_compare(config, data_dir / "runs" / "cmp")
+    out = data_dir / "runs" / "cmp"
+    by_variant = {row["variant"]: pixels(out, row) for row in result["rows"]}
+    assert np.array_equal(by_variant[0], by_variant[1]), "an unchanged copy of the model draws the base's images"
+    assert not np.array_equal(by_variant[0], by_variant[2]), "the fine-tuned weights draw other images"
+    assert not np.array_equal(by_variant[2], by_variant[3]), "a LoRA on top of the fine-tune changes them again"
+    assert read_png_metadata(out / result["rows"][2]["path"])["model"] == str(tuned.resolve())
+    assert list(history.load(source="compare")["model"]) == [str(tiny_sd), str(same), str(tuned), str(tuned)]
+    assert CompareConfig.from_dict(json.loads((out / "compare.json").read_text())["config"]).variants == config.variants

@@ -25,6 +25,32 @@ def test_registry_loads_local_sd_and_sdxl_through_the_same_path(tiny_sd, tiny_sd
     assert load_pipeline(str(tiny_sd)) is load_pipeline(str(tiny_sd)), "loaded pipelines are cached"
 
 
+def test_a_full_fine_tune_of_the_shapes_model_samples_and_is_scored_like_it(tiny_sd, tmp_path):
+    import shutil
+
+    from workbench.benchmark import BenchmarkConfig, detector_name
+    from workbench.registry import FINE_TUNE_FILE, write_fine_tune_origin
+    from workbench.skills import world_of
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(tiny_sd, folder)
+    plain = resolve(str(folder))
+    assert (plain.default_steps, plain.world, plain.base_model) == (30, "real", "")
+    write_fine_tune_origin(folder, resolve("shapes"))  # what the trainer writes beside a full fine-tune
+    entry = resolve(str(folder))
+    shapes = resolve("shapes")
+    assert (entry.default_steps, entry.default_guidance) == (shapes.default_steps, shapes.default_guidance)
+    assert entry.default_size == 32, "the size is still the folder's own"
+    assert entry.world == "shapes" and world_of(str(folder)) == "shapes"
+    assert "fine-tune of shapes" in entry.description
+    assert detector_name(BenchmarkConfig(model=str(folder))) == "shapes"
+    # A fine-tune of that fine-tune still names the registered model it all came from.
+    write_fine_tune_origin(tmp_path, entry)
+    assert '"shapes"' in (tmp_path / FINE_TUNE_FILE).read_text()
+    (folder / FINE_TUNE_FILE).write_text("{not json")  # a damaged note: the folder is a plain local model
+    assert resolve(str(folder)).default_steps == 30
+
+
 def test_builtin_names_resolve_to_hub_ids():
     assert resolve("sd15").source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert resolve("sd21").source == "stabilityai/stable-diffusion-2-1"

@@ -159,7 +159,9 @@ def test_full_fine_tune_exports_unet_and_a_pipeline_the_registry_loads(tiny_sd, 
     assert trained.keys() == original.keys()
     assert any(not torch.equal(trained[k], original[k]) for k in trained), "full fine-tune left the UNet unchanged"
     # The exported pipeline is a local model like any other: resolvable, loadable, and it draws differently.
+    # It names the model it came from (which, when registered, lends it its sampling defaults).
     assert resolve(str(out / "pipeline")).default_size == 32
+    assert json.loads((out / "pipeline" / "workbench_model.json").read_text()) == {"base_model": resolve(str(tiny_sd)).name}
     assert np.abs(generate_pixels(out / "pipeline", []).astype(int) - generate_pixels(tiny_sd, [])).max() > 0
 
 

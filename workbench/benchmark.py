@@ -77,7 +77,7 @@ def detector_name(config: BenchmarkConfig) -> str:
     """
     if config.detector:
         name = config.detector
-    elif resolve(config.model).name == "shapes":
+    elif resolve(config.model).world == "shapes":
         name = "shapes"
     else:
         name = "groundingdino+clip" if _asks_for_colour(config.prompts) else "groundingdino"

@@ -1,7 +1,8 @@
 """Compare a base model with aligned variants: same prompts, same seeds, every image scored.
 
-A variant is a label and the LoRA adapters (with weights) applied to the one model; the base model
-is the variant with none. Every variant draws every (prompt, seed) with the same CPU generator
+A variant is a label and the LoRA adapters (with weights) applied to the comparison's model, or to a
+full fine-tune of it (a pipeline folder the trainer exported); the base model is the variant with
+neither. Every variant samples with the comparison model's steps and guidance. Every variant draws every (prompt, seed) with the same CPU generator
 seeds, so the columns differ only by what the adapters change, and an adapter at weight 0 draws the
 base model's images. Each image gets GenEval's verdict from the benchmark's detector. The run
 folder holds `compare.json` (settings, per-variant per-tag scores, one row per image) and
@@ -23,6 +24,7 @@ from .errors import InvalidInput
 from .evaluation import Verdict, load_prompt_file, score_detections, summarize, validate_metadata
 from .generation import GenerationRequest, LoraSpec, generate_many, save_png
 from .history import adapters_label, record
+from .registry import check_model, resolve
 from .store import write_json
 
 MAX_VARIANTS = 8
@@ -35,18 +37,29 @@ RESULT_FILE = "compare.json"
 class Variant:
     label: str
     loras: list[LoraSpec] = field(default_factory=list)
+    model: str | None = None  # a full fine-tune's pipeline folder, drawn instead of the comparison's model
 
     @classmethod
-    def of(cls, loras: list[LoraSpec], label: str | None = None) -> "Variant":
-        """A variant named after its adapters unless a label is given ('base' when there are none)."""
-        return cls(label or adapters_label([lora.__dict__ for lora in loras]), list(loras))
+    def of(cls, loras: list[LoraSpec], label: str | None = None, model: str | None = None) -> "Variant":
+        """A variant named after its model and adapters unless a label is given ('base' when there are none)."""
+        if label is None:
+            names = [fine_tune_label(model)] if model else []
+            names += [adapters_label([lora.__dict__ for lora in loras])] if loras or not model else []
+            label = " + ".join(names)
+        return cls(label, list(loras), model)
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "loras": [lora.__dict__ for lora in self.loras]}
+        return {"label": self.label, "loras": [lora.__dict__ for lora in self.loras], "model": self.model}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Variant":
-        return cls(data["label"], [LoraSpec(**lora) for lora in data.get("loras", [])])
+        return cls(data["label"], [LoraSpec(**lora) for lora in data.get("loras", [])], data.get("model"))
+
+
+def fine_tune_label(folder: str) -> str:
+    """'<run>/recap (full)' for <run>/recap/adapter/pipeline: the folder names that say which fine-tune."""
+    parts = [part for part in Path(folder).parts if part not in ("pipeline", "adapter", "")]
+    return "/".join(parts[-2:]) + " (full)"
 
 
 @dataclass
@@ -91,8 +104,18 @@ class CompareConfig:
         if not 1 <= int(self.seeds) <= MAX_SEEDS:
             raise InvalidInput(f"Seeds per prompt must be between 1 and {MAX_SEEDS} (got {self.seeds}).")
         for variant in self.variants:  # adapters, steps, model: the generation service's own checks
-            GenerationRequest(self.prompts[0]["prompt"], model=self.model, seeds=[0], steps=self.steps,
-                              guidance=self.guidance, batch_size=self.batch_size, loras=variant.loras).validate()
+            GenerationRequest(self.prompts[0]["prompt"], model=variant.model or self.model, seeds=[0],
+                              steps=self.steps, guidance=self.guidance, batch_size=self.batch_size,
+                              loras=variant.loras).validate()
+            if variant.model is not None:
+                check_model(variant.model)
+
+    def sampling(self) -> tuple[int, float]:
+        """(steps, guidance) for every variant: the comparison model's own unless set, so that a full
+        fine-tune exported as a plain folder still samples like the model it is compared with."""
+        entry = resolve(self.model)
+        return (self.steps or entry.default_steps,
+                entry.default_guidance if self.guidance is None else self.guidance)
 
 
 # --- where prompts come from ------------------------------------------------------------------------
@@ -155,6 +178,7 @@ def run_compare(config: CompareConfig, out_dir: Path, on_progress: Callable[[flo
     detector = pick_detector(config.benchmark())
     out_dir = Path(out_dir)
     seeds = list(range(int(config.seeds)))
+    steps, guidance = config.sampling()
     started = time.time()
     variants, rows = [], []
     n = len(config.variants)
@@ -163,8 +187,8 @@ def run_compare(config: CompareConfig, out_dir: Path, on_progress: Callable[[flo
             if on_progress is not None:
                 on_progress((v + 0.9 * fraction) / n, f"{label}: {stage}")
 
-        requests = [GenerationRequest(r["prompt"], model=config.model, seeds=seeds, steps=config.steps,
-                                      guidance=config.guidance, batch_size=config.batch_size, loras=variant.loras)
+        requests = [GenerationRequest(r["prompt"], model=variant.model or config.model, seeds=seeds, steps=steps,
+                                      guidance=guidance, batch_size=config.batch_size, loras=variant.loras)
                     for r in config.prompts]
         results = generate_many(requests, on_progress=progress, should_stop=should_stop)
         progress(1.0, "scoring")
@@ -189,7 +213,7 @@ def run_compare(config: CompareConfig, out_dir: Path, on_progress: Callable[[flo
               "config": config.to_dict(), "variants": variants, "rows": rows}
     write_json(out_dir / RESULT_FILE, result)  # atomic: the Compare tab and reports read it
     for variant in variants:
-        record(model=config.model, adapters=variant["loras"], prompt_set=config.prompt_set, seeds=len(seeds),
+        record(model=variant["model"] or config.model, adapters=variant["loras"], prompt_set=config.prompt_set, seeds=len(seeds),
                per_tag=variant["per_tag"], overall=variant["overall"], images=variant["images"], source="compare",
                source_id=out_dir.name, folder=out_dir.resolve(), label=variant["label"])
     return result

@@ -36,10 +36,17 @@ class ModelEntry:
     default_steps: int = 30
     default_guidance: float = 7.5
     fetch_hint: str = ""  # how to get the weights when they are missing
+    base_model: str = ""  # the registered model a local full fine-tune was trained from ("shapes")
 
     @property
     def is_local(self) -> bool:
         return Path(self.source).is_absolute() or self.source.startswith(".")
+
+    @property
+    def world(self) -> str:
+        """'shapes' for the embedded shapes model and its fine-tunes (the shapes detector, captioner and
+        skills fit them), 'real' for every other model."""
+        return "shapes" if "shapes" in (self.name, self.base_model) else "real"
 
 
 def _hub_hint(repo_id: str) -> str:
@@ -80,6 +87,25 @@ def _family_from_index(model_index: Path) -> str:
     return "sdxl" if "XL" in class_name else "sd"
 
 
+# A full fine-tune's pipeline folder names the model it came from, so it samples with that model's steps
+# and guidance (a Compare column against its base differs only by the weights) and is scored in its world.
+FINE_TUNE_FILE = "workbench_model.json"
+
+
+def write_fine_tune_origin(pipeline_folder: Path, source: ModelEntry) -> None:
+    """Record in an exported pipeline which registered model it was fine-tuned from."""
+    origin = source.base_model or source.name
+    (Path(pipeline_folder) / FINE_TUNE_FILE).write_text(json.dumps({"base_model": origin}) + "\n")
+
+
+def _fine_tune_origin(folder: Path) -> ModelEntry | None:
+    try:
+        origin = json.loads((folder / FINE_TUNE_FILE).read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return BUILTIN_MODELS.get(origin) if isinstance(origin, str) else None
+
+
 def _native_size(folder: Path, fallback: int) -> int:
     """The image side the model was trained at: UNet sample size times the VAE's downscaling."""
     try:
@@ -103,9 +129,15 @@ def resolve(name_or_path: str) -> ModelEntry:
         if not index.is_file():
             raise InvalidInput(f"'{name}' is a folder but not a diffusers pipeline (no model_index.json).")
         family = _family_from_index(index)
+        hint = "Check that the folder holds every component listed in model_index.json."
+        origin = _fine_tune_origin(path)
+        if origin is not None:
+            return ModelEntry(str(path.resolve()), str(path.resolve()), family,
+                              f"Full fine-tune of {origin.name} ({path.resolve()})",
+                              default_size=_native_size(path, origin.default_size), default_steps=origin.default_steps,
+                              default_guidance=origin.default_guidance, fetch_hint=hint, base_model=origin.name)
         return ModelEntry(str(path.resolve()), str(path.resolve()), family, f"Local pipeline {path.name}",
-                          default_size=_native_size(path, 1024 if family == "sdxl" else 512),
-                          fetch_hint="Check that the folder holds every component listed in model_index.json.")
+                          default_size=_native_size(path, 1024 if family == "sdxl" else 512), fetch_hint=hint)
     if name.count("/") == 1 and not name.startswith(("/", ".", "~")) and " " not in name:
         family = "sdxl" if "xl" in name.lower() else "sd"
         return ModelEntry(name, name, family, f"Hub model {name}",

@@ -159,10 +159,10 @@ def builtin_skills(world: str) -> dict[str, Skill]:
 
 
 def world_of(model: str) -> str:
-    """'shapes' for the embedded shapes model, 'real' for every other model."""
+    """'shapes' for the embedded shapes model and its full fine-tunes, 'real' for every other model."""
     from workbench.registry import resolve
 
-    return "shapes" if resolve(model).name == "shapes" else "real"
+    return resolve(model).world
 
 
 # --- user skills ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Every folder holding `pytorch_lora_weights.safetensors` in assets/adapters/ or i
 its label names the method and run it came from and what it is (an IPR iteration, ReFL, a SELMA
 expert, SELMA's mixed-data LoRA or its fused merge, RECAP's alt-text or RECAP fine-tune). The Compare
 tab also offers each finished SELMA run's experts joined into one variant at the run's merge weights
-(1/n each by default): the authors' `set_adapters` inference, which the fused merge reproduces.
+(1/n each by default): the authors' `set_adapters` inference, which the fused merge reproduces; and
+every full fine-tune's exported pipeline (`.../adapter/pipeline`), drawn in place of the base model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,33 @@ def discover_adapters() -> list[str]:
     found = {str(path.parent) for root in roots if root.is_dir() for path in root.rglob(WEIGHTS_FILE)
              if "checkpoints" not in path.relative_to(root).parts}
     return sorted(found)
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    """A diffusers pipeline folder (a full fine-tune's export, or any local model), not a LoRA."""
+    folder = Path(str(path).strip()).expanduser()
+    return folder.is_dir() and (folder / "model_index.json").is_file()
+
+
+def discover_fine_tunes() -> list[str]:
+    """Pipelines that full fine-tunes in runs exported (`<out>/pipeline`), not the trainer's checkpoints."""
+    runs = get_settings().runs_dir
+    if not runs.is_dir():
+        return []
+    return sorted(str(index.parent) for index in runs.rglob("pipeline/model_index.json")
+                  if "checkpoints" not in index.relative_to(runs).parts)
+
+
+def fine_tune_label(path: str | Path) -> str:
+    """The label of the trainer's output folder (where a LoRA would have been), marked as a full fine-tune."""
+    return f"{adapter_label(Path(path).parent)} (full fine-tune)"
+
+
+def model_choices() -> list:
+    """The registered models, then each full fine-tune in the runs ((label, pipeline folder))."""
+    from ..registry import model_names
+
+    return model_names() + sorted((fine_tune_label(path), path) for path in discover_fine_tunes())
 
 
 def adapter_label(path: str | Path) -> str:
@@ -86,6 +114,9 @@ def selma_joined_variants() -> list[tuple[str, str]]:
 
 
 def adapter_choices(joined: bool = False) -> list[tuple[str, str]]:
-    """(label, path) of every adapter, by label; with `joined`, SELMA's joined experts too (value: a variant line)."""
+    """(label, path) of every adapter, by label; with `joined`, SELMA's joined experts (value: a variant
+    line) and the full fine-tunes (value: their pipeline folder) too, Compare's other kinds of variant."""
     choices = [(adapter_label(path), path) for path in discover_adapters()]
-    return sorted(choices + (selma_joined_variants() if joined else []))
+    if joined:
+        choices += selma_joined_variants() + [(fine_tune_label(path), path) for path in discover_fine_tunes()]
+    return sorted(choices)

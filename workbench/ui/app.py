@@ -9,6 +9,7 @@ from ..job_kinds import register_all
 from ..jobs import get_runner
 from .compare import build_compare_tab
 from .data import build_data_tab
+from .adapters import model_choices
 from .generate import build_generate_tab, model_defaults
 from .inspect import build_inspect_tab
 from .local_captions import build_local_captions_tab, past_runs
@@ -49,7 +50,8 @@ def build_app() -> gr.Blocks:
         with gr.Tab("Runs"):
             build_runs_tab(runner)
         demo.load(model_defaults, model, sliders + [model_info])
-        # Runs started since the app was built appear when the page is (re)loaded.
+        # Runs (and full fine-tunes) made since the app was built appear when the page is (re)loaded.
+        demo.load(lambda: gr.update(choices=model_choices()), None, model)
         demo.load(lambda: gr.update(choices=run_choices()), None, review_run)
         demo.load(lambda: gr.update(choices=ipr_runs()), None, train_run)
         demo.load(*compare_refresh)

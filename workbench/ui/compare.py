@@ -20,10 +20,10 @@ from ..errors import InvalidInput, WorkbenchError
 from ..evaluation import load_prompt_file
 from ..generation import LoraSpec
 from ..jobs import JobRunner, JobStatus, run_names
-from ..registry import model_names, resolve
+from ..registry import resolve
 from ..report import STYLE, grid_html, load_comparison, write_report
 from ..shapes.bench_prompts import HELDOUT_PATH
-from .adapters import adapter_choices
+from .adapters import adapter_choices, is_pipeline_folder, model_choices
 from .generate import follow_job
 from .train_runs import number
 
@@ -37,20 +37,27 @@ GRID_PROMPTS_PER_TAG = 8
 
 
 def variants_from_text(text: str) -> list[Variant]:
-    """The base model, then one variant per line: 'PATH[:WEIGHT]', several joined by '+'."""
+    """The base model, then one variant per line: 'PATH[:WEIGHT]', several joined by '+'; a PATH that is a
+    full fine-tune's pipeline folder (it holds model_index.json) is drawn instead of the base model."""
     variants = [Variant("base")]
-    for line in (text or "").splitlines():
-        if line.strip():
-            variants.append(Variant.of([LoraSpec.parse(part) for part in line.split("+") if part.strip()]))
+    for line_number, line in enumerate((text or "").splitlines(), start=1):
+        parts = [part.strip() for part in line.split("+") if part.strip()]
+        pipelines = [part for part in parts if is_pipeline_folder(part)]
+        if len(pipelines) > 1:
+            raise InvalidInput(f"Variant line {line_number} names {len(pipelines)} full fine-tunes; a variant draws "
+                               f"with one model (put each on its own line).")
+        if parts:
+            loras = [LoraSpec.parse(part) for part in parts if part not in pipelines]
+            variants.append(Variant.of(loras, model=pipelines[0] if pipelines else None))
     return variants
 
 
 def variants_with(current: str | None, choice: str | None, weight) -> str:
     """The variants text with the picked adapter added at `weight`; a SELMA run's joined experts (a line
-    of adapters joined by '+') come with their own weights."""
+    of adapters joined by '+') come with their own weights, and a full fine-tune has none."""
     lines = [line for line in (current or "").splitlines() if line.strip()]
     if choice:
-        lines.append(choice if "+" in choice else f"{choice}:{float(weight):g}")
+        lines.append(choice if "+" in choice or is_pipeline_folder(choice) else f"{choice}:{float(weight):g}")
     return "\n".join(lines)
 
 
@@ -165,14 +172,16 @@ def build_compare_tab(runner: JobRunner) -> tuple:
                 "✓ the image meets its prompt; ✗ names what it misses (objects, counts, colors, position).")
     with gr.Row():
         with gr.Column():
-            model = gr.Dropdown(model_names(), value=default_model, label="Model", allow_custom_value=True)
+            model = gr.Dropdown(model_choices(), value=default_model, label="Model", allow_custom_value=True)
             with gr.Row():
                 adapter_picker = gr.Dropdown(adapter_choices(joined=True), value=None,
-                                             label="Add a variant (LoRA adapter, or a SELMA run's experts joined)",
+                                             label="Add a variant (LoRA adapter, a SELMA run's experts joined, "
+                                                   "or a full fine-tune)",
                                              allow_custom_value=True, scale=3, elem_id="compare-adapter")
                 weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight", scale=1)
             variants = gr.Textbox(label="Variants after the base model, one per line: PATH[:WEIGHT] (join adapters "
-                                        "with +)", lines=3, elem_id="compare-variants")
+                                        "with +; a full fine-tune's pipeline folder replaces the base model)",
+                                  lines=3, elem_id="compare-variants")
         with gr.Column():
             source = gr.Radio(SOURCES, value=SOURCES[0], label="Prompts from", elem_id="compare-source")
             with gr.Row():
@@ -230,9 +239,10 @@ def build_compare_tab(runner: JobRunner) -> tuple:
 
     run_button.click(on_compare, inputs, [status, grid, table, differences, bars, run])
     run.input(show, run, [status, grid, table, differences, bars])
-    def refreshed():
-        return gr.update(choices=compare_runs()), gr.update(choices=adapter_choices(joined=True))
+    def refreshed():  # runs finished since the page was built
+        return (gr.update(choices=compare_runs()), gr.update(choices=adapter_choices(joined=True)),
+                gr.update(choices=model_choices()))
 
-    refresh.click(refreshed, None, [run, adapter_picker])
+    refresh.click(refreshed, None, [run, adapter_picker, model])
     report.click(report_file, run, [report_download, status])
-    return refreshed, None, [run, adapter_picker]
+    return refreshed, None, [run, adapter_picker, model]

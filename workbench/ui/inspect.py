@@ -54,7 +54,7 @@ def detector_for(model: str, choice: str = "auto") -> str:
     """The detector backend name: the chosen one, or the model's own world (shapes -> shapes)."""
     if choice and choice != "auto":
         return choice
-    return "shapes" if resolve(model).name == "shapes" else "groundingdino"
+    return "shapes" if resolve(model).world == "shapes" else "groundingdino"
 
 
 SEGMENTER_FOR = {"shapes": "shapes", "groundingdino": "sam", "groundingdino+clip": "sam"}

@@ -278,12 +278,26 @@ def test_relabel_takes_detection_objects_and_gives_a_json_dict():
     ([{"label": "circle", "box": [1, 2, 3, 4], "score": 1.5}], 64, "between 0 and 1"),
     ([{"box": [1, 2, 3, 4], "score": 0.9}], 64, "label"),
     ([{"label": "circle", "box": [100, 100, 120, 120], "score": 0.9}], 64, "outside the 64x64 image"),
+    ([{"label": "circle", "box": [40, 10, 90, 30], "score": 0.9}], 64, "far past the edge of the 64x64 image"),
+    ([{"label": "circle", "box": [0.1, 0.2, 0.3, 0.4], "score": 0.9},
+      {"label": "square", "box": [0.6, 0.2, 0.9, 1.0], "score": 0.8}], 64, "look normalised.*width \\(64\\)"),
     (["circle"], 64, "must be an object"),
     ([], 0, "width"),
 ])
 def test_invalid_detections_are_refused_with_a_clear_message(detections, width, message):
     with pytest.raises(InvalidInput, match=message):
         relabel("a circle", detections, width, 64)
+
+
+def test_boxes_a_little_past_the_edge_are_clipped_to_the_image():
+    # Detectors draw boxes a few pixels past the edge: what the image shows is the part inside it. Here the
+    # circle's box reaches 15 px out on the left; as given it would be left of and below the square, the
+    # 3-px-wide strip inside the image is only below it.
+    detections = [{"label": "circle", "box": [-15, 20, 3, 40], "score": 0.9},
+                  {"label": "square", "box": [0, 12, 12, 24], "score": 0.9}]
+    result = relabel("a circle to the left of a square", detections, 64, 64)
+    assert result.changed is True and result.prompt == "a circle below a square"
+    assert relabel("a circle below a square", detections, 64, 64).changed is False
 
 
 # --- command line -------------------------------------------------------------------------------

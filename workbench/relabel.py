@@ -8,6 +8,9 @@ and an image showing none of the asked objects is thrown away.
                      reasons=["asked for 2 circles, found 3", "asked circle left of square, observed right of"], ...)
 
 Rules (each chosen so that the relabeler and GenEval's scorer, workbench.evaluation, agree):
+* boxes are pixels of the width x height image; a box reaching a little past its edge is clipped to
+  it (what the image shows is the part inside), and boxes outside it, far past its edge or all
+  within [0, 1] (normalised, not pixels) are refused with a message, not relabeled wrongly;
 * detections scoring at or below `box_threshold` are dropped (GenEval keeps score > threshold);
   per class the rest are ranked best first, at most 16, as the scorer does (group_detections);
 * `changed` is False exactly when the scorer calls the image correct for the parsed prompt (tag
@@ -42,7 +45,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +112,32 @@ def as_detection(item, where: str = "detection") -> Detection:
     return Detection(label, tuple(float(v) for v in box), float(score), color or None)
 
 
-def _check_image(detections: list[Detection], width, height) -> None:
+# Detectors draw boxes a little past the image edge (GroundingDINO's are not clipped); a box reaching
+# further out than this share of the image's side belongs to another image size.
+MAX_OVERHANG = 0.25
+
+
+def _inside_image(detections: list[Detection], width, height) -> list[Detection]:
+    """The detections with their boxes clipped to the image; InvalidInput for boxes of another image
+    size, or normalised to 0..1 instead of pixels."""
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidInput(f"the image {name} must be a whole number of pixels, at least 1, got {value!r}")
+    if detections and min(width, height) > 8 and all(0 <= v <= 1 for det in detections for v in det.box):
+        raise InvalidInput(f"every box lies within [0, 1]: they look normalised, not in pixels; multiply x by the "
+                           f"width ({width}) and y by the height ({height}) first")
+    clipped = []
     for k, det in enumerate(detections):
         x0, y0, x1, y1 = det.box
-        if x1 < 0 or y1 < 0 or x0 > width or y0 > height:  # most likely boxes of another image size
-            raise InvalidInput(f"detection {k} ({det.label}) has a box {list(det.box)} outside the {width}x{height} image")
+        past = max(-x0 / width, -y0 / height, x1 / width - 1, y1 / height - 1)
+        outside = x1 < 0 or y1 < 0 or x0 > width or y0 > height
+        if outside or past > MAX_OVERHANG:
+            where = "outside" if outside else "far past the edge of"
+            raise InvalidInput(f"detection {k} ({det.label}) has a box {list(det.box)} {where} the {width}x{height} "
+                               f"image: boxes of another image size?")
+        box = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+        clipped.append(replace(det, box=box) if box != det.box else det)
+    return clipped
 
 
 def load_detections(path) -> list[Detection]:
@@ -401,8 +422,7 @@ def relabel(
     if not _finite(box_threshold) or not 0.0 <= box_threshold < 1.0:
         raise InvalidInput(f"the box threshold must be a number in [0, 1), got {box_threshold!r}")
     spec = parse_prompt(prompt, vocabulary)
-    dets = [as_detection(item, f"detection {k}") for k, item in enumerate(detections)]
-    _check_image(dets, width, height)
+    dets = _inside_image([as_detection(item, f"detection {k}") for k, item in enumerate(detections)], width, height)
 
     found = group_detections(dets, box_threshold)
     keep = any(cls in found for cls in _asked_classes(spec))

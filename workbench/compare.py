@@ -43,7 +43,7 @@ class Variant:
     def of(cls, loras: list[LoraSpec], label: str | None = None, model: str | None = None) -> "Variant":
         """A variant named after its model and adapters unless a label is given ('base' when there are none)."""
         if label is None:
-            names = [fine_tune_label(model)] if model else []
+            names = [short_model_name(model)] if model else []
             names += [adapters_label([lora.__dict__ for lora in loras])] if loras or not model else []
             label = " + ".join(names)
         return cls(label, list(loras), model)
@@ -56,7 +56,7 @@ class Variant:
         return cls(data["label"], [LoraSpec(**lora) for lora in data.get("loras", [])], data.get("model"))
 
 
-def fine_tune_label(folder: str) -> str:
+def short_model_name(folder: str) -> str:
     """'<run>/recap (full)' for <run>/recap/adapter/pipeline: the folder names that say which fine-tune."""
     parts = [part for part in Path(folder).parts if part not in ("pipeline", "adapter", "")]
     return "/".join(parts[-2:]) + " (full)"

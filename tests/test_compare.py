@@ -293,3 +293,24 @@ def test_a_full_fine_tune_is_a_variant_drawn_in_place_of_the_base_model(tiny_sd,
     assert read_png_metadata(out / result["rows"][2]["path"])["model"] == str(tuned.resolve())
     assert list(history.load(source="compare")["model"]) == [str(tiny_sd), str(same), str(tuned), str(tuned)]
     assert CompareConfig.from_dict(json.loads((out / "compare.json").read_text())["config"]).variants == config.variants
+
+
+def test_a_comparison_can_draw_seeds_no_evaluation_drew(tiny_sd, data_dir):
+    from workbench.generation import GenerationRequest, generate_many
+    from workbench.report import build_report
+    from workbench.ui.compare import build_config
+
+    config = build_config(str(tiny_sd), "", "Text", "two squares", "all", 1, None, 2, 2, "scripted", first_seed=4)
+    out = data_dir / "runs" / "held-out-seeds"
+    result = run_compare(config, out)
+    assert [row["seed"] for row in result["rows"]] == [4, 5]
+    # The same image that generating the prompt with seed 5 gives.
+    alone = generate_many([GenerationRequest("two squares", model=str(tiny_sd), seeds=[5], steps=2)])[0]
+    assert np.array_equal(pixels(out, result["rows"][1]), np.asarray(alone.image.convert("RGB")))
+    assert list(history.load(source="compare")["prompt_set"]) == ["typed prompts (seeds 4-5)"]
+    assert "typed prompts (seeds 4-5)" in build_report(out)
+
+    with pytest.raises(InvalidInput, match="first seed"):
+        build_config(str(tiny_sd), "", "Text", "two squares", "all", 1, None, 2, 2, "scripted", first_seed=-1).validate()
+    with pytest.raises(InvalidInput, match="First seed needs a value"):
+        build_config(str(tiny_sd), "", "Text", "two squares", "all", 1, None, 2, 2, "scripted", first_seed=None)

@@ -2,11 +2,13 @@
 
 A variant is a label and the LoRA adapters (with weights) applied to the comparison's model, or to a
 full fine-tune of it (a pipeline folder the trainer exported); the base model is the variant with
-neither. Every variant samples with the comparison model's steps and guidance. Every variant draws every (prompt, seed) with the same CPU generator
-seeds, so the columns differ only by what the adapters change, and an adapter at weight 0 draws the
-base model's images. Each image gets GenEval's verdict from the benchmark's detector. The run
-folder holds `compare.json` (settings, per-variant per-tag scores, one row per image) and
-`images/<variant>/<prompt index>-<seed>.png` (with their generation metadata embedded).
+neither. Every variant draws every (prompt, seed) with the same CPU generator seeds and the comparison
+model's steps and guidance, so the columns differ only by what the adapters or weights change, and an
+adapter at weight 0 draws the base model's images. Seeds start at 0 (the seeds of every run's own
+evaluation) or at `first_seed` (4 and on: images no run's evaluation drew). Each image gets GenEval's
+verdict from the benchmark's detector. The run folder holds `compare.json` (settings, per-variant
+per-tag scores, one row per image) and `images/<variant>/<prompt index>-<seed>.png` (with their
+generation metadata embedded).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class CompareConfig:
     variants: list[Variant] = field(default_factory=lambda: [Variant("base")])
     prompts: list[dict] = field(default_factory=list)  # GenEval metadata records
     prompt_set: str = "custom"  # what the prompts are, for the history ("shapesbench.jsonl:counting")
-    seeds: int = 2  # seeds 0..seeds-1 for every prompt and variant
+    seeds: int = 2  # seeds first_seed .. first_seed + seeds - 1 for every prompt and variant
+    first_seed: int = 0  # 4 and on: images that no run's own evaluation (seeds 0..3) drew
     steps: int | None = None
     guidance: float | None = None
     batch_size: int = 16
@@ -103,6 +106,9 @@ class CompareConfig:
             validate_metadata(record_, f"prompt {number}")
         if not 1 <= int(self.seeds) <= MAX_SEEDS:
             raise InvalidInput(f"Seeds per prompt must be between 1 and {MAX_SEEDS} (got {self.seeds}).")
+        if not 0 <= int(self.first_seed) < 2**32 - int(self.seeds):
+            raise InvalidInput(f"The first seed must be a whole number from 0 to {2**32 - int(self.seeds) - 1} "
+                               f"(got {self.first_seed}).")
         for variant in self.variants:  # adapters, steps, model: the generation service's own checks
             GenerationRequest(self.prompts[0]["prompt"], model=variant.model or self.model, seeds=[0],
                               steps=self.steps, guidance=self.guidance, batch_size=self.batch_size,
@@ -177,7 +183,7 @@ def run_compare(config: CompareConfig, out_dir: Path, on_progress: Callable[[flo
     config.validate()
     detector = pick_detector(config.benchmark())
     out_dir = Path(out_dir)
-    seeds = list(range(int(config.seeds)))
+    seeds = list(range(int(config.first_seed), int(config.first_seed) + int(config.seeds)))
     steps, guidance = config.sampling()
     started = time.time()
     variants, rows = [], []
@@ -212,8 +218,11 @@ def run_compare(config: CompareConfig, out_dir: Path, on_progress: Callable[[flo
     result = {"kind": "compare", "created": time.time(), "seconds": round(time.time() - started, 1),
               "config": config.to_dict(), "variants": variants, "rows": rows}
     write_json(out_dir / RESULT_FILE, result)  # atomic: the Compare tab and reports read it
+    prompt_set = config.prompt_set
+    if config.first_seed:  # the history's seeds column holds a count: say which seeds when they do not start at 0
+        prompt_set += f" (seeds {seeds[0]}-{seeds[-1]})"
     for variant in variants:
-        record(model=variant["model"] or config.model, adapters=variant["loras"], prompt_set=config.prompt_set, seeds=len(seeds),
+        record(model=variant["model"] or config.model, adapters=variant["loras"], prompt_set=prompt_set, seeds=len(seeds),
                per_tag=variant["per_tag"], overall=variant["overall"], images=variant["images"], source="compare",
                source_id=out_dir.name, folder=out_dir.resolve(), label=variant["label"])
     return result

@@ -81,9 +81,11 @@ def load_comparison(folder: Path) -> dict:
     folder = Path(folder)
     if (folder / RESULT_FILE).is_file():
         result = load_result(folder)
+        seeds = sorted({int(row["seed"]) for row in result["rows"]})
         return {"kind": "compare", "title": f"Comparison {folder.name}", "model": result["config"]["model"],
                 "variants": result["variants"], "rows": result["rows"], "metrics": [],
-                "prompt_set": result["config"].get("prompt_set", "")}
+                "prompt_set": result["config"].get("prompt_set", "") +
+                (f" (seeds {seeds[0]}-{seeds[-1]})" if seeds and seeds[0] else "")}
     if (folder / "scores.json").is_file() and (folder / "verdicts.jsonl").is_file():
         variant, rows = _eval_variant(folder, folder, 0)
         config = json.loads((folder / "scores.json").read_text()).get("config", {})

@@ -74,10 +74,12 @@ def collect_prompts(source: str, text: str, tag: str, count, upload) -> tuple[li
     return prompts_from_tag(tag, number(count, "Prompts per tag"), path), f"{Path(path).name}:{tag}"
 
 
-def build_config(model, variants_text, source, text, tag, count, upload, seeds, steps, detector) -> CompareConfig:
+def build_config(model, variants_text, source, text, tag, count, upload, seeds, steps, detector,
+                 first_seed=0) -> CompareConfig:
     prompts, prompt_set = collect_prompts(source, text, tag, count, upload)
     config = CompareConfig(model=model, variants=variants_from_text(variants_text), prompts=prompts,
                            prompt_set=prompt_set, seeds=int(seeds), steps=int(steps),
+                           first_seed=number(first_seed, "First seed"),
                            detector=None if detector in (None, "", "auto") else detector)
     config.validate()
     return config
@@ -193,6 +195,8 @@ def build_compare_tab(runner: JobRunner) -> tuple:
                              elem_id="compare-upload")
             with gr.Row():
                 seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds per prompt")
+                first_seed = gr.Number(0, precision=0, minimum=0, label="First seed", elem_id="compare-first-seed",
+                                       info="4: seeds 4.., images no run's own evaluation drew")
                 steps = gr.Slider(1, 100, value=default_steps(default_model) or 20, step=1, label="Steps",
                                   elem_id="compare-steps")
                 detector = gr.Dropdown(["auto"] + list(DETECTORS), value="auto", label="Detector",
@@ -230,7 +234,7 @@ def build_compare_tab(runner: JobRunner) -> tuple:
         except WorkbenchError as error:
             return (str(error), "", pd.DataFrame(), pd.DataFrame(), gr.update())
 
-    inputs = [model, variants, source, text, tag, count, upload, seeds, steps, detector]
+    inputs = [model, variants, source, text, tag, count, upload, seeds, steps, detector, first_seed]
     adapter_picker.change(add_variant, [adapter_picker, variants, weight], [adapter_picker, variants])
     model.change(lambda name: default_steps(name) or gr.update(), model, steps)
     upload.upload(lambda: "File", None, source)

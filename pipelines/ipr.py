@@ -48,6 +48,7 @@ from workbench.store import bind_run_config, read_jsonl, write_jsonl
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.relabel import relabel
 from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
+from workbench.skills import world_of
 from workbench.shapes.bench_prompts import (CLAUSE_POSITION_SHARE, TRAINING_KINDS, check_training_kinds,
                                            training_prompts)
 
@@ -200,7 +201,7 @@ class IPRConfig:
             raise InvalidInput(f"The sampling guidance must be in (0, 50], e.g. 7.5 (got {self.guidance}).")
         if self.sample_steps is not None and not 1 <= self.sample_steps <= 200:
             raise InvalidInput(f"Sampling steps must be between 1 and 200 (got {self.sample_steps}).")
-        if self.prior_images and self.prior_data is None and self.model != "shapes":
+        if self.prior_images and self.prior_data is None and world_of(self.model) != "shapes":
             raise InvalidInput("Prior preservation on a model other than the shapes model needs --prior-data, an "
                                "imagefolder of the model's pre-training kind of data.")
         # The engine's own checks (lr, rank, target modules...) now, not after the first iteration's sampling.

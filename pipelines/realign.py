@@ -52,6 +52,7 @@ from workbench.memory import out_of_memory_as_message
 from workbench.store import bind_run_config, read_jsonl, write_json
 from workbench.generation import LoraSpec
 from workbench.shapes.bench_prompts import training_prompts
+from workbench.skills import world_of
 
 STATE_FILE = "refl_state.pt"
 
@@ -159,7 +160,7 @@ class ReFLConfig:
             (0 <= self.negatives <= 32, f"negatives must be between 0 and 32 (got {self.negatives})."),
             (0 <= self.reward_shifts <= 16, f"reward_shifts must be between 0 and 16 (got {self.reward_shifts})."),
             (0 <= self.reward_blur <= 8, f"reward_blur must be between 0 and 8 pixels (got {self.reward_blur})."),
-            (self.model == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,
+            (world_of(self.model) == "shapes" or self.pretrain_data is not None or self.pretrain_batch == 0,
              "A real model needs --pretrain-data (an imagefolder of its pre-training kind of data) for eq. 5's "
              "denoising term, or --pretrain-batch 0 to train on the reward alone."),
         ]
@@ -180,7 +181,7 @@ class ReFLConfig:
 
     @property
     def reward_name(self) -> str:
-        return self.reward or ("shapes" if self.model == "shapes" else "blip")
+        return self.reward or ("shapes" if world_of(self.model) == "shapes" else "blip")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReFLConfig":
@@ -424,7 +425,7 @@ def caption_reward_of_run(eval_dir: Path, config: ReFLConfig) -> float:
     if cached.exists():
         return json.loads(cached.read_text())["mean"]
     rows = read_jsonl(eval_dir / "verdicts.jsonl")
-    reward = get_caption_reward("shapes" if config.model == "shapes" else "blip")
+    reward = get_caption_reward("shapes" if world_of(config.model) == "shapes" else "blip")
     scores = reward.score([Image.open(eval_dir / row["path"]).convert("RGB") for row in rows],
                           [row["prompt"] for row in rows])
     mean = float(np.mean(scores.rewards)) if scores.rewards else float("nan")

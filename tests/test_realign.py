@@ -197,6 +197,28 @@ def test_a_real_model_without_pretraining_data_is_refused_with_a_hint(tmp_path):
         run_refl(ReFLConfig(model="org/some-model"), tmp_path / "run")
 
 
+def test_a_full_fine_tune_of_the_shapes_model_is_trained_in_the_shapes_world(tiny_sd, tmp_path):
+    # Its reward is the shapes captioner and its pre-training term rendered scenes, as for the shapes model.
+    import shutil
+
+    from pipelines.ipr import IPRConfig
+    from workbench.registry import resolve, write_fine_tune_origin
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(tiny_sd, folder)
+    assert ReFLConfig(model=str(folder)).reward_name == "blip"
+    with pytest.raises(InvalidInput, match="--pretrain-data"):
+        ReFLConfig(model=str(folder), eval_prompts=str(tmp_path / "none.jsonl")).validate()
+    write_fine_tune_origin(folder, resolve("shapes"))
+    assert ReFLConfig(model=str(folder)).reward_name == "shapes"
+    with pytest.raises(InvalidInput, match="none.jsonl") as error:  # past the world's checks, to the next one
+        ReFLConfig(model=str(folder), eval_prompts=str(tmp_path / "none.jsonl")).validate()
+    assert "--pretrain-data" not in str(error.value)
+    with pytest.raises(InvalidInput, match="none.jsonl") as error:
+        IPRConfig(model=str(folder), prior_images=8, eval_prompts=str(tmp_path / "none.jsonl")).validate()
+    assert "--prior-data" not in str(error.value)
+
+
 def test_the_shapes_pretraining_term_trains_on_real_scenes_the_vae_can_decode():
     """Eq. 5's denoising term must see what the shapes model was trained on: latents of 8-bit renders in
     [-1, 1]. Encoded at the wrong scale, the latents decode to saturated noise, not to the scene."""

@@ -16,6 +16,7 @@ import pandas as pd
 from ..datasets import imagefolder
 from ..errors import InvalidInput
 from ..registry import resolve
+from ..skills import world_of
 from ..jobs import JobRunner
 from .train_runs import (model_picker, number, optional_number, read_json, run_and_config, run_controls,
                          run_folder, runs_of_kind, starter, status_and_log)
@@ -143,7 +144,7 @@ def refl_config(model, steps, batch, lr, rank, reward_weight, schedule_steps, fi
                         train_unet=bool(train_unet))
     if config.rank < 1 or config.pretrain_batch < 0:
         raise InvalidInput("The LoRA rank must be at least 1 and the pre-training batch at least 0.")
-    if config.model != "shapes" and pretrain_data is None and config.pretrain_batch:
+    if world_of(config.model) != "shapes" and pretrain_data is None and config.pretrain_batch:
         raise InvalidInput("A model other than the shapes model needs pre-training data for eq. 5's denoising "
                            "term: give an imagefolder, or set the pre-training batch to 0 to train on the reward "
                            "alone.")

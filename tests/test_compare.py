@@ -283,6 +283,12 @@ def test_a_full_fine_tune_is_a_variant_drawn_in_place_of_the_base_model(tiny_sd,
     assert labels[2] == "recap-full/recap (full)" and labels[3].startswith("recap-full/recap (full) + ")
     with pytest.raises(InvalidInput, match="line 1 names 2 full fine-tunes"):
         build_config(str(tiny_sd), f"{tuned} + {same}", "Text", "two squares", "all", 1, None, 1, 2, "scripted")
+    with pytest.raises(InvalidInput, match=f"line 2: {run / 'recap' / 'adapter'} is a full fine-tune's output folder; "
+                                           f"its model is {tuned}"):
+        build_config(str(tiny_sd), f"{same}\n{run / 'recap' / 'adapter'}", "Text", "two squares", "all", 1, None, 1, 2,
+                     "scripted")
+    with pytest.raises(InvalidInput, match="neither a LoRA adapter .* nor a full fine-tune's pipeline"):
+        build_config(str(tiny_sd), str(run / "gone"), "Text", "two squares", "all", 1, None, 1, 2, "scripted")
 
     result = run_compare(config, data_dir / "runs" / "cmp")
     out = data_dir / "runs" / "cmp"

@@ -18,12 +18,12 @@ from ..compare import (CompareConfig, Variant, accuracy_table, difference_table,
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
 from ..evaluation import load_prompt_file
-from ..generation import LoraSpec
+from ..generation import LoraSpec, lora_weights_file
 from ..jobs import JobRunner, JobStatus, run_names
 from ..registry import resolve
 from ..report import STYLE, grid_html, load_comparison, write_report
 from ..shapes.bench_prompts import HELDOUT_PATH
-from .adapters import adapter_choices, is_pipeline_folder, model_choices
+from .adapters import WEIGHTS_FILE, adapter_choices, is_pipeline_folder, model_choices
 from .generate import follow_job
 from .train_runs import number
 
@@ -48,8 +48,24 @@ def variants_from_text(text: str) -> list[Variant]:
                                f"with one model (put each on its own line).")
         if parts:
             loras = [LoraSpec.parse(part) for part in parts if part not in pipelines]
+            for lora in loras:
+                check_variant_part(lora.path, line_number)
             variants.append(Variant.of(loras, model=pipelines[0] if pipelines else None))
     return variants
+
+
+def check_variant_part(path: str, line_number: int) -> None:
+    """InvalidInput when `path` is neither a LoRA adapter nor a full fine-tune, pointing at the pipeline
+    inside a full fine-tune's output folder when that is what was given."""
+    if lora_weights_file(path) is not None:
+        return
+    inside = Path(path).expanduser() / "pipeline"
+    if is_pipeline_folder(inside):
+        raise InvalidInput(f"Variant line {line_number}: {path} is a full fine-tune's output folder; its model is "
+                           f"{inside} (pick it from the list, or write that path).")
+    raise InvalidInput(f"Variant line {line_number}: {path} is neither a LoRA adapter (a .safetensors file or a "
+                       f"folder holding {WEIGHTS_FILE}) nor a full fine-tune's pipeline (a folder holding "
+                       f"model_index.json).")
 
 
 def variants_with(current: str | None, choice: str | None, weight) -> str:

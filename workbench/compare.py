@@ -25,7 +25,7 @@ from .benchmark import SHAPESBENCH, BenchmarkConfig, pick_detector
 from .errors import InvalidInput
 from .evaluation import Verdict, load_prompt_file, score_detections, summarize, validate_metadata
 from .generation import GenerationRequest, LoraSpec, generate_many, save_png
-from .history import adapters_label, record
+from .history import adapters_label, record, with_seeds
 from .registry import check_model, resolve
 from .store import write_json
 
@@ -218,13 +218,11 @@ def run_compare(config: CompareConfig, out_dir: Path, on_progress: Callable[[flo
     result = {"kind": "compare", "created": time.time(), "seconds": round(time.time() - started, 1),
               "config": config.to_dict(), "variants": variants, "rows": rows}
     write_json(out_dir / RESULT_FILE, result)  # atomic: the Compare tab and reports read it
-    prompt_set = config.prompt_set
-    if config.first_seed:  # the history's seeds column holds a count: say which seeds when they do not start at 0
-        prompt_set += f" (seeds {seeds[0]}-{seeds[-1]})"
+    prompt_set = with_seeds(config.prompt_set, seeds[0], len(seeds))
     for variant in variants:
-        record(model=variant["model"] or config.model, adapters=variant["loras"], prompt_set=prompt_set, seeds=len(seeds),
-               per_tag=variant["per_tag"], overall=variant["overall"], images=variant["images"], source="compare",
-               source_id=out_dir.name, folder=out_dir.resolve(), label=variant["label"])
+        record(model=variant["model"] or config.model, adapters=variant["loras"], prompt_set=prompt_set,
+               seeds=len(seeds), per_tag=variant["per_tag"], overall=variant["overall"], images=variant["images"],
+               source="compare", source_id=out_dir.name, folder=out_dir.resolve(), label=variant["label"])
     return result
 
 

@@ -157,15 +157,18 @@ def eval_source(out_dir: Path) -> tuple[str, str, str | None, int | None]:
     return "eval", out_dir.name, None, None
 
 
+def with_seeds(prompt_set: str, first_seed: int, seeds: int) -> str:
+    """The prompt set's name, saying which seeds when they do not start at 0 (the seeds column holds a count)."""
+    return f"{prompt_set} (seeds {first_seed}-{first_seed + seeds - 1})" if first_seed else prompt_set
+
+
 def record_evaluation(config, summary: dict, out_dir: Path) -> int | None:
     """Store a benchmark's scores (called by run_benchmark). A failure is logged, never raised:
     the evaluation itself succeeded, and its scores.json is on disk."""
     try:
         source, source_id, label, iteration = eval_source(out_dir)
         adapters = [{"path": lora.path, "weight": lora.weight} for lora in config.loras]
-        prompt_set = Path(config.prompts).name
-        if config.first_seed:  # the seeds column holds a count; say which seeds when they do not start at 0
-            prompt_set += f" (seeds {config.first_seed}-{config.first_seed + config.seeds - 1})"
+        prompt_set = with_seeds(Path(config.prompts).name, config.first_seed, config.seeds)
         return record(model=config.model, adapters=adapters, prompt_set=prompt_set,
                       seeds=config.seeds, per_tag=summary["per_tag"], overall=summary["overall"],
                       images=summary.get("images"), source=source, source_id=source_id,

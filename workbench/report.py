@@ -25,7 +25,7 @@ from PIL import Image
 from .compare import RESULT_FILE, accuracy_table, difference_table, load_result, mark
 from .config import get_settings
 from .errors import InvalidInput
-from .history import adapters_label
+from .history import adapters_label, with_seeds
 from .store import read_jsonl
 
 STYLE = """
@@ -81,11 +81,11 @@ def load_comparison(folder: Path) -> dict:
     folder = Path(folder)
     if (folder / RESULT_FILE).is_file():
         result = load_result(folder)
-        seeds = sorted({int(row["seed"]) for row in result["rows"]})
-        return {"kind": "compare", "title": f"Comparison {folder.name}", "model": result["config"]["model"],
+        config = result["config"]
+        return {"kind": "compare", "title": f"Comparison {folder.name}", "model": config["model"],
                 "variants": result["variants"], "rows": result["rows"], "metrics": [],
-                "prompt_set": result["config"].get("prompt_set", "") +
-                (f" (seeds {seeds[0]}-{seeds[-1]})" if seeds and seeds[0] else "")}
+                "prompt_set": with_seeds(config.get("prompt_set", ""), config.get("first_seed", 0),
+                                         config.get("seeds", 0))}
     if (folder / "scores.json").is_file() and (folder / "verdicts.jsonl").is_file():
         variant, rows = _eval_variant(folder, folder, 0)
         config = json.loads((folder / "scores.json").read_text()).get("config", {})

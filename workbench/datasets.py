@@ -13,12 +13,12 @@ included) and refused unless it lies inside that folder.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from .config import get_settings
 from .errors import InvalidInput
+from .store import walk_folders
 
 DATASETS_FOLDER = "datasets"
 PROMPT_SET_PREFIX = "skill-prompts-"
@@ -79,13 +79,9 @@ def find_imagefolders() -> list[str]:
     """Imagefolders under datasets/ and inside runs, newest first, named relative to the data folder."""
     found = []
     for root in (datasets_dir(), get_settings().runs_dir):
-        if not root.is_dir():
-            continue
-        for folder, subfolders, files in os.walk(root):
-            depth = len(Path(folder).relative_to(root).parts)
-            subfolders[:] = [] if depth >= SEARCH_DEPTH else [s for s in subfolders if s not in SKIPPED_FOLDERS]
+        for folder, files in walk_folders(root, SKIPPED_FOLDERS, SEARCH_DEPTH):
             if "metadata.jsonl" in files:
-                found.append(Path(folder) / "metadata.jsonl")
+                found.append(folder / "metadata.jsonl")
     found.sort(key=lambda path: path.stat().st_mtime, reverse=True)
     return [relative_name(path.parent) for path in found]
 

@@ -282,3 +282,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     os.replace(tmp, path)
+
+
+def walk_folders(root: Path, skip: set[str], max_depth: int | None = None):
+    """(folder, its file names) for root and the folders below it, not descending into folders named in
+    `skip` (a data folder's generated images are most of its files) nor below `max_depth` levels."""
+    root = Path(root)
+    for folder, subfolders, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        subfolders[:] = [] if max_depth is not None and depth >= max_depth else [
+            name for name in subfolders if name not in skip]
+        yield Path(folder), files

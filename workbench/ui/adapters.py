@@ -15,19 +15,23 @@ from pathlib import Path
 
 from ..config import ASSETS_DIR, get_settings
 from ..errors import WorkbenchError
+from ..store import walk_folders
 from .train_runs import read_json, run_kind
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 METHODS = {"ipr": "IPR", "refl": "ReFL", "selma": "SELMA", "recap": "RECAP"}
 
 
+# Folders that hold no adapter or pipeline: generated images (most of a data folder's files) and the
+# trainer's checkpoints (the same files as the finished ones, which two per adapter would bury).
+SKIPPED_FOLDERS = {"images", "checkpoints"}
+
+
 def discover_adapters() -> list[str]:
-    """LoRA adapters shipped in assets/ or produced by runs in the data folder; the trainer's checkpoints
-    (which hold the same file) are left out: two per adapter would bury the finished ones."""
+    """LoRA adapters shipped in assets/ or produced by runs in the data folder."""
     roots = [ASSETS_DIR / "adapters", get_settings().runs_dir]
-    found = {str(path.parent) for root in roots if root.is_dir() for path in root.rglob(WEIGHTS_FILE)
-             if "checkpoints" not in path.relative_to(root).parts}
-    return sorted(found)
+    return sorted(str(folder) for root in roots for folder, files in walk_folders(root, SKIPPED_FOLDERS)
+                  if WEIGHTS_FILE in files)
 
 
 def is_pipeline_folder(path: str | Path) -> bool:
@@ -37,12 +41,9 @@ def is_pipeline_folder(path: str | Path) -> bool:
 
 
 def discover_fine_tunes() -> list[str]:
-    """Pipelines that full fine-tunes in runs exported (`<out>/pipeline`), not the trainer's checkpoints."""
-    runs = get_settings().runs_dir
-    if not runs.is_dir():
-        return []
-    return sorted(str(index.parent) for index in runs.rglob("pipeline/model_index.json")
-                  if "checkpoints" not in index.relative_to(runs).parts)
+    """Pipelines that full fine-tunes in runs exported (`<out>/pipeline`)."""
+    return sorted(str(folder) for folder, files in walk_folders(get_settings().runs_dir, SKIPPED_FOLDERS)
+                  if folder.name == "pipeline" and "model_index.json" in files)
 
 
 def fine_tune_label(path: str | Path) -> str:

@@ -299,3 +299,39 @@ def test_adapter_pickers_offer_adapters_trained_after_the_app_started(whole_app)
         update = refreshes[0].fn()
         update = update[refreshes[0].outputs.index(picker)] if isinstance(update, tuple) else update
         assert str(adapter) in [value for _, value in update["choices"]]
+
+
+@pytest.fixture
+def full_fine_tune(data_dir):
+    """A full fine-tune's exported pipeline in a run, made before the app starts (listing reads no weights)."""
+    pipeline = data_dir / "runs" / "full-run" / "pipeline"
+    pipeline.mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+    return pipeline
+
+
+def test_every_model_list_offers_full_fine_tunes_and_generate_and_compare_those_made_later(full_fine_tune, whole_app):
+    import gradio as gr
+
+    from workbench.config import get_settings
+
+    demo, _ = whole_app
+    model_lists = [block for block in demo.blocks.values() if isinstance(block, gr.Dropdown)
+                   and ("sd15", "sd15") in block.choices]
+    # Generate, Inspect, Local captions, Data's skill prompts, and Compare, and each Train section's model.
+    assert len(model_lists) >= 8
+    for model_list in model_lists:
+        assert ("runs/full-run (full fine-tune)", str(full_fine_tune)) in model_list.choices, model_list.label
+
+    later = get_settings().runs_dir / "later-run" / "pipeline"
+    later.mkdir(parents=True)
+    (later / "model_index.json").write_text("{}")
+    refreshed = 0
+    for model_list in model_lists:
+        for fn in demo.fns.values():
+            if model_list in fn.outputs and fn.inputs == [] and any(event == "load" for _, event in fn.targets):
+                update = fn.fn()
+                update = update[fn.outputs.index(model_list)] if isinstance(update, tuple) else update
+                assert ("runs/later-run (full fine-tune)", str(later)) in update["choices"]
+                refreshed += 1
+    assert refreshed == 2, "the Generate and Compare tabs' model lists follow the runs on page load"

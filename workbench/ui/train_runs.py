@@ -18,7 +18,6 @@ import gradio as gr
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
 from ..jobs import JobRunner, JobStatus, run_names
-from ..registry import model_names
 
 REFRESH_EVERY_S = 2.0
 
@@ -190,8 +189,11 @@ def adapted_layers_picker(default: Sequence[str]) -> gr.Radio:
 
 
 def model_picker(label: str = "Model") -> gr.Dropdown:
-    """The model a section trains (a registry name, a local diffusers folder or a hub id), the default one chosen."""
-    return gr.Dropdown(model_names(), value=get_settings().default_model, label=label, allow_custom_value=True)
+    """The model a section trains (a registry name, a full fine-tune from a run, a local diffusers folder or a
+    hub id), the default one chosen."""
+    from .adapters import model_choices  # adapters reads run folders through this module
+
+    return gr.Dropdown(model_choices(), value=get_settings().default_model, label=label, allow_custom_value=True)
 
 
 @dataclass

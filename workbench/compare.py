@@ -45,9 +45,9 @@ class Variant:
     def of(cls, loras: list[LoraSpec], label: str | None = None, model: str | None = None) -> "Variant":
         """A variant named after its model and adapters unless a label is given ('base' when there are none)."""
         if label is None:
-            names = [short_model_name(model)] if model else []
-            names += [adapters_label([lora.__dict__ for lora in loras])] if loras or not model else []
-            label = " + ".join(names)
+            names = ([short_model_name(model)] if model else []) + (
+                [adapters_label([lora.__dict__ for lora in loras])] if loras else [])
+            label = " + ".join(names) or "base"
         return cls(label, list(loras), model)
 
     def to_dict(self) -> dict:

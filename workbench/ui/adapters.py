@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import ASSETS_DIR, get_settings
 from ..errors import WorkbenchError
+from ..registry import model_names
 from ..store import walk_folders
 from .train_runs import read_json, run_kind
 
@@ -53,8 +54,6 @@ def fine_tune_label(path: str | Path) -> str:
 
 def model_choices() -> list:
     """The registered models, then each full fine-tune in the runs ((label, pipeline folder))."""
-    from ..registry import model_names
-
     return model_names() + sorted((fine_tune_label(path), path) for path in discover_fine_tunes())
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gradio as gr
+
 from ..config import ASSETS_DIR, get_settings
 from ..errors import WorkbenchError
 from ..registry import model_names
@@ -55,6 +57,22 @@ def fine_tune_label(path: str | Path) -> str:
 def model_choices() -> list:
     """The registered models, then each full fine-tune in the runs ((label, pipeline folder))."""
     return model_names() + sorted((fine_tune_label(path), path) for path in discover_fine_tunes())
+
+
+# Marks every model list, so the app refreshes them all when the page is (re)loaded.
+MODEL_LIST_CLASS = "model-list"
+
+
+def model_dropdown(value: str, label: str = "Model", **kwargs) -> gr.Dropdown:
+    """A model list: the registered models and the runs' full fine-tunes, or any folder or hub id typed in."""
+    return gr.Dropdown(model_choices(), value=value, label=label, allow_custom_value=True,
+                       elem_classes=[MODEL_LIST_CLASS], **kwargs)
+
+
+def model_lists(blocks) -> list[gr.Dropdown]:
+    """The model lists of a built app (every `model_dropdown` in it)."""
+    return [block for block in blocks.values()
+            if isinstance(block, gr.Dropdown) and MODEL_LIST_CLASS in (block.elem_classes or [])]
 
 
 def adapter_label(path: str | Path) -> str:

@@ -9,7 +9,7 @@ from ..job_kinds import register_all
 from ..jobs import get_runner
 from .compare import build_compare_tab
 from .data import build_data_tab
-from .adapters import model_choices
+from .adapters import model_choices, model_lists
 from .generate import build_generate_tab, model_defaults
 from .inspect import build_inspect_tab
 from .local_captions import build_local_captions_tab, past_runs
@@ -51,7 +51,13 @@ def build_app() -> gr.Blocks:
             build_runs_tab(runner)
         demo.load(model_defaults, model, sliders + [model_info])
         # Runs (and full fine-tunes) made since the app was built appear when the page is (re)loaded.
-        demo.load(lambda: gr.update(choices=model_choices()), None, model)
+        every_model_list = model_lists(demo.blocks)
+
+        def refresh_model_lists():
+            choices = model_choices()
+            return [gr.update(choices=choices) for _ in every_model_list]
+
+        demo.load(refresh_model_lists, None, every_model_list)
         demo.load(lambda: gr.update(choices=run_choices()), None, review_run)
         demo.load(lambda: gr.update(choices=ipr_runs()), None, train_run)
         demo.load(*compare_refresh)

@@ -23,7 +23,7 @@ from ..jobs import JobRunner, JobStatus, run_names
 from ..registry import resolve
 from ..report import STYLE, grid_html, load_comparison, write_report
 from ..shapes.bench_prompts import HELDOUT_PATH
-from .adapters import WEIGHTS_FILE, adapter_choices, is_pipeline_folder, model_choices
+from .adapters import WEIGHTS_FILE, adapter_choices, is_pipeline_folder, model_choices, model_dropdown
 from .generate import follow_job
 from .train_runs import number
 
@@ -190,7 +190,7 @@ def build_compare_tab(runner: JobRunner) -> tuple:
                 "✓ the image meets its prompt; ✗ names what it misses (objects, counts, colors, position).")
     with gr.Row():
         with gr.Column():
-            model = gr.Dropdown(model_choices(), value=default_model, label="Model", allow_custom_value=True)
+            model = model_dropdown(default_model)
             with gr.Row():
                 adapter_picker = gr.Dropdown(adapter_choices(joined=True), value=None,
                                              label="Add a variant (LoRA adapter, a SELMA run's experts joined, "
@@ -265,4 +265,5 @@ def build_compare_tab(runner: JobRunner) -> tuple:
 
     refresh.click(refreshed, None, [run, adapter_picker, model])
     report.click(report_file, run, [report_download, status])
-    return refreshed, None, [run, adapter_picker, model]
+    # On page load the app refreshes every model list, this one included.
+    return lambda: refreshed()[:2], None, [run, adapter_picker]

@@ -22,7 +22,7 @@ from ..datasets import load_prompt_set, prompt_sets
 from ..errors import WorkbenchError
 from ..jobs import JobRunner, JobStatus
 from ..llm import LLMS
-from .adapters import model_choices
+from .adapters import model_dropdown
 from ..rouge import DEFAULT_THRESHOLD
 from ..skills import (Skill, available_skills, builtin_skills, delete_user_skill, load_user_skills, save_user_skill,
                       world_of)
@@ -195,8 +195,7 @@ def build_skill_prompts_section(runner: JobRunner):
                 "near-duplicates + evaluation prompts + too long + invalid.")
     with gr.Row():
         with gr.Column():
-            model = gr.Dropdown(model_choices(), value=default_model, label="Model (its world's skills, its text "
-                                "encoder's length)", allow_custom_value=True)
+            model = model_dropdown(default_model, label="Model (its world's skills, its text encoder's length)")
             llm = gr.Dropdown(list(LLMS), value=default_llm(default_model), label="LLM backend",
                               info="shapes: embedded rules; openai: WORKBENCH_LLM_BASE_URL; transformers: a local LM")
             skills = gr.CheckboxGroup(skill_choices(default_model), value=list(builtin_skills(world(default_model))),

@@ -15,7 +15,7 @@ from ..errors import WorkbenchError
 from ..generation import SCHEDULERS, GenerationRequest, LoraSpec, read_png_metadata
 from ..jobs import JobStatus
 from ..registry import resolve
-from .adapters import adapter_choices, model_choices
+from .adapters import adapter_choices, model_dropdown
 
 EXAMPLE_PROMPTS = [
     "a red circle",
@@ -79,9 +79,8 @@ def build_generate_tab(runner):
     default_model = get_settings().default_model
     with gr.Row():
         with gr.Column(scale=2):
-            model = gr.Dropdown(model_choices(), value=default_model, label="Model", allow_custom_value=True,
-                                info="A registry name, a full fine-tune from a run, a local diffusers folder, "
-                                     "or a hub id (org/name).")
+            model = model_dropdown(default_model, info="A registry name, a full fine-tune from a run, a local "
+                                                       "diffusers folder, or a hub id (org/name).")
             model_info = gr.Markdown()
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle to the left of a blue square",
                                 elem_id="prompt-box")

@@ -26,7 +26,7 @@ from ..perception.backends import get_detector, get_segmenter
 from ..perception.base import Detection
 from ..prompt_parser import parse_prompt
 from ..registry import resolve
-from .adapters import model_choices
+from .adapters import model_dropdown
 from ..relabel import relabel
 
 DETECTOR_CHOICES = ["auto", "shapes", "groundingdino", "groundingdino+clip"]  # +clip: colours too
@@ -310,8 +310,7 @@ def build_inspect_tab() -> None:
     """Create the tab's components inside the current Gradio context."""
     with gr.Row():
         with gr.Column(scale=2):
-            model = gr.Dropdown(model_choices(), value=get_settings().default_model, label="Model",
-                                allow_custom_value=True, elem_id="inspect-model")
+            model = model_dropdown(get_settings().default_model, elem_id="inspect-model")
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="two red circles above a blue square",
                                 elem_id="inspect-prompt")
             with gr.Row():

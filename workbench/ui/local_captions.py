@@ -36,7 +36,7 @@ from ..memory import out_of_memory_as_message
 from ..perception.backends import DETECTORS, SEGMENTERS, TAGGERS
 from ..prompt_parser import check_prompt
 from ..registry import load_pipeline
-from .adapters import model_choices
+from .adapters import model_dropdown
 from .compare import default_steps
 from .inspect import DISPLAY_SIDE, MASK_ALPHA
 
@@ -293,8 +293,7 @@ def build_local_captions_tab() -> gr.Dropdown:
                 "object's mask, and regenerate the **same seed** with the cross-attention pulled into the masks.")
     with gr.Row():
         with gr.Column(scale=2):
-            model = gr.Dropdown(model_choices(), value=default_model, label="Model", allow_custom_value=True,
-                                elem_id="fine-model")
+            model = model_dropdown(default_model, elem_id="fine-model")
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="an orange square and a red circle",
                                 elem_id="fine-prompt")
             with gr.Row():

@@ -191,9 +191,9 @@ def adapted_layers_picker(default: Sequence[str]) -> gr.Radio:
 def model_picker(label: str = "Model") -> gr.Dropdown:
     """The model a section trains (a registry name, a full fine-tune from a run, a local diffusers folder or a
     hub id), the default one chosen."""
-    from .adapters import model_choices  # adapters reads run folders through this module
+    from .adapters import model_dropdown  # adapters reads run folders through this module
 
-    return gr.Dropdown(model_choices(), value=get_settings().default_model, label=label, allow_custom_value=True)
+    return model_dropdown(get_settings().default_model, label=label)
 
 
 @dataclass

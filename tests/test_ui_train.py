@@ -258,3 +258,19 @@ def test_a_run_chosen_in_the_picker_shows_its_jobs_log(runner, tiny_sd, tmp_path
     assert all(job.log == "" for job in runner.list_jobs(with_log=False))
     status, log = tab.status_and_log(runner, job_id, None, "ipr")
     assert "done" in status and "3 matched their prompt" in log
+
+
+def test_a_clicks_message_is_not_overwritten_by_the_status_that_follows_a_run(whole_app):
+    """A refusal ('Not started: ...') must stay on screen: the timer that follows a run every two seconds
+    writes other components than the buttons do, and shows no progress text of its own."""
+    demo, _ = whole_app
+    ticks = [fn for fn in demo.fns.values() if any(event == "tick" for _, event in fn.targets)]
+    clicks = [fn for fn in demo.fns.values() if any(event == "click" for _, event in fn.targets)]
+    followed = {id(output) for fn in ticks for output in fn.outputs}
+    labels = {fn: [str(getattr(demo.blocks.get(target), "value", "")) for target, _ in fn.targets] for fn in clicks}
+    start_buttons = [fn for fn in clicks if any(re.fullmatch(r"Start \w+ run", label) for label in labels[fn])]
+    assert len(start_buttons) == 4  # IPR, ReFL, SELMA, RECAP
+    for fn in clicks:
+        overwritten = [getattr(output, "elem_id", None) for output in fn.outputs if id(output) in followed]
+        assert not overwritten, (fn.name, overwritten)
+    assert all(fn.show_progress == "hidden" for fn in ticks)

@@ -234,6 +234,6 @@ def build_ipr_section(runner: JobRunner) -> gr.Dropdown:
     log = gr.Textbox(label="Log", lines=12, max_lines=24, autoscroll=True)
 
     controls.buttons["Reviewed: continue"].click(lambda r: continue_run(runner, r, True), controls.run,
-                                                 [controls.job, controls.status])
+                                                 [controls.job, controls.notice])
     controls.follow(lambda r, j: run_status(runner, r, j), outputs=[log, plot, table])
     return controls.run

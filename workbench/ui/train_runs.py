@@ -198,10 +198,13 @@ def model_picker(label: str = "Model") -> gr.Dropdown:
 
 @dataclass
 class RunControls:
-    """The components every method section has; `buttons` holds a section's extra buttons by label."""
+    """The components every method section has; `buttons` holds a section's extra buttons by label.
+    `notice` says what the last click did (a refusal stays until the next click); `status` follows the
+    run, rewritten on every timer tick."""
 
     run: gr.Dropdown
     job: gr.State
+    notice: gr.Markdown
     status: gr.Markdown
     buttons: dict[str, gr.Button] = field(default_factory=dict)
 
@@ -209,7 +212,8 @@ class RunControls:
         """Call show(run, job id, *inputs) on every timer tick (and on `triggers`); it returns the status
         text, then the values of `outputs`."""
         timer = gr.Timer(REFRESH_EVERY_S)
-        gr.on([timer.tick, *triggers], show, [self.run, self.job, *inputs], [self.status, *outputs])
+        gr.on([timer.tick, *triggers], show, [self.run, self.job, *inputs], [self.status, *outputs],
+              show_progress="hidden")
 
 
 def run_controls(runner: JobRunner, kind: str, method: str, start: Callable, settings: Sequence, status_id: str,
@@ -224,11 +228,13 @@ def run_controls(runner: JobRunner, kind: str, method: str, start: Callable, set
         buttons = {label: gr.Button(label, scale=1) for label in extra_buttons}
         cancel = gr.Button("Cancel", variant="stop", scale=1)
     job = gr.State(None)
+    notice = gr.Markdown(elem_id=f"{status_id}-notice")
     status = gr.Markdown(elem_id=status_id)
 
-    start_button.click(lambda *values: start(runner, *values), list(settings), [run, job, status])
+    start_button.click(lambda *values: start(runner, *values), list(settings), [run, job, notice])
     refresh.click(lambda: gr.update(choices=runs_of_kind(kind)), None, run)
-    run.input(lambda: None, None, job)  # the user chose another run: follow that run's newest job
-    resume.click(lambda r: continue_run(runner, r, False, kind), run, [job, status])
-    cancel.click(lambda r, j: cancel_run(runner, r, j, kind), [run, job], status)
-    return RunControls(run, job, status, buttons)
+    # The user chose another run: follow that run's newest job; what was said of the last one is stale.
+    run.input(lambda: (None, ""), None, [job, notice])
+    resume.click(lambda r: continue_run(runner, r, False, kind), run, [job, notice])
+    cancel.click(lambda r, j: cancel_run(runner, r, j, kind), [run, job], notice)
+    return RunControls(run, job, notice, status, buttons)

@@ -191,7 +191,7 @@ def build_selma_section(runner: JobRunner):
 
     model.change(skills_update, model, skills)  # another world: its built-in skills
     controls.buttons[SCORE_EXPERTS].click(lambda r: continue_run(runner, r, False, KIND, {"eval_experts": True}),
-                                          controls.run, [controls.job, controls.status])
+                                          controls.run, [controls.job, controls.notice])
     controls.follow(lambda r, j: selma_status(runner, r, j), outputs=[log, table, stats, adapters])
 
     def refresh(name, chosen):  # runs started elsewhere, skills added in the Data tab

@@ -334,3 +334,17 @@ def test_every_model_list_offers_full_fine_tunes_and_on_page_load_those_made_lat
         updates = refreshes[0].fn()
         update = updates[refreshes[0].outputs.index(model_list)] if isinstance(updates, (tuple, list)) else updates
         assert ("runs/later-run (full fine-tune)", str(later)) in update["choices"], model_list.label
+
+
+def test_a_negative_seed_reaches_the_tabs_own_message_not_a_gradio_error(whole_app):
+    """Gradio refuses a number under a field's minimum before the handler runs (a toast, a traceback in
+    the log, and the tab's status left as it was): seed fields leave the range to the handlers, which
+    say what is wrong in the tab (tested with each handler)."""
+    import gradio as gr
+
+    demo, _ = whole_app
+    seed_fields = [block for block in demo.blocks.values()
+                   if isinstance(block, gr.Number) and "seed" in (block.label or "").lower()]
+    assert len(seed_fields) >= 4, [field.label for field in seed_fields]  # Generate, Inspect, Local captions, Compare
+    for field in seed_fields:
+        assert field.preprocess(-3) == -3, field.label

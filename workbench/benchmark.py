@@ -59,6 +59,13 @@ class BenchmarkConfig:
         """JSON form, for job parameters and scores.json."""
         return {**self.__dict__, "loras": [lora.__dict__ for lora in self.loras]}
 
+    def check_seeds(self) -> None:
+        if not 1 <= self.seeds <= 16:
+            raise InvalidInput(f"Seeds per prompt must be between 1 and 16 (got {self.seeds}).")
+        if not 0 <= self.first_seed < 2**32 - self.seeds:
+            raise InvalidInput(f"The first seed must be between 0 and {2**32 - self.seeds - 1} "
+                               f"(got {self.first_seed}).")
+
     @classmethod
     def from_dict(cls, data: dict) -> "BenchmarkConfig":
         return cls(**{**data, "loras": [LoraSpec(**lora) for lora in data.get("loras", [])]})
@@ -129,11 +136,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: Path,
                   on_progress: Callable[[float, str], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> dict:
     records = load_prompt_file(config.prompts)
-    if not 1 <= config.seeds <= 16:
-        raise InvalidInput(f"Seeds per prompt must be between 1 and 16 (got {config.seeds}).")
-    if not 0 <= config.first_seed < 2**32 - config.seeds:
-        raise InvalidInput(f"The first seed must be between 0 and {2**32 - config.seeds - 1} "
-                           f"(got {config.first_seed}).")
+    config.check_seeds()
     out_dir = check_output_folder(out_dir)
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     from .perception.backends import check_all

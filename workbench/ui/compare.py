@@ -211,7 +211,7 @@ def build_compare_tab(runner: JobRunner) -> tuple:
                              elem_id="compare-upload")
             with gr.Row():
                 seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds per prompt")
-                first_seed = gr.Number(0, precision=0, minimum=0, label="First seed", elem_id="compare-first-seed",
+                first_seed = gr.Number(0, precision=0, label="First seed", elem_id="compare-first-seed",
                                        info="4: seeds 4.., images no run's own evaluation drew")
                 steps = gr.Slider(1, 100, value=default_steps(default_model) or 20, step=1, label="Steps",
                                   elem_id="compare-steps")

@@ -104,7 +104,7 @@ def build_generate_tab(runner):
             with gr.Accordion("Evaluate on ShapesBench", open=False):
                 with gr.Row():
                     eval_seeds = gr.Slider(1, 4, value=4, step=1, label="Seeds per prompt")
-                    eval_first_seed = gr.Number(0, precision=0, minimum=0, label="First seed",
+                    eval_first_seed = gr.Number(0, precision=0, label="First seed",
                                                 info="4: seeds 4..7, images no run's own evaluation drew")
                 eval_button = gr.Button("Evaluate this model (background job)", elem_id="eval-button")
                 eval_status = gr.Markdown(elem_id="eval-status")
@@ -158,6 +158,7 @@ def build_generate_tab(runner):
             config = BenchmarkConfig(model=model_name, seeds=int(seeds), first_seed=int(first_seed or 0),
                                      steps=int(steps_value), guidance=float(guidance_value),
                                      loras=parse_loras(loras_text))
+            config.check_seeds()  # before a job is queued
             check_detector(config)
         except WorkbenchError as error:
             yield gr.update(), f"Cannot evaluate: {error}"

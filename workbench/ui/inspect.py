@@ -314,7 +314,7 @@ def build_inspect_tab() -> None:
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="two red circles above a blue square",
                                 elem_id="inspect-prompt")
             with gr.Row():
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                seed = gr.Number(value=0, precision=0, label="Seed")
                 generate_button = gr.Button("Generate one image", elem_id="inspect-generate")
             image = readable_uploads(gr.Image(type="pil", label="Image (generated, or upload your own)",
                                               sources=["upload", "clipboard"], height=320, elem_id="inspect-image"))

@@ -297,7 +297,7 @@ def build_local_captions_tab() -> gr.Dropdown:
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="an orange square and a red circle",
                                 elem_id="fine-prompt")
             with gr.Row():
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                seed = gr.Number(value=0, precision=0, label="Seed")
                 strength = gr.Slider(0, 3, value=1.0, step=0.05, label="Strength S",
                                      info="0 regenerates the original exactly", elem_id="fine-strength")
             edges = gr.Radio([("neutral: cells a mask covers in part are left alone", "neutral"),

@@ -259,6 +259,21 @@ def fine_tune_of(tiny_sd, folder, scale: float):
     return folder
 
 
+def test_ipr_adapters_are_named_by_iteration_as_the_train_tab_counts_them(data_dir):
+    from workbench.ui.adapters import adapter_choices
+
+    run = data_dir / "runs" / "ipr-two"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"kind": "ipr"}))
+    for folder in ("iteration-0", "iteration-1"):
+        (run / folder / "adapter").mkdir(parents=True)
+        (run / folder / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    labels = {label: value for label, value in adapter_choices() if "ipr-two" in label}
+    # Train's plot and Results call the first iteration 1 (0 is the base model).
+    assert labels == {"IPR ipr-two · iteration 1": str(run / "iteration-0" / "adapter"),
+                      "IPR ipr-two · iteration 2": str(run / "iteration-1" / "adapter")}
+
+
 def test_a_full_fine_tune_is_a_variant_drawn_in_place_of_the_base_model(tiny_sd, tiny_lora, data_dir):
     from workbench.ui.adapters import adapter_choices, model_choices
     from workbench.ui.compare import build_config, variants_with

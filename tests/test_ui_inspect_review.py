@@ -212,10 +212,11 @@ def test_no_run_chosen_gives_an_empty_table_and_a_hint(store):
 
 def test_filters_choose_the_rows(store):
     assert review.run_choices() == ["ipr-test"]
-    assert review.iteration_choices("ipr-test") == ["all", "0", "1"]
+    # Counted from 1, as the Train, Compare and Results tabs count iterations (folders iteration-0, -1).
+    assert review.iteration_choices("ipr-test") == ["all", "1", "2"]
     table, summary = review.show_table(store, "ipr-test")
     assert table["id"].tolist() == IDS and summary == "4 samples (4 pending); 4 shown."
-    assert review.show_table(store, "ipr-test", iteration="1")[0]["id"].tolist() == [IDS[3]]
+    assert review.show_table(store, "ipr-test", iteration="2")[0]["id"].tolist() == [IDS[3]]
     assert review.show_table(store, "ipr-test", changed_only=True)[0]["id"].tolist() == IDS[1:]
     store.set("ipr-test", IDS[1], "rejected")
     table, summary = review.show_table(store, "ipr-test", status="pending")
@@ -278,7 +279,7 @@ def test_leaving_a_sample_with_unsaved_text_names_that_text(store):
 
 def test_accept_all_shown_accepts_only_the_pending_rows_shown(store):
     store.set("ipr-test", IDS[1], "edited", "a green square")
-    table, _ = review.show_table(store, "ipr-test", iteration="0")
+    table, _ = review.show_table(store, "ipr-test", iteration="1")
     message = review.accept_shown(store, "ipr-test", table)
     assert message.startswith("Accepted 2 pending sample(s) of the 3 shown")
     statuses = {k: r.status for k, r in store.get_all("ipr-test").items()}

@@ -101,7 +101,8 @@ def _part_label(kind: str | None, run: Path, rest: list[str]) -> str | None:
     if kind == "recap" and rest in (["alt-text", "adapter"], ["recap", "adapter"]):
         return "alt-text fine-tune" if rest[0] == "alt-text" else "RECAP fine-tune"
     if kind == "ipr" and len(rest) == 2 and rest[1] == "adapter" and rest[0].startswith("iteration-"):
-        return f"iteration {rest[0].removeprefix('iteration-')}"
+        number = rest[0].removeprefix("iteration-")  # folder iteration-0 is iteration 1, as Train and Results count
+        return f"iteration {int(number) + 1}" if number.isdigit() else None
     if kind == "refl" and rest == ["adapter"]:
         return "ReFL adapter"
     return None

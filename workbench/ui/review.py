@@ -61,10 +61,17 @@ def reviewed_samples(store: ReviewStore, run_id: str | None) -> list[dict]:
     return with_reviews(load_samples(run_folder(run_id)), store.get_all(run_id))
 
 
+def iteration_number(sample: dict) -> int | None:
+    """The iteration as the Train, Compare and Results tabs count it: folder iteration-0 is iteration 1
+    (0 is the base model there)."""
+    return None if sample.get("iteration") is None else int(sample["iteration"]) + 1
+
+
 def filter_samples(samples: list[dict], iteration=ALL, status: str = ALL, changed_only: bool = False) -> list[dict]:
+    """Samples of one iteration (counted from 1), status and change."""
     shown = samples
     if iteration not in (None, "", ALL):
-        shown = [s for s in shown if str(s.get("iteration")) == str(iteration)]
+        shown = [s for s in shown if str(iteration_number(s)) == str(iteration)]
     if status not in (None, "", ALL):
         shown = [s for s in shown if s["status"] == status]
     if changed_only:
@@ -84,7 +91,7 @@ def thumbnail(run_dir: Path | None, sample: dict) -> str:
 
 
 def samples_table(samples: list[dict], run_dir: Path | None = None) -> pd.DataFrame:
-    rows = [[thumbnail(run_dir, s), s["id"], s.get("iteration"), s["status"], s["prompt"], s.get("relabeled", ""),
+    rows = [[thumbnail(run_dir, s), s["id"], iteration_number(s), s["status"], s["prompt"], s.get("relabeled", ""),
              s["final_prompt"] if s["status"] == "edited" else "", "; ".join(s.get("reasons") or []),
              "yes" if s.get("keep", True) else "no"] for s in samples]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
@@ -109,7 +116,7 @@ def show_table(store: ReviewStore, run_id, iteration=ALL, status=ALL, changed_on
 
 def iteration_choices(run_id) -> list[str]:
     try:
-        return [ALL, *(str(k) for k in iteration_files(run_folder(run_id)))]
+        return [ALL, *(str(k + 1) for k in iteration_files(run_folder(run_id)))]
     except WorkbenchError:
         return [ALL]
 
@@ -136,7 +143,7 @@ def sample_view(store: ReviewStore, run_id, sample_id):
         return None, "", f"Cannot show sample '{sample_id}': {error}", None
     detections = [Detection.from_dict(d) for d in sample.get("detections") or []]
     details = "\n".join([
-        f"**{sample_id}** — iteration {sample.get('iteration')}, seed {sample.get('seed')}, "
+        f"**{sample_id}** — iteration {iteration_number(sample)}, seed {sample.get('seed')}, "
         f"status **{sample['status']}**, weight {float(sample.get('weight', 1.0)):g}, "
         f"{'kept' if sample.get('keep', True) else 'not kept (left out of training)'}",
         f"- original: {sample['prompt']}",

@@ -89,6 +89,13 @@ def test_bad_prompt_settings_are_refused_with_a_message(runner, chosen, llm, wor
     assert not runner.list_jobs()
 
 
+def test_an_llm_server_without_a_model_name_is_refused_before_a_job_starts(runner, monkeypatch):
+    monkeypatch.delenv("WORKBENCH_LLM_MODEL", raising=False)
+    status, *_, job_id = last(skills.write_prompt_set(runner, "shapes", "openai", ["counting"], 8, 0.8))
+    assert status.startswith("Not started") and "set WORKBENCH_LLM_MODEL" in status and job_id is None
+    assert ".." not in status and not runner.list_jobs()
+
+
 def test_user_skills_are_saved_offered_and_deleted(runner, data_dir):
     checkboxes, picker, message = skills.save_skill("shapes", ["counting"], "animals", "Animals doing things.",
                                                     "a cat on a mat", "a dog in a park", "")

@@ -92,6 +92,13 @@ def test_bad_selma_settings_are_refused_with_a_message(runner, changes, words):
     assert not runner.list_jobs()
 
 
+def test_a_selma_run_with_an_llm_server_without_a_model_name_is_refused(runner, monkeypatch):
+    monkeypatch.delenv("WORKBENCH_LLM_MODEL", raising=False)
+    run, job, message = train_selma.start_selma_run(runner, *with_changes(SELMA_GOOD, SELMA_NAMES, llm="openai"))
+    assert job is None and message.startswith("Not started") and "set WORKBENCH_LLM_MODEL" in message, message
+    assert not runner.list_jobs()
+
+
 def test_good_selma_settings_submit_a_selma_job(runner):
     runner.register("selma", lambda params, ctx: {"params": params})  # record instead of training
     run, job_id, message = train_selma.start_selma_run(

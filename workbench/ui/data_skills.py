@@ -21,7 +21,7 @@ from ..config import get_settings
 from ..datasets import load_prompt_set, prompt_sets
 from ..errors import WorkbenchError
 from ..jobs import JobRunner, JobStatus
-from ..llm import LLMS
+from ..llm import LLMS, check_llm
 from .adapters import model_dropdown
 from ..rouge import DEFAULT_THRESHOLD
 from ..skills import (Skill, available_skills, builtin_skills, delete_user_skill, load_user_skills, save_user_skill,
@@ -122,6 +122,7 @@ def prompt_set_settings(model, llm, skills, prompts_per_skill, rouge_threshold) 
                          prompts_per_skill=number(prompts_per_skill, "Prompts per skill"),
                          rouge_threshold=number(rouge_threshold, "ROUGE-L threshold", float))
     config.validate()  # also resolves the skills: none chosen, or one deleted meanwhile
+    check_llm(config.llm_name())
     return asdict(config)
 
 
@@ -156,6 +157,14 @@ def open_prompt_set(name: str | None):
     return status, stats_frame(records), prompts_frame(records)
 
 
+def holds_prompts(name: str) -> bool:
+    """Whether a prompt set has any skill's prompts written (a job can stop before the first)."""
+    try:
+        return name in prompt_sets() and any(record["prompts"] for record in load_prompt_set(name)[1])
+    except (WorkbenchError, ValueError, KeyError, TypeError):
+        return False
+
+
 def write_prompt_set(runner: JobRunner, model, llm, skills, prompts_per_skill, rouge_threshold):
     """Submit the prompt writing and follow it; yields (status, statistics, prompts, saved-set picker, job id)."""
     keep = (gr.update(),) * 3
@@ -169,8 +178,8 @@ def write_prompt_set(runner: JobRunner, model, llm, skills, prompts_per_skill, r
     name = f"skill-prompts-{job_id}"
     if job.status is not JobStatus.DONE:
         ended = f"Job `{job_id}` {job.status.value}" + (f": {job.error}" if job.error else "")
-        saved = f" The skills finished before are saved as `{name}`." if name in prompt_sets() else ""
-        yield (ended + "." + saved,) + keep + (job_id,)
+        saved = f" The skills finished before are saved as `{name}`." if holds_prompts(name) else ""
+        yield (ended.rstrip(".") + "." + saved,) + keep + (job_id,)
         return
     status, stats, prompts = open_prompt_set(name)
     yield status, stats, prompts, gr.update(choices=prompt_sets(), value=name), job_id

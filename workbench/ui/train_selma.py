@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipelines.selma import IMAGE_CHECKS, MERGES, SelmaConfig
 from ..jobs import JobRunner
-from ..llm import LLMS
+from ..llm import LLMS, check_llm
 from ..rouge import DEFAULT_THRESHOLD
 from ..skills import builtin_skills
 from .data_skills import skill_choices, skills_update, stats_frame, world
@@ -136,6 +136,7 @@ def selma_config(model, image_model, llm, skills, prompts_per_skill, rouge_thres
                          target_modules=target_modules(adapted_layers, SelmaConfig().target_modules),
                          eval_seeds=number(eval_seeds, "ShapesBench seeds"), eval_experts=bool(eval_experts))
     config.validate()
+    check_llm(config.llm_name())
     return config
 
 

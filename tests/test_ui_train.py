@@ -79,8 +79,23 @@ def test_continue_refuses_a_run_whose_job_is_still_queued_or_running(runner, tin
     finally:
         release.set()
     assert runner.wait(first, timeout=30).status is JobStatus.DONE
-    resumed, message = tab.continue_run(runner, first, reviewed=False)
-    assert resumed != first and "continuing" in message
+    # Finished: Continue and Reviewed: continue say so and queue no job that would have nothing to do.
+    finished, message = tab.continue_run(runner, first, reviewed=False)
+    assert finished == first and "has finished" in message
+    finished, message = tab.continue_run(runner, first, reviewed=True)
+    assert finished == first and "no iteration waits for a review" in message
+    assert [job.id for job in runner.list_jobs()] == [first]
+
+
+def test_a_run_paused_for_review_continues(runner, tiny_sd, tmp_path):
+    runner.register("ipr", lambda params, ctx: {} if params.get("reviewed") else {"status": "awaiting_review",
+                                                                                   "iteration": 0})
+    first = runner.submit("ipr", tiny_params(tiny_sd, tmp_path))
+    assert runner.wait(first, timeout=30).status is JobStatus.DONE
+    assert "Iteration 1 waits for review" in tab.run_status(runner, first, None)[0]
+    resumed, message = tab.continue_run(runner, first, reviewed=True)
+    assert resumed != first and "marked the paused iteration as reviewed" in message
+    assert runner.wait(resumed, timeout=30).status is JobStatus.DONE
 
 
 def test_a_queued_run_is_followed_and_cancelled_by_its_name(runner, tiny_sd, tmp_path):

@@ -81,6 +81,11 @@ def continue_run(runner: JobRunner, run, reviewed: bool, kind: str = "ipr", extr
     if active is not None and active.status in (JobStatus.QUEUED, JobStatus.RUNNING):
         return active.id, (f"Run `{run}` is already {active.status.value} as job `{active.id}`; "
                            f"cancel it first to continue it another way.")
+    paused = active is not None and active.outputs.get("status") == "awaiting_review"
+    if active is not None and active.status is JobStatus.DONE and not paused and not extra:
+        # A job that finished its whole run: continuing would start a job with nothing to do.
+        return active.id, (f"Run `{run}` has finished (job `{active.id}`): nothing to continue" +
+                           (", and no iteration waits for a review." if reviewed else "."))
     params = {"resume_dir": str(folder), **({"reviewed": True} if reviewed else {}), **(extra or {})}
     try:
         job_id = runner.submit(kind, params)

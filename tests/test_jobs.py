@@ -161,6 +161,25 @@ def test_cancel_queued_job_never_runs(runner):
     assert not (runner.runs_dir / queued).exists()
 
 
+def test_a_queued_job_says_which_job_it_waits_for(runner):
+    from workbench.ui.generate import follow_job
+
+    release = threading.Event()
+    runner.register("block", blocking_job(release))
+    runner.register("record", lambda params, ctx: None)
+    first = runner.submit("block", {})
+    wait_until(lambda: runner.get(first).status is JobStatus.RUNNING)
+    queued = runner.submit("record", {})
+    note = runner.waiting_note(runner.get(queued))
+    assert f"Waiting for job `{first}` (block" in note and "one at a time" in note
+    _, line = next(follow_job(runner, queued, 0.01))  # what the Compare and Generate tabs show meanwhile
+    assert line.startswith(f"Job `{queued}` is queued.") and first in line
+    assert runner.waiting_note(runner.get(first)) == ""  # a running job waits for nothing
+    release.set()
+    runner.wait(queued, timeout=TIMEOUT)
+    assert runner.waiting_note(runner.get(queued)) == ""
+
+
 def test_failing_job_records_error_and_runner_keeps_working(runner):
     def explode(params: dict, ctx: JobContext) -> None:
         ctx.progress(0.3, "about to fail")

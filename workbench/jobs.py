@@ -164,6 +164,17 @@ class JobRunner:
     def list_jobs(self, limit: int = 200, with_log: bool = True) -> list[Job]:
         return self._store.list_jobs(limit, with_log)
 
+    def waiting_note(self, job: Job) -> str:
+        """For a queued job, the job it waits for ('' for any other): the worker runs one job at a time,
+        so a short job queued behind a long training run would otherwise seem stuck."""
+        if job.status is not JobStatus.QUEUED:
+            return ""
+        ahead = [other for other in self.running() if other.id != job.id]
+        if not ahead:
+            return ""
+        return (f"Waiting for job `{ahead[0].id}` ({ahead[0].kind}, {ahead[0].progress:.0%}) to finish: jobs run "
+                f"one at a time (the Runs tab can cancel it).")
+
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job at once, or ask a running one to stop. False if neither."""
         if self._store.cancel_queued(job_id, time.time()):

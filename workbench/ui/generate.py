@@ -47,7 +47,10 @@ def follow_job(runner, job_id: str, interval: float):
     Handlers call it with `job = yield from follow_job(...)`.
     """
     while (job := runner.get(job_id)).status not in FINISHED:
-        yield gr.update(), f"Running job `{job_id}`: {job.status.value} {job.progress:.0%} {job.stage or ''}"
+        if job.status is JobStatus.QUEUED:
+            yield gr.update(), f"Job `{job_id}` is queued. {runner.waiting_note(job)}".rstrip()
+        else:
+            yield gr.update(), f"Running job `{job_id}`: {job.progress:.0%} {job.stage or ''}"
         time.sleep(interval)
     return job
 

@@ -115,10 +115,10 @@ def cancel_run(runner: JobRunner, run, job_id, kind: str = "ipr") -> str:
     return f"Cancelling job `{job.id}`; its finished stages and checkpoints are kept (*Continue* resumes)."
 
 
-def job_line(job) -> str:
-    """A job's status, progress and stage, and its error if it failed."""
+def job_line(job, waiting: str = "") -> str:
+    """A job's status, progress and stage, what it waits for if queued, and its error if it failed."""
     line = f"Job `{job.id}`: **{job.status.value}** {job.progress:.0%} {job.stage}"
-    return line + (f"\n\nError: {job.error}" if job.error else "")
+    return line + (f" {waiting}" if waiting else "") + (f"\n\nError: {job.error}" if job.error else "")
 
 
 def status_and_log(runner: JobRunner, run, job_id, kind: str, *details: str) -> tuple[str, str]:
@@ -127,7 +127,7 @@ def status_and_log(runner: JobRunner, run, job_id, kind: str, *details: str) -> 
     if job is None:
         head = "Choose a run, or start one." if not run else f"Run `{run}`: no job of this app is working on it."
         return "\n\n".join(filter(None, [head, *details])), ""
-    return "\n\n".join(filter(None, [job_line(job), *details])), job.log[-20000:]
+    return "\n\n".join(filter(None, [job_line(job, runner.waiting_note(job)), *details])), job.log[-20000:]
 
 
 def submit_run(runner: JobRunner, kind: str, method: str, make_settings: Callable[[], dict]):

@@ -177,8 +177,10 @@ class IPRConfig:
             raise InvalidInput(f"The clause share must be in [0, 1] (got {self.clause_share}).")
         if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
             raise InvalidInput(f"The minimum confidence must be in [0, 1] (got {self.min_confidence}).")
-        if self.steps < 1 or self.batch_size < 1:
-            raise InvalidInput("Training needs at least one step and a batch of at least one.")
+        if self.steps < 1:
+            raise InvalidInput(f"Training steps per iteration must be at least 1 (got {self.steps}).")
+        if self.batch_size < 1:
+            raise InvalidInput(f"The batch size must be at least 1 (got {self.batch_size}).")
         if not 1 <= self.adapter_seeds <= 8:
             raise InvalidInput(f"Adapter seeds must be between 1 and 8 (got {self.adapter_seeds}).")
         if self.adapter_seeds > 1 and (self.continue_adapter or not self.lora):

@@ -143,13 +143,15 @@ class ReFLConfig:
 
         resolve(self.model)  # a mistyped model first: the checks below depend on which model it is
         checks = [
-            (self.steps >= 1 and self.batch_size >= 1, "ReFL needs at least one step and a batch of one."),
+            (self.steps >= 1, f"ReFL needs at least one training step (got {self.steps})."),
+            (self.batch_size >= 1, f"The batch size must be at least 1 (got {self.batch_size})."),
             (self.prompts >= 1, f"ReFL needs at least one training prompt (got {self.prompts})."),
-            (self.rank >= 1 and self.alpha > 0, f"The LoRA rank must be at least 1 (got {self.rank}) and alpha "
-                                                f"positive (got {self.alpha})."),
+            (self.rank >= 1, f"The LoRA rank must be at least 1 (got {self.rank})."),
+            (self.alpha > 0, f"The LoRA alpha must be positive (got {self.alpha})."),
             (self.checkpoint_every >= 1, f"checkpoint_every must be at least 1 (got {self.checkpoint_every})."),
-            (self.lr > 0 and (self.reward_weight is None or self.reward_weight > 0),
-             "lr and reward_weight must be positive."),
+            (self.lr > 0, f"The learning rate must be positive (got {self.lr})."),
+            (self.reward_weight is None or self.reward_weight > 0,
+             f"The reward weight lambda must be positive, or unset to balance it at step 1 (got {self.reward_weight})."),
             (0 < self.first_grad_step < self.schedule_steps,
              f"first_grad_step must lie inside the {self.schedule_steps}-step schedule."),
             (self.last_grad_step is None or self.first_grad_step < self.last_grad_step <= self.schedule_steps,

@@ -136,7 +136,8 @@ class RecapConfig:
             (self.data is not None or self.images >= 1, f"Give at least one image to render (got {self.images})."),
             (self.captions in CAPTION_MIXES, f"Unknown caption choice '{self.captions}'; use one of "
                                              f"{', '.join(CAPTION_MIXES)}."),
-            (self.steps >= 1 and self.batch_size >= 1, "Training needs at least one step and a batch of at least one."),
+            (self.steps >= 1, f"Training steps must be at least 1 (got {self.steps})."),
+            (self.batch_size >= 1, f"The batch size must be at least 1 (got {self.batch_size})."),
             (self.train_unet or (self.lora and self.train_text_encoder), UNTRAINED_UNET_NEEDS_TEXT_ENCODER),
             (0.0 <= self.prompt_dropout < 1.0, f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout})."),
             (bool(self.text_field.strip()), "Name the metadata field that holds the alt text (text_field)."),

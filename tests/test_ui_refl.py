@@ -44,9 +44,10 @@ def test_the_refl_kind_is_registered():
 
 @pytest.mark.parametrize("changes, words", [
     ({"first_grad_step": 20}, "first_grad_step"),
-    ({"steps": 0}, "at least one step"),
+    ({"steps": 0}, "at least one training step (got 0)"),
     ({"steps": None}, "Steps needs a value"),
-    ({"lr": -1.0}, "positive"),
+    ({"lr": -1.0}, "The learning rate must be positive (got -1.0)"),
+    ({"reward_weight": -2.0}, "The reward weight lambda must be positive"),
     ({"model": "no-such-model"}, "Unknown model"),
     ({"eval_seeds": 20}, "between 0 and 16"),
     ({"rank": 0}, "LoRA rank"),

@@ -82,6 +82,8 @@ def test_the_kinds_are_registered_and_the_train_tab_has_their_sections(runner):
     ({"rouge": 1.5}, "ROUGE-L threshold must be between 0 and 1"),
     ({"model": "no-such-model"}, "Unknown model"),
     ({"steps": None}, "Steps per expert needs a value"),
+    ({"steps": 0}, "Steps per expert must be at least 1 (got 0)"),
+    ({"rank": 0}, "The LoRA rank must be at least 1 (got 0)"),  # the section has no alpha to blame
     ({"merge": "average"}, "Unknown merge"),
     ({"layers": "everything"}, "Unknown choice of adapted layers 'everything'"),
     ({"unet": False}, "needs a LoRA on the text encoder"),  # nothing would train
@@ -210,8 +212,10 @@ def make_imagefolder(folder):
 
 @pytest.mark.parametrize("changes, words", [
     ({"data": "/etc"}, "outside the data folder"),
-    ({"data": "datasets/none"}, "not an imagefolder"),
+    ({"data": "datasets/none"}, "not an imagefolder: there is no folder"),
     ({"rank": 0}, "LoRA rank must be at least 1"),
+    ({"lr": -1.0}, "The learning rate must be positive (got -1.0)"),
+    ({"steps": -3}, "Training steps must be at least 1 (got -3)"),  # the section has no batch size to blame
     ({"images": 0}, "at least one image"),
     ({"model": "no-such-model"}, "Unknown model"),
     ({"dropout": 1.0}, "prompt_dropout must be in [0, 1)"),
@@ -235,6 +239,10 @@ def test_good_recap_settings_submit_a_recap_job_on_data_inside_the_data_folder(r
     config = RecapConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"])
     assert (config.data, config.captioner, config.lora, config.alpha) == (str(folder), "shapes", False, 64.0)
     assert config.inline_pairs is True
+
+    # A data field of spaces is an empty one (render shapes scenes), as the IPR section's prior data field.
+    run, job_id, message = train_recap.start_recap_run(runner, *with_changes(RECAP_GOOD, RECAP_NAMES, data="  "))
+    assert job_id in message and RecapConfig.from_dict(runner.wait(job_id, timeout=30).outputs["params"]).data is None
 
 
 def test_a_recap_run_is_cancelled_continued_and_shows_its_table_and_adapters(runner, tiny_sd, eval_prompts,

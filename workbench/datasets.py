@@ -57,6 +57,8 @@ def imagefolder(path: str | Path, images_inside: bool = True) -> Path:
     folder too: a metadata.jsonl naming "../../outside.png" would otherwise bring that file into the data
     folder, where the app serves it. Browsing passes False: it shows no image outside (`row_image`)."""
     folder = inside_data_folder(path)
+    if not folder.is_dir():
+        raise InvalidInput(f"'{path}' is not an imagefolder: there is no folder {folder}.")
     if not (folder / "metadata.jsonl").is_file():
         raise InvalidInput(f"'{path}' is not an imagefolder: {folder} has no metadata.jsonl.")
     if images_inside:

@@ -107,8 +107,8 @@ class JobContext:
         return text
 
 
-START_AGAIN = ("Start it again with the Runs tab's Run again: a training run (IPR, SELMA, RECAP, ReFL) continues "
-               "from its last checkpoint, other jobs run anew with the same settings.")
+START_AGAIN = ("Start it again with the Runs tab's Run again (or the Train tab's Continue): a training run (IPR, "
+               "SELMA, RECAP, ReFL) continues from its last checkpoint, other jobs run anew with the same settings.")
 INTERRUPTED_REASON = "The app stopped (was closed or crashed) while this job was queued or running. " + START_AGAIN
 
 

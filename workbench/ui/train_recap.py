@@ -111,9 +111,11 @@ def recap_config(model, data, images, captioner, captions, steps, rank, lr, prom
     """The section's settings as a validated RecapConfig; InvalidInput says what is wrong."""
     resolve(model)  # an unknown model is refused now, not when the job starts
     rank, lr = number(rank, "LoRA rank"), number(lr, "Learning rate", float)
-    if rank < 1 or not lr > 0:
-        raise InvalidInput(f"The LoRA rank must be at least 1 and the learning rate positive (got {rank}, {lr}).")
-    config = RecapConfig(model=model.strip(), data=str(imagefolder(data)) if data else None,
+    if rank < 1:
+        raise InvalidInput(f"The LoRA rank must be at least 1 (got {rank}).")
+    if not lr > 0:
+        raise InvalidInput(f"The learning rate must be positive (got {lr}).")
+    config = RecapConfig(model=model.strip(), data=str(imagefolder(data)) if (data or "").strip() else None,
                          images=number(images, "Images to render"),
                          captioner=None if captioner in (None, "", AUTO) else captioner, captions=captions,
                          steps=number(steps, "Steps"), rank=rank, alpha=float(rank), lr=lr,

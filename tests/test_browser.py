@@ -52,6 +52,19 @@ def test_type_a_prompt_click_generate_and_an_image_appears(tiny_sd, tmp_path):
         shown.wait_for(state="visible", timeout=20_000)
         assert drawn_width(shown.screenshot()) > 2 * shown.evaluate("img => img.naturalWidth")
 
+        # A refused generation, then an upload that is no image: the tab says so, the typed prompt stays
+        # editable, and no traceback reaches the log.
+        page.locator("#inspect-prompt textarea").fill("")
+        page.locator("#inspect-generate").click()
+        expect(page.locator("#inspect-status")).to_contain_text("Cannot generate", timeout=20_000)
+        broken = tmp_path / "broken.png"
+        broken.write_text("not an image")  # Gradio itself cannot open it
+        page.locator("#inspect-image button[aria-label='Remove Image']").click()
+        page.locator("#inspect-image input[type=file]").set_input_files(str(broken))
+        expect(page.locator("#inspect-status")).to_contain_text("Cannot read the upload", timeout=20_000)
+        page.locator("#inspect-prompt textarea").fill("a red circle", timeout=5_000)
+        assert "Traceback" not in (data / "app.log").read_text()
+
 
 def drawn_width(png: bytes) -> int:
     """Width in screen pixels of what is drawn across the middle row of an element's screenshot (pixels

@@ -133,9 +133,10 @@ def test_an_uploaded_workbench_png_fills_in_its_prompt_and_model(tmp_path):
     metadata = {"prompt": "two red circles", "model": "sd15", "steps": 20, "guidance": 7.5, "seed": 4,
                 "width": 64, "height": 64}
     path = save_png(scene_image(("circle", "red", 20, 32)), metadata, tmp_path, name="made.png")
-    with Image.open(path) as uploaded:
-        assert inspect.fill_from_metadata(uploaded) == ("two red circles", "sd15")
-    prompt, model = inspect.fill_from_metadata(scene_image(("circle", "red", 20, 32)))
+    prompt, model, message = inspect.fill_from_metadata(str(path))  # the tab's image input gives a file path
+    assert (prompt, model) == ("two red circles", "sd15") and "filled in" in message
+    scene_image(("circle", "red", 20, 32)).save(tmp_path / "plain.png")
+    prompt, model, message = inspect.fill_from_metadata(str(tmp_path / "plain.png"))
     assert prompt == model == {"__type__": "update"}  # a plain image leaves the fields as they are
 
 
@@ -179,8 +180,8 @@ def test_images_generated_earlier_can_be_picked_with_their_prompt_and_model(data
 
 
 def test_generate_reports_a_missing_model_or_bad_input_as_text():
-    image, message = inspect.generate_image("sdxl", "a cat", 0)
-    assert not isinstance(image, Image.Image)
+    image, message = inspect.generate_image("sdxl", "a cat", 0, current="/shown/before.png")
+    assert image == "/shown/before.png"  # the image shown stays, given back as it is (no gr.update())
     assert "hf download stabilityai/stable-diffusion-xl-base-1.0" in message
     _, message = inspect.generate_image("sdxl", "", 0)
     assert "The prompt is empty" in message
@@ -299,16 +300,18 @@ def test_export_writes_the_imagefolder_under_the_run(store, data_dir):
     assert (out / "metadata.jsonl").read_text().count("\n") == 2
 
 
-def test_an_upload_that_is_no_image_gives_a_message_not_a_bare_error(tmp_path):
+def test_an_upload_that_is_no_image_gives_a_message_and_leaves_prompt_and_model_alone(tmp_path):
     from gradio.data_classes import ImageData
-
-    from workbench.ui.inspect import readable_uploads
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "ok.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])  # a download that broke off
     (tmp_path / "noise.png").write_bytes(bytes(range(256)) * 2)
-    component = readable_uploads(gr.Image(type="pil"))
-    assert component.preprocess(ImageData(path=str(tmp_path / "ok.png"), orig_name="ok.png")).size == (32, 32)
     for name in ("cut.png", "noise.png"):
-        with pytest.raises(gr.Error, match=f"{name} is not an image the workbench can read"):
-            component.preprocess(ImageData(path=str(tmp_path / name), orig_name=name))
+        prompt, model, message = inspect.fill_from_metadata(str(tmp_path / name))
+        assert prompt == model == {"__type__": "update"}, name  # no error on the fields the user typed in
+        assert message.startswith("Cannot read the upload") and f"'{name}' is not an image file" in message
+        message = inspect.inspect_image(str(tmp_path / name), "a red circle", "shapes")[-1]
+        assert message.startswith("Cannot inspect") and f"'{name}' is not an image file" in message
+        # The tab's input hands such an upload to the handlers as its path (Gradio would refuse it first).
+        component = inspect.readable_uploads(gr.Image(type="filepath"))
+        assert component.preprocess(ImageData(path=str(tmp_path / name), orig_name=name)) == str(tmp_path / name)

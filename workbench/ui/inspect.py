@@ -91,25 +91,26 @@ def as_image(value) -> Image.Image:
         try:
             with Image.open(value) as image:
                 return image.convert("RGB")
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # PIL's ways to say "broken"
             raise InvalidInput(f"'{Path(value).name}' is not an image file the workbench can read "
                                f"(PNG, JPEG or WebP).") from None
     raise InvalidInput(f"Expected an image, got {type(value).__name__}.")
 
 
 def readable_uploads(component: gr.Image) -> gr.Image:
-    """The image input, made to answer an upload that is no readable image with a message instead of a bare
-    "Error": Gradio decodes an upload before any handler runs, so the handlers' own checks never see it.
-    (The instance's method is wrapped: a subclass of a Gradio component writes a .pyi beside its module.)"""
+    """The image input (type "filepath"), made to pass an upload that is no readable image on to the
+    handlers as its path, which they read and refuse with a message (`as_image`). Gradio opens every
+    upload before any handler runs and would answer with a bare "Error" over the handler's outputs.
+    (The instance's method is wrapped, since a subclass of a Gradio component writes a .pyi beside its
+    module; a handler's gr.update() to the component replaces the instance, so handlers give the image
+    back as it is instead.)"""
     decode = component.preprocess
 
     def preprocess(payload):
         try:
             return decode(payload)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # PIL's ways to say "broken"
-            name = getattr(payload, "orig_name", None) or "The upload"
-            raise gr.Error(f"{name} is not an image the workbench can read (PNG, JPEG or WebP), or it is damaged.",
-                           print_exception=False) from None
+            return str(payload.path)
 
     component.preprocess = preprocess
     return component
@@ -170,15 +171,16 @@ def word_diff(original: str, relabeled: str) -> list[tuple[str, str | None]]:
 # --- handlers ------------------------------------------------------------------------------------
 
 
-def generate_image(model: str, prompt: str, seed):
-    """One image for (model, prompt, seed); a missing model or bad input comes back as the message
-    (and the image already shown stays)."""
+def generate_image(model: str, prompt: str, seed, current=None):
+    """One image for (model, prompt, seed); a missing model or bad input comes back as the message, and
+    the image already shown (`current`) stays: given back as it is, not as gr.update(), which would
+    replace the tab's image input and with it `readable_uploads`' wrapper."""
     try:
         seed_value = int(seed) if seed is not None else 0
         request = GenerationRequest(prompt=prompt or "", model=model, seeds=[seed_value])
         result = generate(request)[0]
     except WorkbenchError as error:
-        return gr.update(), f"Cannot generate: {error}"
+        return current, f"Cannot generate: {error}"
     return result.image, f"Generated with `{model}`, seed {seed_value}. Press **Detect & relabel** next."
 
 
@@ -191,12 +193,23 @@ def _metadata(image: Image.Image) -> dict:
         return {}
 
 
-def fill_from_metadata(image):
-    """An uploaded workbench PNG carries its prompt and model: fill them in (else leave both)."""
-    metadata = _metadata(image)
+def fill_from_metadata(path):
+    """(prompt, model, message) for an upload: a workbench PNG carries its prompt and model, which fill
+    the fields (else both stay); a file that is no readable image is said so in the message."""
+    try:
+        metadata = _metadata_of(path)
+    except InvalidInput as error:
+        return gr.update(), gr.update(), f"Cannot read the upload: {error}"
     if "prompt" in metadata and "model" in metadata:
-        return metadata["prompt"], metadata["model"]
-    return gr.update(), gr.update()
+        return metadata["prompt"], metadata["model"], "The upload's prompt and model are filled in from its PNG."
+    return gr.update(), gr.update(), "Uploaded. Give the prompt it was made for, then press **Detect & relabel**."
+
+
+def _metadata_of(path) -> dict:
+    """The workbench parameters in an image file ({} for none); InvalidInput when it is no readable image."""
+    as_image(path)  # decodes it whole: a file cut short fails here, not in the detector
+    with Image.open(path) as image:
+        return _metadata(image)
 
 
 # --- images saved earlier -------------------------------------------------------------------------
@@ -227,11 +240,12 @@ def saved_gallery() -> tuple[list[tuple[str, str]], list[str]]:
     return items, [path for path, _ in items]
 
 
-def pick_saved(paths: list[str], index: int | None):
+def pick_saved(paths: list[str], index: int | None, current=None):
     """(image, prompt, model, message) of the picked image; prompt and model come from the PNG's
-    embedded parameters and stay as they are for an image without them."""
+    embedded parameters and stay as they are for an image without them. On failure the image shown
+    (`current`) is given back as it is (see generate_image)."""
     if index is None or not 0 <= index < len(paths or []):
-        return gr.update(), gr.update(), gr.update(), "Pick an image in the gallery."
+        return current, gr.update(), gr.update(), "Pick an image in the gallery."
     path = Path(paths[index])
     try:
         path.resolve().relative_to(get_settings().runs_dir.resolve())  # only the data folder's images
@@ -239,7 +253,7 @@ def pick_saved(paths: list[str], index: int | None):
             picture = image.convert("RGB")
             metadata = _metadata(image)
     except (OSError, ValueError, UnidentifiedImageError) as error:
-        return gr.update(), gr.update(), gr.update(), f"Cannot open `{path.name}`: {error}"
+        return current, gr.update(), gr.update(), f"Cannot open `{path.name}`: {error}"
     prompt = metadata.get("prompt") or gr.update()
     model = metadata.get("model") or gr.update()
     seed = f", seed {metadata['seed']}" if "seed" in metadata else ""
@@ -316,8 +330,10 @@ def build_inspect_tab() -> None:
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 generate_button = gr.Button("Generate one image", elem_id="inspect-generate")
-            image = readable_uploads(gr.Image(type="pil", label="Image (generated, or upload your own)",
-                                              sources=["upload", "clipboard"], height=320, elem_id="inspect-image"))
+            # A file path, decoded by the handlers; PNG, so a generated image is inspected pixel for pixel.
+            image = readable_uploads(gr.Image(type="filepath", format="png", sources=["upload", "clipboard"],
+                                              label="Image (generated, or upload your own)", height=320,
+                                              elem_id="inspect-image"))
             with gr.Accordion("Or pick an image generated earlier", open=False, elem_id="inspect-saved") as saved_box:
                 saved = gr.Gallery(label="Newest first (Generate tab, comparisons)", columns=6, height=260,
                                    object_fit="contain", allow_preview=False, elem_id="inspect-saved-gallery")
@@ -333,7 +349,8 @@ def build_inspect_tab() -> None:
             inspect_button = gr.Button("Detect & relabel", variant="primary", elem_id="inspect-button")
             message = gr.Markdown(elem_id="inspect-status")
         with gr.Column(scale=3):
-            boxes = gr.AnnotatedImage(label="Detections and masks", height=384, elem_id="inspect-annotated")
+            boxes = gr.AnnotatedImage(label="Detections and masks", height=384, format="png",
+                                      elem_id="inspect-annotated")
             diff = gr.HighlightedText(label="Original → relabeled prompt", color_map=DIFF_COLORS,
                                       show_legend=True, combine_adjacent=False, elem_id="inspect-diff")
             relabeled = gr.Textbox(label="Relabeled prompt", interactive=False, elem_id="inspect-relabeled")
@@ -342,14 +359,14 @@ def build_inspect_tab() -> None:
                 parsed = gr.JSON(label="Scene the prompt asks for")
                 detected = gr.JSON(label="Scene detected")
 
-    generate_button.click(generate_image, [model, prompt, seed], [image, message], api_name="inspect_generate")
+    generate_button.click(generate_image, [model, prompt, seed, image], [image, message], api_name="inspect_generate")
 
-    def on_pick(paths, event: gr.SelectData):
-        return pick_saved(paths, event.index)
+    def on_pick(paths, current, event: gr.SelectData):
+        return pick_saved(paths, event.index, current)
 
     saved_box.expand(saved_gallery, None, [saved, saved_paths])
     refresh_saved.click(saved_gallery, None, [saved, saved_paths])
-    saved.select(on_pick, [saved_paths], [image, prompt, model, message])
-    image.upload(fill_from_metadata, image, [prompt, model])
+    saved.select(on_pick, [saved_paths, image], [image, prompt, model, message])
+    image.upload(fill_from_metadata, image, [prompt, model, message])
     inspect_button.click(inspect_image, [image, prompt, model, detector, threshold, options],
                          [boxes, parsed, detected, diff, relabeled, verdict, message], api_name="inspect_relabel")

@@ -1,5 +1,7 @@
 """The Inspect & Relabel and Review tabs' handlers, called as the page calls them (no browser)."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import gradio as gr
@@ -203,6 +205,18 @@ def store(data_dir):
     store.close()
 
 
+def test_with_no_ipr_run_yet_the_tab_says_how_to_make_one(data_dir, whole_app):
+    demo, _ = whole_app
+    summary = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "review-summary")
+    loads = [fn for fn in demo.fns.values() if summary in fn.outputs and any(e == "load" for _, e in fn.targets)]
+    assert len(loads) == 1
+    run_list, text = loads[0].fn()  # what opening the page shows
+    assert run_list["choices"] == [] and "No IPR run has relabeled samples yet" in text and "Train tab" in text
+    store = ReviewStore(data_dir / "workbench.db")
+    assert "No IPR run has relabeled samples yet" in review.show_table(store, None)[1]  # Refresh says so too
+    store.close()
+
+
 def test_no_run_chosen_gives_an_empty_table_and_a_hint(store):
     table, summary = review.show_table(store, None)
     assert table.empty and "Choose an IPR run first" in summary
@@ -284,9 +298,23 @@ def test_accept_all_shown_accepts_only_the_pending_rows_shown(store):
     message = review.accept_shown(store, "ipr-test", table)
     assert message.startswith("Accepted 2 pending sample(s) of the 3 shown")
     statuses = {k: r.status for k, r in store.get_all("ipr-test").items()}
-    assert statuses == {IDS[0]: "accepted", IDS[1]: "edited", IDS[2]: "accepted"}  # iteration 1 untouched
+    assert statuses == {IDS[0]: "accepted", IDS[1]: "edited", IDS[2]: "accepted"}  # iteration 2 untouched
     empty = pd.DataFrame([], columns=review.TABLE_COLUMNS)
     assert "No samples are shown" in review.accept_shown(store, "ipr-test", empty)
+
+
+def test_the_table_says_which_samples_the_next_iteration_trains_on(store, data_dir):
+    store.set("ipr-test", IDS[2], "rejected")
+    trained = dict(zip(*(review.show_table(store, "ipr-test")[0][column] for column in ("id", "trained on"))))
+    # IDS[3] is one the loop left out (nothing asked for was detected)
+    assert trained == {IDS[0]: "yes", IDS[1]: "yes", IDS[2]: "no (rejected)", IDS[3]: "no (left out by the loop)"}
+    store.set("ipr-test", IDS[3], "edited", "a purple square")  # a person's label: trained on after all
+    table, _ = review.show_table(store, "ipr-test")
+    assert table[table["id"] == IDS[3]].iloc[0]["trained on"] == "yes (your edit)"
+    assert "trained on: yes (your edit)" in review.sample_view(store, "ipr-test", IDS[3])[2]
+    review.export_run(store, "ipr-test")  # what the next iteration reads: the same three
+    rows = [json.loads(line) for line in (data_dir / "runs" / "ipr-test" / "export" / "metadata.jsonl").open()]
+    assert sorted(row["id"] for row in rows) == sorted([IDS[0], IDS[1], IDS[3]])
 
 
 def test_export_writes_the_imagefolder_under_the_run(store, data_dir):

@@ -204,9 +204,18 @@ def _same_prompt(a: str, b: str) -> bool:
 HUMAN_RELABEL_WEIGHT = 0.5
 
 
+def trained_on(sample: dict) -> bool:
+    """Whether the next iteration trains on a reviewed sample: not when rejected, nor when the loop
+    marked it keep=False, unless a person wrote a prompt for it (an edit is a label someone checked
+    against the image)."""
+    if sample.get("status") == "rejected":
+        return False
+    return bool(sample.get("keep", True)) or sample.get("status") == "edited"
+
+
 def training_rows(reviewed_samples: list[dict]) -> list[dict]:
-    """Rows to fine-tune on: rejected samples and samples the loop marked keep=False are dropped,
-    unless a person wrote a prompt for them (an edit is a label someone checked against the image).
+    """Rows to fine-tune on (`trained_on`): rejected samples and samples the loop marked keep=False are
+    dropped, unless a person wrote a prompt for them.
 
     Weights are the IPR loop's; only an edit back to the original prompt gets 1.0, since the image
     then matches what was asked for.
@@ -214,7 +223,7 @@ def training_rows(reviewed_samples: list[dict]) -> list[dict]:
     rows = []
     for sample in reviewed_samples:
         edited = sample.get("status") == "edited"
-        if sample.get("status") == "rejected" or not (sample.get("keep", True) or edited):
+        if not trained_on(sample):
             continue
         weight = float(sample.get("weight", 1.0))
         if edited and _same_prompt(sample["final_prompt"], sample["prompt"]):

@@ -14,7 +14,7 @@ from .generate import build_generate_tab, model_defaults
 from .inspect import build_inspect_tab
 from .local_captions import build_local_captions_tab, past_runs
 from .results import build_results_tab
-from .review import build_review_tab, run_choices
+from .review import build_review_tab
 from .runs import build_runs_tab
 from .train import build_train_tab, ipr_runs
 
@@ -38,7 +38,7 @@ def build_app() -> gr.Blocks:
         with gr.Tab("Local captions & masks"):
             fine_run = build_local_captions_tab()
         with gr.Tab("Review"):
-            review_run = build_review_tab()
+            review_refresh = build_review_tab()
         with gr.Tab("Data"):
             data_refreshes = build_data_tab(runner)
         with gr.Tab("Train"):
@@ -58,7 +58,7 @@ def build_app() -> gr.Blocks:
             return [gr.update(choices=choices) for _ in every_model_list]
 
         demo.load(refresh_model_lists, None, every_model_list)
-        demo.load(lambda: gr.update(choices=run_choices()), None, review_run)
+        demo.load(*review_refresh)
         demo.load(lambda: gr.update(choices=ipr_runs()), None, train_run)
         demo.load(*compare_refresh)
         demo.load(lambda: gr.update(choices=past_runs()), None, fine_run)

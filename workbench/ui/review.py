@@ -28,12 +28,13 @@ from ..reviews import (
     iteration_files,
     list_review_runs,
     load_samples,
+    trained_on,
     with_reviews,
 )
 from ..store import read_jsonl
 from .inspect import DIFF_COLORS, annotated, word_diff
 
-TABLE_COLUMNS = ["image", "id", "iter", "status", "original", "relabeled", "edit", "reasons", "kept"]
+TABLE_COLUMNS = ["image", "id", "iter", "status", "original", "relabeled", "edit", "reasons", "trained on"]
 ID_COLUMN = TABLE_COLUMNS.index("id")
 THUMBNAIL_SIDE = 48  # pixels in the table; the selected sample is shown full size beside it
 STATUS_FILTERS = ["all", PENDING, *STATUSES]
@@ -41,10 +42,15 @@ ALL = "all"
 EXPORT_FOLDER = "export"
 
 
+NO_RUNS = ("No IPR run has relabeled samples yet: start one in the Train tab (tick *Pause after each relabeling "
+           "for a manual review* to review before it trains) or with `python -m pipelines.ipr`, then press Refresh.")
+
+
 def run_folder(run_id: str | None) -> Path:
     """The folder of a run id; only plain folder names under the runs folder are accepted."""
     if not run_id:
-        raise InvalidInput("Choose an IPR run first (press Refresh if a new run is missing).")
+        raise InvalidInput(NO_RUNS if not run_choices() else "Choose an IPR run first (press Refresh if a new run "
+                                                             "is missing).")
     if Path(run_id).name != run_id or run_id in (".", ".."):
         raise InvalidInput(f"'{run_id}' is not a run id.")
     folder = get_settings().runs_dir / run_id
@@ -93,8 +99,15 @@ def thumbnail(run_dir: Path | None, sample: dict) -> str:
 def samples_table(samples: list[dict], run_dir: Path | None = None) -> pd.DataFrame:
     rows = [[thumbnail(run_dir, s), s["id"], iteration_number(s), s["status"], s["prompt"], s.get("relabeled", ""),
              s["final_prompt"] if s["status"] == "edited" else "", "; ".join(s.get("reasons") or []),
-             "yes" if s.get("keep", True) else "no"] for s in samples]
+             training_note(s)] for s in samples]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def training_note(sample: dict) -> str:
+    """Whether the next iteration trains on the sample, and why when a person's verdict decided it."""
+    if not trained_on(sample):
+        return "no (rejected)" if sample["status"] == "rejected" else "no (left out by the loop)"
+    return "yes" if sample.get("keep", True) else "yes (your edit)"
 
 
 def summary_line(samples: list[dict], shown: int) -> str:
@@ -145,7 +158,7 @@ def sample_view(store: ReviewStore, run_id, sample_id):
     details = "\n".join([
         f"**{sample_id}** — iteration {iteration_number(sample)}, seed {sample.get('seed')}, "
         f"status **{sample['status']}**, weight {float(sample.get('weight', 1.0)):g}, "
-        f"{'kept' if sample.get('keep', True) else 'not kept (left out of training)'}",
+        f"trained on: {training_note(sample)}",
         f"- original: {sample['prompt']}",
         f"- relabeled: {sample.get('relabeled', '')}",
         *(f"- {reason}" for reason in sample.get("reasons") or []),
@@ -222,9 +235,9 @@ def export_run(store: ReviewStore, run_id) -> str:
 # --- layout --------------------------------------------------------------------------------------
 
 
-def build_review_tab(store: ReviewStore | None = None) -> gr.Dropdown:
-    """Create the tab inside the current Gradio context; returns the run dropdown, whose choices
-    the app refreshes on page load."""
+def build_review_tab(store: ReviewStore | None = None):
+    """Create the tab inside the current Gradio context; returns what the app runs on page load:
+    (function, inputs, outputs) that refresh the run list and say what to do when there is no run."""
     store = store or ReviewStore(get_settings().db_path)
     with gr.Row():
         run = gr.Dropdown(run_choices(), value=None, label="IPR run", scale=4, elem_id="review-run",
@@ -303,4 +316,9 @@ def build_review_tab(store: ReviewStore | None = None) -> gr.Dropdown:
     reject.click(act("rejected"), action_inputs, action_outputs, api_name="review_reject")
     accept_all.click(accept_all_shown, [run, table, iteration, status, changed_only], [message, table, summary])
     export.click(lambda run_id: export_run(store, run_id), run, message, api_name="review_export")
-    return run
+
+    def on_page_load():  # runs made since the app was built; with none, what to do
+        choices = run_choices()
+        return gr.update(choices=choices), ("" if choices else NO_RUNS)
+
+    return on_page_load, None, [run, summary]

@@ -197,7 +197,7 @@ def test_realign_fine_on_the_shapes_model_writes_its_files(tmp_path):
     ({}, -1, "seed must be between"),
     ({"layers": ["bogus"]}, 0, "No cross-attention layer of the UNet starts with bogus"),
     ({"prompt": "   "}, 0, "the prompt is empty"),
-    ({"prompt": "a red circle " * 100}, 0, "at most 1000 are allowed"),
+    ({"prompt": "a red circle " * 100}, 0, "the limit is 1000"),
 ])
 def test_realign_fine_refuses_settings_that_would_write_a_wrong_image(tmp_path, changes, seed, words):
     from pipelines.realign_fine import FineStageConfig, realign_fine

@@ -203,7 +203,7 @@ def test_empty_and_overlong_prompts_are_refused():
     for prompt in ("", "   \n"):
         with pytest.raises(InvalidInput, match="empty"):
             parse_prompt(prompt)
-    with pytest.raises(InvalidInput, match="at most 1000"):
+    with pytest.raises(InvalidInput, match="the limit is 1000"):
         parse_prompt("a circle " * 200)
     assert parse_prompt(("a circle" + " " * MAX_PROMPT_CHARS)[:MAX_PROMPT_CHARS])["include"] == [one("circle")]
 
@@ -283,7 +283,7 @@ def test_cli_parse_says_when_it_knows_no_object_of_the_prompt(capsys):
     assert "names no object the vocabulary knows" in out.err and "--add-class" in out.err
 
 
-@pytest.mark.parametrize("prompt, message", [("", "empty"), ("x" * 1001, "at most 1000")])
+@pytest.mark.parametrize("prompt, message", [("", "empty"), ("x" * 1001, "the limit is 1000")])
 def test_cli_parse_errors_are_one_line_and_exit_2(prompt, message):
     run = subprocess.run([sys.executable, "-m", "workbench", "parse", prompt], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2

@@ -85,7 +85,7 @@ def test_reviews_are_written_at_once_and_survive_a_restart(data_dir, store):
 def test_an_empty_overlong_edit_or_unknown_status_is_refused(store):
     with pytest.raises(InvalidInput, match="edited prompt is empty"):
         store.set("run", "a", "edited", "   ")
-    with pytest.raises(InvalidInput, match="at most 1000"):
+    with pytest.raises(InvalidInput, match="the limit is 1000"):
         store.set("run", "a", "edited", "a red circle " * 100)
     with pytest.raises(InvalidInput, match="Unknown review status"):
         store.set("run", "a", "maybe")

@@ -103,8 +103,8 @@ def test_a_saved_run_reopens_from_disk_as_it_was_shown(monkeypatch):
 
 @pytest.mark.parametrize("changes, words", [
     ({"prompt": "   "}, "The prompt is empty"),
-    ({"prompt": "a red circle " * 200}, "the limit is"),
-    ({"prompt": "a red circle " * 100}, "at most 1000 are allowed"),  # fine for the generator, not for the LLM
+    ({"prompt": "a red circle " * 200}, "the limit is 1000"),
+    ({"prompt": "a red circle " * 100}, "the limit is 1000"),  # one limit, whichever step refuses it
     ({"model": "no-such-model"}, "Unknown model 'no-such-model'"),
     ({"seed": -1}, "Seeds must be whole numbers"),
     ({"seed": None}, "Give a seed"),

@@ -30,9 +30,9 @@ from .config import get_settings
 from .errors import InvalidInput, JobCancelled
 from .memory import out_of_memory_as_message
 from .registry import load_pipeline, resolve
+from .prompt_parser import MAX_PROMPT_CHARS, too_long  # one limit for generating, parsing and editing
 from .store import check_output_folder
 
-MAX_PROMPT_CHARS = 2000
 MAX_SEEDS = 64
 MAX_STEPS = 200
 MAX_SIDE = 2048
@@ -98,8 +98,7 @@ class GenerationRequest:
             raise InvalidInput("The prompt is empty: describe the image you want.")
         for what, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt or "")):
             if len(text) > MAX_PROMPT_CHARS:
-                raise InvalidInput(f"The {what} is {len(text)} characters long; the limit is "
-                                   f"{MAX_PROMPT_CHARS} (text encoders read at most 77 tokens anyway).")
+                raise InvalidInput(too_long(text, what))
         if not self.seeds or len(self.seeds) > MAX_SEEDS:
             raise InvalidInput(f"Give between 1 and {MAX_SEEDS} seeds (got {len(self.seeds)}).")
         if any(not isinstance(s, int) or not 0 <= s < 2**32 for s in self.seeds):

@@ -476,8 +476,15 @@ def check_prompt(prompt) -> str:
     if not prompt.strip():
         raise InvalidInput("the prompt is empty: give a text such as \"a red circle left of a blue square\"")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidInput(f"the prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} are allowed")
+        raise InvalidInput(too_long(prompt))
     return prompt
+
+
+def too_long(text: str, what: str = "prompt") -> str:
+    """The one message for a prompt over MAX_PROMPT_CHARS, wherever it is refused (generation, parsing,
+    a hand edit), so a tab never names two limits."""
+    return (f"The {what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS} (text encoders read "
+            f"at most 77 tokens anyway).")
 
 
 def parse_prompt(prompt: str, vocabulary: Vocabulary | None = None) -> dict:

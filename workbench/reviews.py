@@ -22,7 +22,7 @@ from pathlib import Path
 
 from workbench.errors import InvalidInput
 from workbench.jobs import run_names
-from workbench.prompt_parser import MAX_PROMPT_CHARS
+from workbench.prompt_parser import MAX_PROMPT_CHARS, too_long
 from workbench.store import connect_database
 
 STATUSES = ("accepted", "edited", "rejected")
@@ -78,8 +78,7 @@ class ReviewStore:
             if not prompt:
                 raise InvalidInput("The edited prompt is empty: write what the image shows, or reject it.")
             if len(prompt) > MAX_PROMPT_CHARS:  # the parser, and so the next iteration, refuses longer ones
-                raise InvalidInput(f"The edited prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} "
-                                   "are allowed.")
+                raise InvalidInput(too_long(prompt, "edited prompt"))
         else:
             prompt = None
         review = Review(run_id, sample_id, status, prompt, time.time())

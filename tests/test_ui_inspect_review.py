@@ -282,6 +282,12 @@ def test_save_edit_accept_and_reject_are_written_at_once(store, data_dir):
     assert "not in run" in review.record_verdict(store, "ipr-test", "nope", "accepted")
 
 
+def test_an_edit_naming_no_known_object_is_saved_with_a_note(store):
+    message = review.record_verdict(store, "ipr-test", IDS[1], "edited", "qqq zzz")
+    assert message.startswith(f"Saved the edit of `{IDS[1]}`: qqq zzz") and "names no object" in message
+    assert "names no object" not in review.record_verdict(store, "ipr-test", IDS[1], "edited", "two green squares")
+
+
 def test_leaving_a_sample_with_unsaved_text_names_that_text(store):
     assert review.unsaved_edit_note(store, "ipr-test", IDS[1], "a green square") == ""  # what trains
     assert review.unsaved_edit_note(store, "ipr-test", IDS[1], " a  green square ") == ""  # spacing only

@@ -20,6 +20,7 @@ from PIL import Image
 from ..config import get_settings
 from ..errors import InvalidInput, WorkbenchError
 from ..perception.base import Detection
+from ..prompt_parser import parse_prompt
 from ..reviews import (
     PENDING,
     STATUSES,
@@ -195,7 +196,11 @@ def record_verdict(store: ReviewStore, run_id, sample_id, verdict: str, prompt: 
     except WorkbenchError as error:
         return f"Not saved: {error}"
     if verdict == "edited":
-        return f"Saved the edit of `{sample_id}`: {review.prompt}"
+        message = f"Saved the edit of `{sample_id}`: {review.prompt}"
+        if not parse_prompt(review.prompt)["include"]:  # a typo, most likely: it still trains as written
+            message += (" Note: it names no object the vocabulary knows (the shapes world and COCO's 80 classes); "
+                        "it trains as written.")
+        return message
     message = f"`{sample_id}` {verdict}."
     relabeled = samples[sample_id].get("relabeled", "")
     if verdict == "accepted" and prompt and " ".join(prompt.split()) != " ".join(relabeled.split()):

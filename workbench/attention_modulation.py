@@ -46,8 +46,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .prompt_parser import pluralize
-
 # Function words never get a region: they describe no object, and "a" occurs once per object.
 STOP_WORDS = frozenset({"a", "an", "the", "and", "of", "with", "to", "in", "on", "at", "its"})
 _WORD = re.compile(r"[^\W_]+")
@@ -123,8 +121,8 @@ def token_regions(tokenizer, prompt: str, phrases_to_masks: dict[str, np.ndarray
         wanted = [w.lower() for w in _WORD.findall(phrase)]
         positions = _find_run(words, wanted, used)
         if positions is None:  # not as a run: take each content word's first free occurrence
-            positions = [next((k for k, (w, _, _) in enumerate(words) if same_word(w, word) and k not in used),
-                              None) for word in wanted]
+            positions = [next((k for k, (w, _, _) in enumerate(words) if w == word and k not in used), None)
+                         for word in wanted]
         regions.phrases[phrase] = []
         for word, k in zip(wanted, positions):
             if word in STOP_WORDS:
@@ -141,16 +139,10 @@ def token_regions(tokenizer, prompt: str, phrases_to_masks: dict[str, np.ndarray
     return regions
 
 
-def same_word(prompt_word: str, phrase_word: str) -> bool:
-    """A phrase's word found in the prompt, in either number: a local caption names one object ("a red
-    circle") where the prompt may ask for several ("two red circles")."""
-    return prompt_word == phrase_word or prompt_word == pluralize(phrase_word) or pluralize(prompt_word) == phrase_word
-
-
 def _find_run(words, wanted: list[str], used: set[int]) -> list[int] | None:
     for start in range(len(words) - len(wanted) + 1):
         span = range(start, start + len(wanted))
-        if all(same_word(words[k][0], w) and k not in used for k, w in zip(span, wanted)):
+        if all(words[k][0] == w and k not in used for k, w in zip(span, wanted)):
             return list(span)
     return None
 

@@ -226,6 +226,18 @@ def test_http_error_names_status_and_never_echoes_the_key(server):
     assert no_key_anywhere(caught.value)
 
 
+@pytest.mark.parametrize("reply", [
+    (401, "x" * 180 + f" got Bearer {KEY}"),  # an error page that echoes the header, the key across the cut
+    (200, json.dumps({"echo": "y" * 175 + f"Bearer {KEY}"})),  # no chat-completions answer, quoted
+])
+def test_a_key_echoed_where_the_message_is_cut_short_shows_no_part_of_it(server, reply):
+    server.replies = [reply]
+    with pytest.raises(LLMRequestError) as caught:
+        get_llm("openai").chat(MESSAGES)
+    assert "..." in str(caught.value)  # the excerpt was cut
+    assert KEY[:7] not in str(caught.value) + "".join(traceback.format_exception(caught.value))
+
+
 def test_an_answer_that_echoes_the_key_never_shows_it(server):
     server.replies = [completion(f"no json here, you sent Bearer {KEY}")]
     llm = get_llm("openai")

@@ -397,6 +397,11 @@ class OpenAIChat:
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "<api key>") if self._api_key else text
 
+    def _excerpt(self, text, limit: int = 200) -> str:
+        """The start of what the server sent, key masked first: cut first, a key split at the cut would
+        no longer match and half of it would be shown."""
+        return _start(self._redact(str(text)), limit)
+
     def _fail(self, what: str) -> LLMRequestError:
         return LLMRequestError(self._redact(f"The LLM server at {self.url} (model '{self.model}') {what}"))
 
@@ -456,7 +461,7 @@ class OpenAIChat:
         hint = {401: " Check WORKBENCH_LLM_API_KEY.", 403: " Check WORKBENCH_LLM_API_KEY.",
                 404: " Check WORKBENCH_LLM_BASE_URL (it usually ends in /v1) and WORKBENCH_LLM_MODEL.",
                 }.get(error.code, "")
-        detail = f": {_start(str(detail))}" if str(detail).strip() else ""
+        detail = f": {self._excerpt(detail)}" if str(detail).strip() else ""
         return self._fail(f"refused the request with HTTP {error.code} {error.reason}{detail}.{hint}")
 
     def _content(self, raw: bytes) -> str:
@@ -466,11 +471,11 @@ class OpenAIChat:
             content = message.get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise self._fail(f"answered with something that is not a chat-completions response (no "
-                             f"choices[0].message); it began: \"{_start(text)}\"") from None
+                             f"choices[0].message); it began: \"{self._excerpt(text)}\"") from None
         if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         if not isinstance(content, str):
-            raise self._fail(f"answered without text (message: \"{_start(json.dumps(message))}\")")
+            raise self._fail(f"answered without text (message: \"{self._excerpt(json.dumps(message))}\")")
         return content
 
 

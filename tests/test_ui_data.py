@@ -216,6 +216,26 @@ def test_a_dataset_inside_whose_rows_name_files_outside_is_not_recaptioned(runne
     assert gallery == [] and "1 rows" in summary
 
 
+@pytest.mark.parametrize("name", ["../../workbench.db", "../../workbench.db-wal", "../../weights/private.png"])
+def test_a_dataset_whose_rows_name_the_database_or_the_weights_is_neither_read_nor_shown(runner, data_dir, name):
+    """Opening and closing the database file would drop the app's locks on it (reviews saved afterwards can
+    be lost), and a copy of a file in weights/ would be served: rows naming them are refused like rows
+    naming files outside the data folder."""
+    from PIL import Image
+
+    (data_dir / "weights").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(data_dir / "weights" / "private.png")
+    (data_dir / "workbench.db-wal").touch()  # workbench.db itself is the runner's
+    folder = make_imagefolder(data_dir / "datasets" / "private", rows=1)
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "a circle"}) + "\n")
+    status, *_ = last(recaption.recaption_dataset(runner, "datasets/private", 0, 0, "shapes", True))
+    assert status.startswith("Not started") and "database or its weights folder" in status
+    assert not runner.list_jobs()
+    assert row_image(folder, {"file_name": name}) is None
+    gallery, _, summary, _ = browse.browse_page("datasets/private")
+    assert gallery == [] and "1 rows" in summary
+
+
 def test_unreadable_images_stop_a_recaption_unless_the_box_says_skip_them(runner, data_dir):
     folder = make_imagefolder(data_dir / "datasets" / "broken", rows=3)
     (folder / "images" / "1.png").write_bytes(b"not a png")

@@ -65,10 +65,16 @@ def imagefolder(path: str | Path, images_inside: bool = True) -> Path:
         root = data_dir()
         for number, row in enumerate(read_rows(folder), 1):
             name = row.get("file_name")
-            if isinstance(name, str) and name and root not in (folder / name).resolve().parents:
+            if not isinstance(name, str) or not name:
+                continue
+            path = (folder / name).resolve()
+            if root not in path.parents:
                 raise InvalidInput(f"Row {number} of {folder / 'metadata.jsonl'} names an image outside the data "
                                    f"folder ({name}); the workbench reads no file outside {root}. Copy the images "
                                    "into the dataset's folder and name them relative to it.")
+            if get_settings().is_private(path):
+                raise InvalidInput(f"Row {number} of {folder / 'metadata.jsonl'} names {name}, which is the "
+                                   f"workbench's database or its weights folder, not an image of the dataset.")
     return folder
 
 
@@ -113,13 +119,14 @@ def read_rows(folder: Path, start: int = 0, count: int | None = None) -> list[di
 
 def row_image(folder: Path, row: dict) -> Path | None:
     """The image file of a row (its file_name, relative to the folder or absolute), when it exists inside
-    the data folder; None otherwise, so no file outside it is ever shown."""
+    the data folder and is none of its private paths; None otherwise, so no file the app does not serve is
+    ever shown (or opened: reading the database file would drop the app's locks on it)."""
     name = row.get("file_name")
     if not isinstance(name, str) or not name:
         return None
     path = (Path(folder) / name).resolve()
     root = data_dir()
-    return path if root in path.parents and path.is_file() else None
+    return path if root in path.parents and not get_settings().is_private(path) and path.is_file() else None
 
 
 # --- generated datasets ------------------------------------------------------------------------------

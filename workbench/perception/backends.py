@@ -35,7 +35,7 @@ from workbench.errors import InvalidInput
 
 def weights_dir() -> Path:
     """Where real-model weights live by default: $WORKBENCH_DATA/weights."""
-    return get_settings().data_dir / "weights"
+    return get_settings().weights_dir
 
 
 def groundingdino_settings() -> dict:

@@ -69,13 +69,10 @@ def build_app() -> gr.Blocks:
 
 
 def served_paths() -> tuple[list[str], list[str]]:
-    """(allowed, blocked) paths for Gradio's file route: the data folder, less the SQLite database and its
-    journals (a process that reads the database file drops the app's locks on it, and the next process to
-    close it then deletes the live journal: jobs written afterwards are lost) and the weights users put there."""
+    """(allowed, blocked) paths for Gradio's file route: the data folder, less its private paths (the SQLite
+    database and its journals, and the weights users put there: `Settings.private_paths`)."""
     settings = get_settings()
-    db = settings.db_path
-    blocked = [str(db.with_name(db.name + suffix)) for suffix in ("", "-wal", "-shm", "-journal")]
-    return [str(settings.data_dir)], blocked + [str(settings.data_dir / "weights")]
+    return [str(settings.data_dir)], [str(path) for path in settings.private_paths]
 
 
 def launch(demo: gr.Blocks) -> None:

@@ -44,7 +44,7 @@ from workbench.benchmark import (SHAPESBENCH, BenchmarkConfig, check_run_setting
 from workbench.config import get_settings
 from workbench.console import ConsoleProgress
 from workbench.errors import InvalidInput, WorkbenchError
-from workbench.store import bind_run_config, read_jsonl, write_jsonl
+from workbench.store import bind_run_config, check_output_folder, read_jsonl, write_jsonl
 from workbench.generation import GenerationRequest, LoraSpec, generate_many, lora_weights_file, save_png
 from workbench.relabel import relabel
 from workbench.reviews import ReviewStore, load_samples, training_rows, with_reviews
@@ -262,7 +262,7 @@ def run_ipr(config: IPRConfig, out_dir: Path, on_progress: Callable[[float, str]
     iteration's relabels wait for a person.
     """
     config.validate()
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir)  # a file there: said before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(config, out_dir)
     stages = Stages(on_progress, config.iterations, evaluate=config.eval_seeds > 0)

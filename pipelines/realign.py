@@ -49,7 +49,7 @@ from workbench.benchmark import SHAPESBENCH, BenchmarkConfig, check_run_settings
 from workbench.console import ConsoleProgress
 from workbench.errors import InvalidInput, WorkbenchError
 from workbench.memory import out_of_memory_as_message
-from workbench.store import bind_run_config, read_jsonl, write_json
+from workbench.store import bind_run_config, check_output_folder, read_jsonl, write_json
 from workbench.generation import LoraSpec
 from workbench.shapes.bench_prompts import training_prompts
 from workbench.skills import world_of
@@ -273,7 +273,7 @@ def run_refl(config: ReFLConfig, out_dir: Path, on_progress: Callable[[float, st
     from workbench.likelihood_reward import get_likelihood_reward
 
     config.validate()
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir)  # a file there: said before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(config, out_dir)
     progress = on_progress or (lambda f, m: None)

@@ -49,6 +49,7 @@ from workbench.attention_modulation import (AttentionCapture, TokenRegions, atte
                                             modulated_generation, token_regions)
 from workbench.errors import InvalidInput, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
+from workbench.store import check_output_folder
 
 
 @dataclass
@@ -78,6 +79,8 @@ class FineStageConfig:
              f"The time power must be a positive number (got {self.time_power})."),
             (self.edges in ("neutral", "outside"), f"edges must be neutral or outside (got {self.edges!r})."),
             (self.steps is None or self.steps >= 1, f"Steps must be at least 1 (got {self.steps})."),
+            (self.guidance is None or 0 <= self.guidance <= 50,
+             f"Guidance must be between 0 and 50 (got {self.guidance}), as for generating."),
             (self.layers is None or len(self.layers) > 0, "Name at least one layer to modulate, or none for all."),
         ]
         for ok, message in checks:
@@ -208,6 +211,8 @@ def realign_fine(prompt: str, seed: int, out_dir: Path | None = None, config: Fi
     if not 0 <= seed < 2**32:
         raise InvalidInput(f"The seed must be between 0 and {2**32 - 1} (got {seed}).")
     check_prompt(prompt)  # the LLM step's limits, before any image is drawn
+    if out_dir is not None:
+        check_output_folder(out_dir)
     started = time.time()
     progress = on_progress or (lambda fraction, stage: None)
     progress(0.0, "loading the model and the perception models")

@@ -207,7 +207,7 @@ def run_recap(config: RecapConfig, out_dir: Path, on_progress: Callable[[float, 
     from workbench.registry import resolve
 
     config.validate()
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir)  # a file there: said before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     bind_run_config(out_dir, {"kind": "recap", **asdict(config)}, "a RECAP run", implied=IMPLIED_SETTINGS)
     stages = Stages(on_progress)

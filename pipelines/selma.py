@@ -62,7 +62,7 @@ from workbench.generation import GenerationRequest, LoraSpec, generate_many, lor
 from workbench.imagefolder import read_imagefolder
 from workbench.rouge import DEFAULT_THRESHOLD, RougeFilter
 from workbench.skills import Skill, resolve_skills, world_of
-from workbench.store import bind_run_config, write_json, write_jsonl
+from workbench.store import bind_run_config, check_output_folder, write_json, write_jsonl
 
 # Merging: "set_adapters" is the authors' (every expert active at weight w_i); the rest are peft's
 # add_weighted_adapter combinations, baked into one adapter.
@@ -263,7 +263,7 @@ def run_selma(config: SelmaConfig, out_dir: Path, on_progress: Callable[[float, 
     during every stage and ends the run with JobCancelled (call again to continue).
     """
     config.validate()
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir)  # a file there: said before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(config, out_dir)
     skills = config.skill_list()

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from workbench.errors import InvalidInput, ModelNotAvailable, WorkbenchError
 from workbench.imagefolder import read_imagefolder
 from workbench.memory import out_of_memory_as_message
+from workbench.store import check_output_folder
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA script
 # The whole transformer block of every cross-attention stage: attention, the feed-forward layers and
@@ -399,8 +400,12 @@ def add_lora(config: TrainConfig, unet, text_encoder) -> bool:
     if weights is None:
         raise InvalidInput(f"init_lora not found: {config.init_lora} (expected a .safetensors file or a folder "
                            f"holding {LORA_FILE}).")
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-        str(weights.parent), weight_name=weights.name, return_lora_metadata=True)
+    try:
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            str(weights.parent), weight_name=weights.name, return_lora_metadata=True)
+    except (OSError, ValueError) as error:  # safetensors' and diffusers' ways to say "not a LoRA file"
+        raise InvalidInput(f"init_lora {weights} is not a readable LoRA (.safetensors in diffusers format): "
+                           f"{str(error).splitlines()[0][:200]}") from None
     if config.train_unet:
         if not any(k.startswith("unet.") for k in state):
             raise InvalidInput(f"init_lora {weights} holds no UNet LoRA in diffusers format.")
@@ -495,6 +500,7 @@ def train(config: TrainConfig, on_progress: Callable[[float, str], None] | None 
     from workbench.registry import resolve
 
     config.validate()
+    check_output_folder(Path(config.out).expanduser())  # a file there: said before the images are encoded
     rows = read_rows(config.data)
     entry = resolve(config.model)
     if entry.family != "sd":

@@ -155,7 +155,7 @@ def _run_report(args) -> int:
     from .report import write_report
 
     out = write_report(args.run_id, args.out, max_side=args.max_side or None, per_tag=args.per_tag)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

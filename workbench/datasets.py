@@ -102,7 +102,7 @@ def count_rows(folder: Path) -> int:
 def read_rows(folder: Path, start: int = 0, count: int | None = None) -> list[dict]:
     """Rows start .. start+count of an imagefolder's metadata.jsonl (unreadable lines as {"error": ...})."""
     rows = []
-    with open(Path(folder) / "metadata.jsonl") as handle:
+    with open(Path(folder) / "metadata.jsonl", encoding="utf-8", errors="replace") as handle:  # bytes: bad lines
         lines = (line for line in handle if line.strip())
         for index, line in enumerate(lines):
             if index < start:

@@ -26,8 +26,12 @@ def read_imagefolder(folder: Path | str, text_field: str = "text", text_hint: st
     if not meta.is_file():
         raise InvalidInput(f"{folder} has no metadata.jsonl: an imagefolder lists its images there, one JSON line "
                            f'each, e.g. {{"file_name": "images/0001.png", "{text_field}": "..."}}.')
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{meta} is not text (UTF-8 JSON lines): is it the right file?") from None
     rows, missing = [], []
-    for number, line in enumerate(meta.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{meta} line {number}"

@@ -77,8 +77,16 @@ def _eval_variant(eval_dir: Path, folder: Path, v: int, label: str | None = None
 
 
 def load_comparison(folder: Path) -> dict:
-    """{kind, title, model, variants, rows, metrics} of a comparison, evaluation or IPR run folder."""
-    folder = Path(folder)
+    """{kind, title, model, variants, rows, metrics} of a comparison, evaluation or IPR run folder;
+    InvalidInput (one line) when its files are damaged or not the workbench's."""
+    try:
+        return _load_comparison(Path(folder))
+    except (ValueError, KeyError, TypeError) as error:  # JSON, UTF-8 and missing fields alike
+        raise InvalidInput(f"{folder} holds files the workbench cannot read (damaged, or not written by it): "
+                           f"{type(error).__name__}: {str(error)[:200]}") from None
+
+
+def _load_comparison(folder: Path) -> dict:
     if (folder / RESULT_FILE).is_file():
         result = load_result(folder)
         config = result["config"]
@@ -209,6 +217,8 @@ def comparison_html(comparison: dict, folder: Path, max_side: int | None = 256, 
 
 
 def build_report(folder: Path, max_side: int | None = 256, per_tag: int | None = None) -> str:
+    if per_tag is not None and per_tag < 1:
+        raise InvalidInput(f"Prompts per tag (--per-tag) must be at least 1, or left out for all (got {per_tag}).")
     folder = Path(folder)
     comparison = load_comparison(folder)
     esc = html.escape

@@ -1,0 +1,82 @@
+"""Command lines given a file where a folder goes, or a file of the wrong kind: one line, exit 2, and no work
+done first (no image drawn, no VAE pass)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from pipelines.ipr import main as ipr_main
+from pipelines.realign import main as refl_main
+from pipelines.realign_fine import main as fine_main
+from pipelines.recap import main as recap_main
+from pipelines.selma import main as selma_main
+from pipelines.trainer import main as trainer_main
+from workbench.cli import main as workbench_main
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a folder")
+    return path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.startswith("error:"), err
+    return err
+
+
+@pytest.mark.parametrize("main, extra", [
+    (ipr_main, []), (selma_main, []), (refl_main, []),
+    (fine_main, ["--prompt", "a red circle"]), (recap_main, ["run"]),
+])
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(main, extra, a_file, capsys):
+    assert main([*extra, "--out", str(a_file)]) == 2
+    assert "is a file; give a folder" in one_line_error(capsys)
+    assert a_file.read_text() == "not a folder"
+
+
+def imagefolder(folder, metadata: bytes):
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "images" / "0.png")
+    (folder / "metadata.jsonl").write_bytes(metadata)
+    return folder
+
+
+def test_the_trainer_refuses_a_file_as_out_a_png_as_metadata_and_a_png_as_lora(tmp_path, a_file, capsys):
+    good = imagefolder(tmp_path / "good", (json.dumps({"file_name": "images/0.png", "text": "a circle"}) + "\n").encode())
+    with pytest.raises(SystemExit) as stop:
+        trainer_main(["--model", "shapes", "--data", str(good), "--out", str(a_file), "--steps", "1"])
+    assert stop.value.code == 2 and "is a file; give a folder" in one_line_error(capsys)
+
+    png = imagefolder(tmp_path / "png", (good / "images" / "0.png").read_bytes())  # metadata.jsonl is a PNG
+    with pytest.raises(SystemExit) as stop:
+        trainer_main(["--model", "shapes", "--data", str(png), "--out", str(tmp_path / "out"), "--steps", "1"])
+    assert stop.value.code == 2 and "is not text" in one_line_error(capsys)
+
+    fake_lora = tmp_path / "fake.safetensors"
+    fake_lora.write_bytes((good / "images" / "0.png").read_bytes())
+    with pytest.raises(SystemExit) as stop:
+        trainer_main(["--model", "shapes", "--data", str(good), "--out", str(tmp_path / "out2"), "--steps", "1",
+                      "--init-lora", str(fake_lora)])
+    assert stop.value.code == 2 and "is not a readable LoRA" in one_line_error(capsys)
+
+
+def test_report_and_diff_of_a_damaged_evaluation_are_one_line(tmp_path, capsys):
+    damaged = tmp_path / "eval"
+    damaged.mkdir()
+    (damaged / "scores.json").write_text("{bad")
+    (damaged / "verdicts.jsonl").write_bytes(b"\x89PNG\r\n")
+    assert workbench_main(["report", str(damaged), "--out", str(tmp_path / "r.html")]) == 2
+    assert "cannot read" in one_line_error(capsys)
+    assert workbench_main(["diff", str(damaged), str(damaged)]) == 2
+    assert "cannot read" in one_line_error(capsys)
+
+
+def test_settings_other_commands_refuse_are_refused_by_the_fine_stage_and_the_report_too(tmp_path, capsys):
+    assert fine_main(["--prompt", "a red circle", "--guidance", "-1", "--out", str(tmp_path / "f")]) == 2
+    assert "Guidance must be between 0 and 50" in one_line_error(capsys)
+    assert workbench_main(["report", str(tmp_path), "--per-tag", "0", "--out", str(tmp_path / "r.html")]) == 2
+    assert "--per-tag" in one_line_error(capsys)

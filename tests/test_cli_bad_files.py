@@ -80,3 +80,13 @@ def test_settings_other_commands_refuse_are_refused_by_the_fine_stage_and_the_re
     assert "Guidance must be between 0 and 50" in one_line_error(capsys)
     assert workbench_main(["report", str(tmp_path), "--per-tag", "0", "--out", str(tmp_path / "r.html")]) == 2
     assert "--per-tag" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("main", [selma_main, refl_main])
+def test_a_folder_holding_another_kind_of_run_is_named_as_such(main, tmp_path, capsys):
+    run = tmp_path / "ipr-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "ipr", "iterations": 2}))
+    (run / "metrics.jsonl").write_text("")  # started: not a folder a rerun may take over
+    assert main(["--out", str(run)]) == 2
+    assert "holds another kind of run (ipr)" in one_line_error(capsys)

@@ -266,3 +266,18 @@ def test_a_lora_weight_that_is_no_number_is_named(tmp_path):
     odd = tmp_path / "odd:name"  # a folder whose own name holds a colon stays a path
     odd.mkdir()
     assert LoraSpec.parse(str(odd)).path == str(odd)
+
+
+def test_saved_images_are_as_readable_as_the_files_beside_them(tmp_path):
+    import os
+    import stat
+
+    from PIL import Image
+
+    from workbench.generation import save_png
+
+    metadata = {"prompt": "a circle", "steps": 1, "guidance": 1.0, "seed": 0, "width": 8, "height": 8, "model": "m"}
+    path = save_png(Image.new("RGB", (8, 8)), metadata, tmp_path)
+    beside = tmp_path / "scores.json"
+    beside.write_text("{}")
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(beside).st_mode)

@@ -334,8 +334,20 @@ def save_png(image: Image.Image, metadata: dict, out_dir: Path, name: str | None
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".png.part")
     with os.fdopen(fd, "wb") as handle:
         image.save(handle, format="PNG", pnginfo=info)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the image is as shareable as any file
     os.replace(tmp, path)
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def read_png_metadata(path: Path) -> dict:

@@ -238,12 +238,18 @@ def bind_run_config(out_dir: Path, settings: dict, what: str, ignore: tuple[str,
     # corrected settings takes the folder over instead of being refused.
     started = path.exists() and any(entry.name != "config.json" for entry in Path(out_dir).iterdir())
     if started:
-        saved = json.loads(path.read_text())
+        from .errors import InvalidInput
+
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise InvalidInput(f"{path} is damaged (not JSON): choose a new output folder.") from None
+        if "kind" in settings and isinstance(saved, dict) and saved.get("kind", settings["kind"]) != settings["kind"]:
+            raise InvalidInput(f"{out_dir} holds another kind of run ({saved['kind']}), not {what}: choose a new "
+                               f"output folder.")
         saved = {**(implied or {}), **saved}
         differing = sorted(k for k in settings if k not in ignore and saved.get(k) != settings[k])
         if differing:
-            from .errors import InvalidInput
-
             raise InvalidInput(f"{out_dir} holds {what} with other settings ({', '.join(differing)}); "
                                f"continue it with the same settings or choose a new output folder.")
         return

@@ -620,7 +620,8 @@ def load_config(out_dir: Path) -> IPRConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = IPRConfig()
-    parser = argparse.ArgumentParser(description="Iterative Prompt Relabeling (IPR) fine-tuning.")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.ipr",
+                                     description="Iterative Prompt Relabeling (IPR) fine-tuning.")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created; reused with --resume)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
     parser.add_argument("--reviewed", action="store_true",

@@ -547,7 +547,8 @@ HELP = {
 
 def main(argv: list[str] | None = None) -> int:
     defaults = ReFLConfig()
-    parser = argparse.ArgumentParser(description="RealignDiff coarse stage: ReFL with a caption reward.")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.realign",
+                                     description="RealignDiff coarse stage: ReFL with a caption reward.")
     parser.add_argument("--out", type=Path, required=True, help="run folder (the same command continues it)")
     for f in fields(ReFLConfig):
         said = HELP.get(f.name)

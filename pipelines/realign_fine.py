@@ -271,7 +271,7 @@ def _write(out_dir: Path, original, realigned, plan: RegionPlan, capture: Attent
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = FineStageConfig()
-    parser = argparse.ArgumentParser(description="RealignDiff's fine stage: attention modulation towards "
+    parser = argparse.ArgumentParser(prog="python -m pipelines.realign_fine", description="RealignDiff's fine stage: attention modulation towards "
                                                  "the objects' masks, training-free.")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--seed", type=int, default=0)

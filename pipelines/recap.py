@@ -665,7 +665,8 @@ def load_config(out_dir: Path) -> RecapConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     d = RecapConfig()
-    parser = argparse.ArgumentParser(prog="python -m pipelines.recap", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.recap",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="the whole comparison: data, recaption, two fine-tunes, evaluation")

@@ -761,7 +761,7 @@ def _train(out: Path, work_dir: Path, seed: int, cfg: Config, steps: int | None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train_shapes", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("assets/models/shapes-sd"))
     parser.add_argument("--seed", type=int, default=0)
     budget = parser.add_mutually_exclusive_group()

@@ -250,7 +250,8 @@ def train(out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train_shapes_captioner",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     # No default: the natural default would be the shipped reward model's folder, and a run left to it
     # would replace that captioner without a word. Rebuilding it means naming it.
     parser.add_argument("--out", type=Path, required=True,

@@ -90,3 +90,17 @@ def test_a_folder_holding_another_kind_of_run_is_named_as_such(main, tmp_path, c
     (run / "metrics.jsonl").write_text("")  # started: not a folder a rerun may take over
     assert main(["--out", str(run)]) == 2
     assert "holds another kind of run (ipr)" in one_line_error(capsys)
+
+
+def test_an_interrupted_generate_lists_the_images_it_saved(tmp_path, capsys, monkeypatch):
+    from workbench import cli
+
+    def saves_one_then_stops(request, out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(out_dir / "first.png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("workbench.generation.generate", saves_one_then_stops)
+    assert cli.main(["generate", "--prompt", "a circle", "--seed", "1", "--seed", "2", "--out", str(tmp_path)]) == 130
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "first.png") and "1 image(s) saved before the stop" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .errors import InvalidInput, WorkbenchError
@@ -36,7 +37,16 @@ def _run_generate(args) -> int:
                                 scheduler=args.scheduler, loras=[LoraSpec.parse(text) for text in args.lora])
     if args.model:
         request.model = args.model
-    for result in generate(request, out_dir=args.out):
+    started = time.time()
+    try:
+        results = generate(request, out_dir=args.out)
+    except KeyboardInterrupt:  # each image is saved as it is made: say which ones are there
+        saved = sorted(path for path in Path(args.out).glob("*.png") if path.stat().st_mtime >= started)
+        for path in saved:
+            print(path)
+        print(f"interrupted: {len(saved)} image(s) saved before the stop (listed above)", file=sys.stderr)
+        return 130
+    for result in results:
         print(result.path)
     return 0
 
@@ -73,7 +83,12 @@ def _run_eval(args) -> int:
         from .perception.clip_metrics import check_clip
 
         check_clip(metric=CLIPSCORE_METRIC)  # a missing CLIP fails now, not after every image is drawn
-    summary = run_benchmark(config, args.out)
+    try:
+        summary = run_benchmark(config, args.out)
+    except KeyboardInterrupt:
+        print(f"interrupted: an evaluation is written when every image is scored, so nothing of this one is kept "
+              f"in {args.out}; run the same command again", file=sys.stderr)
+        return 130
     print(format_scores(summary))
     print(f"wrote {args.out / 'scores.json'} and {args.out / 'verdicts.csv'}")
     if args.clip_score:

@@ -104,3 +104,19 @@ def test_an_interrupted_generate_lists_the_images_it_saved(tmp_path, capsys, mon
     assert cli.main(["generate", "--prompt", "a circle", "--seed", "1", "--seed", "2", "--out", str(tmp_path)]) == 130
     out, err = capsys.readouterr()
     assert out.strip() == str(tmp_path / "first.png") and "1 image(s) saved before the stop" in err
+
+
+def test_eval_refuses_a_folder_holding_a_run_or_an_evaluation_with_other_settings(tmp_path, capsys):
+    from workbench.benchmark import SHAPESBENCH, BenchmarkConfig
+
+    earlier = tmp_path / "eval"
+    earlier.mkdir()
+    settings = BenchmarkConfig(prompts=str(SHAPESBENCH), seeds=2).to_dict()
+    (earlier / "scores.json").write_text(json.dumps({"config": {**settings, "seconds": 1.0}}))
+    assert workbench_main(["eval", "--seeds", "1", "--first-seed", "5", "--out", str(earlier)]) == 2
+    assert "holds an evaluation with other settings (first_seed, seeds)" in one_line_error(capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "ipr"}))
+    assert workbench_main(["eval", "--out", str(run)]) == 2
+    assert "holds a run" in one_line_error(capsys)

@@ -83,6 +83,7 @@ def _run_eval(args) -> int:
         from .perception.clip_metrics import check_clip
 
         check_clip(metric=CLIPSCORE_METRIC)  # a missing CLIP fails now, not after every image is drawn
+    _check_eval_folder(args.out, config.to_dict())
     try:
         summary = run_benchmark(config, args.out)
     except KeyboardInterrupt:
@@ -99,6 +100,24 @@ def _run_eval(args) -> int:
         print(f"CLIPScore (100*max(cos, 0), {clip['model']}): mean {clip['mean']:.2f}; {per_tag}")
         print(f"wrote {args.out / 'clipscore.json'}")
     return 0
+
+
+def _check_eval_folder(out: Path, settings: dict) -> None:
+    """Refuse a folder holding a run, or an evaluation with other settings (its images would stay beside the
+    new ones, and its scores be replaced without a word); the same evaluation again may overwrite itself."""
+    if (out / "config.json").is_file():
+        raise InvalidInput(f"{out} holds a run (config.json); give a new folder for the evaluation.")
+    scores = out / "scores.json"
+    if not scores.is_file():
+        return
+    try:
+        saved = json.loads(scores.read_text()).get("config", {})
+    except (ValueError, AttributeError):
+        saved = None
+    differing = sorted(key for key in settings if not isinstance(saved, dict) or saved.get(key) != settings[key])
+    if differing:
+        raise InvalidInput(f"{out} holds an evaluation with other settings ({', '.join(differing)}); give a new "
+                           f"folder, or the same settings to redo it.")
 
 
 def _vocabulary(args):

@@ -259,11 +259,10 @@ def build_compare_tab(runner: JobRunner) -> tuple:
 
     run_button.click(on_compare, inputs, [status, grid, table, differences, bars, run])
     run.input(show, run, [status, grid, table, differences, bars])
-    def refreshed():  # runs finished since the page was built
-        return (gr.update(choices=compare_runs()), gr.update(choices=adapter_choices(joined=True)),
-                gr.update(choices=model_choices()))
+    def runs_and_variants():  # finished since the page was built
+        return gr.update(choices=compare_runs()), gr.update(choices=adapter_choices(joined=True))
 
-    refresh.click(refreshed, None, [run, adapter_picker, model])
+    refresh.click(lambda: (*runs_and_variants(), gr.update(choices=model_choices())), None, [run, adapter_picker, model])
     report.click(report_file, run, [report_download, status])
     # On page load the app refreshes every model list, this one included.
-    return lambda: refreshed()[:2], None, [run, adapter_picker]
+    return runs_and_variants, None, [run, adapter_picker]

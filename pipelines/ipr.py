@@ -206,6 +206,10 @@ class IPRConfig:
         if self.prior_images and self.prior_data is None and world_of(self.model) != "shapes":
             raise InvalidInput("Prior preservation on a model other than the shapes model needs --prior-data, an "
                                "imagefolder of the model's pre-training kind of data.")
+        if self.prior_data is not None:  # read now, not after the first iteration's sampling and relabeling
+            from workbench.imagefolder import read_imagefolder
+
+            read_imagefolder(self.prior_data, kind="Prior-preservation data")
         # The engine's own checks (lr, rank, target modules...) now, not after the first iteration's sampling.
         trainer_config(self, ["-"], Path("-"), None, self.steps, self.seed).validate()
         check_run_settings(self.model, self.eval_prompts, self.eval_seeds, self.detector, detects=True)

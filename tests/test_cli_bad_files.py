@@ -120,3 +120,9 @@ def test_eval_refuses_a_folder_holding_a_run_or_an_evaluation_with_other_setting
     (run / "config.json").write_text(json.dumps({"kind": "ipr"}))
     assert workbench_main(["eval", "--out", str(run)]) == 2
     assert "holds a run" in one_line_error(capsys)
+
+
+def test_ipr_checks_its_prior_data_before_sampling(tmp_path, capsys):
+    assert ipr_main(["--prior-data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
+    assert "Prior-preservation data folder not found" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()

@@ -762,23 +762,39 @@ def _train(out: Path, work_dir: Path, seed: int, cfg: Config, steps: int | None,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.train_shapes", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("assets/models/shapes-sd"))
+    parser.add_argument("--out", type=Path, default=Path("assets/models/shapes-sd"),
+                        help="model folder (default: %(default)s, the shipped model, which a run replaces)")
     parser.add_argument("--seed", type=int, default=0)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help=f"diffusion steps (default {Config.steps})")
     budget.add_argument("--minutes", type=float, default=None,
                         help="total wall-clock budget; the diffusion step count is fitted to it")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work-dir")
-    parser.add_argument("--work-dir", type=Path, default=Path("data/train_shapes"))
+    parser.add_argument("--work-dir", type=Path, default=Path("data/train_shapes"),
+                        help="checkpoints and the scene pool (default: %(default)s)")
     parser.add_argument("--card-scores", type=Path, default=None,
                         help="only write this scores.json (from `workbench eval`) into the model card in --out")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1 or args.minutes is not None and not args.minutes > 0:
+        parser.error("--steps must be at least 1 and --minutes above 0")
+    for folder in (args.out, args.work_dir):
+        if folder.exists() and not folder.is_dir():
+            parser.error(f"{folder} is a file; give a folder to write into")
     if args.card_scores is not None:
-        write_card_scores(args.out, args.card_scores)
+        try:
+            write_card_scores(args.out, args.card_scores)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            parser.error(f"cannot write {args.card_scores} into the model card in {args.out}: "
+                         f"{type(error).__name__}: {str(error)[:200]}")
         return
     command = "python -m pipelines.train_shapes " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume")
-    train(args.out, args.work_dir, args.seed, Config(), args.steps, args.minutes, args.resume, command)
+    try:
+        train(args.out, args.work_dir, args.seed, Config(), args.steps, args.minutes, args.resume, command)
+    except KeyboardInterrupt:
+        print(f"stopped: the checkpoints in {args.work_dir} are kept; add --resume to the same command to continue",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.train_shapes import render_batch as render_scenes
+from workbench.errors import WorkbenchError
 from workbench.shapes.bench_prompts import training_prompts, vocabulary
 from workbench.shapes.caption_model import CaptionerConfig, CaptionModel, PAD
 from workbench.shapes.scene import scene_from_spec
@@ -272,10 +274,28 @@ def main(argv: list[str] | None = None) -> None:
                         help="train on PGD-perturbed images within this L2 radius (pixels in [-1, 1]); 0: off")
     parser.add_argument("--adversarial-steps", type=int, default=3)
     args = parser.parse_args(argv)
-    train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=args.log_every,
-          negatives=args.negatives, contrastive_weight=args.contrastive_weight, init=args.init,
-          bank_size=args.bank_size, generated=args.generated, adversarial_eps=args.adversarial_eps,
-          adversarial_steps=args.adversarial_steps)
+    for flag, value, lowest in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                                ("--bank-size", args.bank_size, 1), ("--log-every", args.log_every, 1),
+                                ("--negatives", args.negatives, 0), ("--generated", args.generated, 0),
+                                ("--adversarial-steps", args.adversarial_steps, 0)):
+        if value < lowest:
+            parser.error(f"{flag} must be at least {lowest} (got {value})")
+    if not args.lr > 0 or args.contrastive_weight < 0 or args.adversarial_eps < 0:
+        parser.error("--lr must be positive, --contrastive-weight and --adversarial-eps 0 or more")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"{args.out} is a file; give a folder to write into")
+    try:
+        train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+              log_every=args.log_every, negatives=args.negatives, contrastive_weight=args.contrastive_weight,
+              init=args.init, bank_size=args.bank_size, generated=args.generated,
+              adversarial_eps=args.adversarial_eps, adversarial_steps=args.adversarial_steps)
+    except WorkbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("stopped: the captioner keeps no checkpoints; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(f"wrote the captioner to {args.out}")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,30 @@ def test_ipr_checks_its_prior_data_before_sampling(tmp_path, capsys):
     assert ipr_main(["--prior-data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
     assert "Prior-preservation data folder not found" in one_line_error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--minutes", "0"], "--minutes above 0"),
+])
+def test_the_shapes_model_trainer_refuses_settings_that_would_train_nothing(tmp_path, capsys, args, words):
+    from pipelines.train_shapes import main as train_shapes_main
+
+    with pytest.raises(SystemExit) as stop:
+        train_shapes_main([*args, "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w")])
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--negatives", "-1"], "--negatives must be at least 0"),
+    (["--lr", "-1"], "--lr must be positive"),
+])
+def test_the_captioner_trainer_refuses_settings_that_would_train_nothing(tmp_path, capsys, args, words):
+    from pipelines.train_shapes_captioner import main as captioner_main
+
+    with pytest.raises(SystemExit) as stop:
+        captioner_main([*args, "--out", str(tmp_path / "c")])
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

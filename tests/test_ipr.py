@@ -434,7 +434,7 @@ def test_a_resumed_run_keeps_pausing_for_review_unless_told_otherwise(tiny_sd, e
 @pytest.mark.parametrize("args, words", [
     (["--lr", "-1"], "lr must be a positive number"),
     (["--rank", "0"], "LoRA rank must be at least 1"),
-    (["--model", "/no/such/model"], "Unknown model"),
+    (["--model", "/no/such/model"], "No model folder at"),
     (["--eval-prompts", "/no/such/prompts.jsonl"], "does not exist"),
 ])
 def test_settings_the_engine_or_the_evaluation_would_refuse_are_refused_before_sampling(tmp_path, capsys, args, words):

@@ -261,7 +261,7 @@ def test_a_reward_model_that_is_not_there_is_named_before_anything_loads_or_is_w
     ({"rank": 0}, "LoRA rank must be at least 1"),
     ({"eval_prompts": "/no/such/prompts.jsonl"}, "does not exist"),
     ({"eval_seeds": -1}, "Evaluation seeds must be between 0 and 16"),
-    ({"model": "/no/such/model"}, "Unknown model"),
+    ({"model": "/no/such/model"}, "No model folder at"),
     ({"pretrain_data": "/no/such/folder"}, "Training data folder not found: /no/such/folder"),
 ])
 def test_bad_refl_settings_are_refused_before_any_work(tmp_path, changes, words):

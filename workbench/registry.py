@@ -142,6 +142,9 @@ def resolve(name_or_path: str) -> ModelEntry:
         family = "sdxl" if "xl" in name.lower() else "sd"
         return ModelEntry(name, name, family, f"Hub model {name}",
                           default_size=1024 if family == "sdxl" else 512, fetch_hint=_hub_hint(name))
+    if name.startswith(("/", ".", "~")):  # meant as a folder
+        raise InvalidInput(f"No model folder at '{name}' ({path.resolve()} does not exist): give a folder in diffusers "
+                           f"format (with model_index.json), or one of {', '.join(model_names())}.")
     raise InvalidInput(f"Unknown model '{name}'. Use one of {', '.join(model_names())}, "
                        f"a local folder in diffusers format, or a Hugging Face hub id like org/name.")
 

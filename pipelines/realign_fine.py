@@ -212,7 +212,7 @@ def realign_fine(prompt: str, seed: int, out_dir: Path | None = None, config: Fi
         raise InvalidInput(f"The seed must be between 0 and {2**32 - 1} (got {seed}).")
     check_prompt(prompt)  # the LLM step's limits, before any image is drawn
     if out_dir is not None:
-        check_output_folder(out_dir)
+        _check_out_dir(check_output_folder(out_dir), prompt, seed)
     started = time.time()
     progress = on_progress or (lambda fraction, stage: None)
     progress(0.0, "loading the model and the perception models")
@@ -250,6 +250,21 @@ def prompt_tokens(tokenizer, prompt: str) -> dict[int, str]:
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
     special = set(tokenizer.all_special_ids)
     return {k: tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for k, i in enumerate(ids) if i not in special}
+
+
+def _check_out_dir(out_dir: Path, prompt: str, seed: int) -> None:
+    """Refuse a folder holding another run (of any kind), or the fine stage of another prompt or seed, whose
+    masks would stay beside the new ones; the same prompt and seed again may redo it."""
+    if (out_dir / "config.json").is_file():
+        raise InvalidInput(f"{out_dir} holds a run (config.json); give a new folder.")
+    try:
+        earlier = json.loads((out_dir / "result.json").read_text())
+    except OSError:
+        return  # none there
+    except ValueError:
+        earlier = {}
+    if (earlier.get("prompt"), earlier.get("seed")) != (prompt, seed):
+        raise InvalidInput(f"{out_dir} holds the fine stage of another prompt or seed; give a new folder.")
 
 
 def _write(out_dir: Path, original, realigned, plan: RegionPlan, capture: AttentionCapture, tokenizer,

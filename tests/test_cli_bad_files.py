@@ -153,3 +153,16 @@ def test_the_captioner_trainer_refuses_settings_that_would_train_nothing(tmp_pat
         captioner_main([*args, "--out", str(tmp_path / "c")])
     assert stop.value.code == 2 and words in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_the_fine_stage_refuses_a_folder_holding_a_run_or_another_prompt(tmp_path, capsys):
+    done = tmp_path / "fine"
+    done.mkdir()
+    (done / "result.json").write_text(json.dumps({"prompt": "a red circle", "seed": 0}))
+    assert fine_main(["--prompt", "a blue square", "--out", str(done)]) == 2
+    assert "another prompt or seed" in one_line_error(capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "ipr"}))
+    assert fine_main(["--prompt", "a blue square", "--out", str(run)]) == 2
+    assert "holds a run" in one_line_error(capsys)

@@ -49,7 +49,7 @@ from workbench.attention_modulation import (AttentionCapture, TokenRegions, atte
                                             modulated_generation, token_regions)
 from workbench.errors import InvalidInput, ModelNotAvailable, WorkbenchError
 from workbench.evaluation import THRESHOLD
-from workbench.store import check_output_folder
+from workbench.store import check_output_folder, refuse_run_folder
 
 
 @dataclass
@@ -255,8 +255,7 @@ def prompt_tokens(tokenizer, prompt: str) -> dict[int, str]:
 def _check_out_dir(out_dir: Path, prompt: str, seed: int) -> None:
     """Refuse a folder holding another run (of any kind), or the fine stage of another prompt or seed, whose
     masks would stay beside the new ones; the same prompt and seed again may redo it."""
-    if (out_dir / "config.json").is_file():
-        raise InvalidInput(f"{out_dir} holds a run (config.json); give a new folder.")
+    refuse_run_folder(out_dir, "the fine stage")
     try:
         earlier = json.loads((out_dir / "result.json").read_text())
     except OSError:

@@ -105,8 +105,9 @@ def _run_eval(args) -> int:
 def _check_eval_folder(out: Path, settings: dict) -> None:
     """Refuse a folder holding a run, or an evaluation with other settings (its images would stay beside the
     new ones, and its scores be replaced without a word); the same evaluation again may overwrite itself."""
-    if (out / "config.json").is_file():
-        raise InvalidInput(f"{out} holds a run (config.json); give a new folder for the evaluation.")
+    from .store import refuse_run_folder
+
+    refuse_run_folder(out, "the evaluation")
     scores = out / "scores.json"
     if not scores.is_file():
         return

@@ -258,6 +258,14 @@ def bind_run_config(out_dir: Path, settings: dict, what: str, ignore: tuple[str,
     os.replace(tmp, path)
 
 
+def refuse_run_folder(out_dir: Path | str, what: str) -> None:
+    """InvalidInput when `out_dir` holds a run (its config.json): `what` would be written among its files."""
+    if (Path(out_dir) / "config.json").is_file():
+        from .errors import InvalidInput
+
+        raise InvalidInput(f"{out_dir} holds a run (config.json); give a new folder for {what}.")
+
+
 def check_output_folder(folder: Path | str) -> Path:
     """The folder to write into, checked before any work: InvalidInput when a file stands at its path."""
     folder = Path(folder)

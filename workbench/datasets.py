@@ -62,7 +62,7 @@ def imagefolder(path: str | Path, images_inside: bool = True) -> Path:
     if not (folder / "metadata.jsonl").is_file():
         raise InvalidInput(f"'{path}' is not an imagefolder: {folder} has no metadata.jsonl.")
     if images_inside:
-        root = data_dir()
+        root, settings = data_dir(), get_settings()
         for number, row in enumerate(read_rows(folder), 1):
             name = row.get("file_name")
             if not isinstance(name, str) or not name:
@@ -72,7 +72,7 @@ def imagefolder(path: str | Path, images_inside: bool = True) -> Path:
                 raise InvalidInput(f"Row {number} of {folder / 'metadata.jsonl'} names an image outside the data "
                                    f"folder ({name}); the workbench reads no file outside {root}. Copy the images "
                                    "into the dataset's folder and name them relative to it.")
-            if get_settings().is_private(path):
+            if settings.is_private(path):
                 raise InvalidInput(f"Row {number} of {folder / 'metadata.jsonl'} names {name}, which is the "
                                    f"workbench's database or its weights folder, not an image of the dataset.")
     return folder
